@@ -1,0 +1,182 @@
+"""RDKV: distortion weights from attention, and the Lagrangian allocation of widths.
+
+Units are V tokens and K channels of one KV head ("row"). Each unit u gets a width b from the
+allowed set, minimizing  sum_u w_u * eps(b_u)  subject to  sum_u cost(b_u) <= budget  (bits).
+Costs count what is stored: codes, plus a float16 scale and minimum per quantized V token or
+K channel. The Lagrangian relaxation  min_b w*eps(b) + lam*cost(b)  is solved per unit and
+`lam` is found by bisection; we return the allocation at the smallest feasible `lam` seen, so the
+budget is never exceeded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .quant import META_BITS, per_word
+
+_BISECT_STEPS = 48
+
+
+def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
+    """RDKV's V-token weight: window attention summed over queries and the GQA group.
+
+    Args:
+        probs: ``[B, kv_heads, group, window, T]`` attention probabilities (0 where not visible).
+        visible: ``[B, window, T]`` bool, which window query sees which token.
+    Returns:
+        ``[B, kv_heads, T]`` weights, normalized by how many window queries see each token and
+        average-pooled along the tokens.
+    """
+    seen_by = visible.sum(1).clamp(min=1).to(probs.dtype)  # [B, T]
+    w = probs.sum((2, 3)) / seen_by[:, None, :]
+    T = w.shape[-1]
+    if pool_kernel > 1 and T > 1:
+        pad = pool_kernel // 2
+        mode = "reflect" if T > pad else "replicate"
+        B, H, _ = w.shape
+        w = F.avg_pool1d(F.pad(w.reshape(B * H, 1, T), (pad, pad), mode=mode), pool_kernel, stride=1)
+        w = w.reshape(B, H, T)
+    return w
+
+
+def channel_weights(q: torch.Tensor, q_real: torch.Tensor, k: torch.Tensor, k_real: torch.Tensor) -> torch.Tensor:
+    """RDKV's K-channel weight (reference-code form): mean q_c^2 over window queries and group
+    times mean k_c^2 over the tokens.
+
+    Args:
+        q: ``[B, kv_heads, group, window, D]`` window queries (post-RoPE, as attended).
+        q_real: ``[B, window]`` bool, real (non-padding) queries.
+        k: ``[B, kv_heads, T, D]`` keys; k_real: ``[B, T]`` bool.
+    Returns:
+        ``[B, kv_heads, D]``.
+    """
+    qm = q_real[:, None, None, :, None].to(q.dtype)
+    q2 = (q.square() * qm).sum((2, 3)) / (qm.sum((2, 3)) * q.shape[2]).clamp(min=1)
+    km = k_real[:, None, :, None].to(k.dtype)
+    k2 = (k.square() * km).sum(2) / km.sum(2).clamp(min=1)
+    return q2 * k2
+
+
+def lagrangian_widths(
+    weights: torch.Tensor,
+    costs: torch.Tensor,
+    eps: torch.Tensor,
+    budget: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick one option per unit minimizing weighted distortion under a per-row bit budget.
+
+    Args:
+        weights: ``[R, U]`` non-negative unit weights.
+        costs: ``[R, K]`` bits one unit costs at each option (option 0 must cost 0).
+        eps: ``[K]`` distortion of each option (eps[0] is eviction).
+        budget: ``[R]`` bits available per row.
+        valid: ``[R, U]`` bool; invalid units (padding) are forced to option 0 and cost nothing.
+    Returns:
+        ``[R, U]`` option indices with ``sum cost <= budget`` for every row.
+    """
+    w = weights.double().clamp(min=0)
+    if valid is not None:
+        w = torch.where(valid, w, torch.zeros_like(w))
+    costs = costs.double()
+    eps = eps.double().to(w.device)
+    budget = budget.double()
+
+    R = w.shape[0]
+    # lam above which every unit prefers eviction: w*(eps0 - eps_k) <= lam*cost_k for all k.
+    gain = (eps[0] - eps)[None, :] / costs.clamp(min=1e-12)  # [R, K]
+    lam_hi = (w.amax(1, keepdim=True) * gain[:, 1:]).amax(1) * 1.01 + 1e-30 if costs.shape[1] > 1 else w.new_ones(R)
+    lam_lo = torch.zeros(R, dtype=torch.float64, device=w.device)
+    # lam = 0 keeps everything at the best width; if that fits, we are done (e.g. budget 16).
+    opt0, spent0 = _choose(w, costs, eps, lam_lo)
+    done = spent0 <= budget
+    best = torch.where(done[:, None], opt0, torch.zeros_like(opt0))  # eviction always fits
+    for _ in range(_BISECT_STEPS):
+        if bool(done.all()):
+            break
+        mid = (lam_lo + lam_hi) / 2
+        opt, spent = _choose(w, costs, eps, mid)
+        ok = spent <= budget
+        lam_hi = torch.where(ok, mid, lam_hi)
+        lam_lo = torch.where(ok, lam_lo, mid)
+        best = torch.where((ok & ~done)[:, None], opt, best)
+    return best
+
+
+def _choose(w, costs, eps, lam):
+    # objective[r, u, k] = w[r, u] * eps[k] + lam[r] * cost[r, k]; argmin takes the first (cheapest) on ties
+    obj = w[:, :, None] * eps + lam[:, None, None] * costs[:, None, :]
+    opt = obj.argmin(-1)
+    opt = torch.where(w > 0, opt, torch.zeros_like(opt))
+    spent = torch.gather(costs, 1, opt).sum(1)
+    return opt, spent
+
+
+def unit_costs(widths: torch.Tensor, elems_per_unit: torch.Tensor) -> torch.Tensor:
+    """Bits one unit costs at each width, as stored: whole int32 words of codes plus a float16
+    scale and minimum when quantized; 16 bits an element when kept as is.
+
+    Args:
+        widths: ``[K]`` widths (0 evicted, 16 kept as is, else quantized).
+        elems_per_unit: ``[R]`` elements in one unit (head_dim for a V token, kept tokens for a
+            K channel).
+    Returns:
+        ``[R, K]`` float64 bits.
+    """
+    n = elems_per_unit.double()[:, None]
+    cols = []
+    for b in widths.tolist():
+        if b == 0:
+            cols.append(torch.zeros_like(n))
+        elif b >= 16:
+            cols.append(16 * n)
+        else:
+            words = torch.ceil(n / per_word(b))
+            cols.append((32 * words + 2 * META_BITS) * (n > 0))
+    return torch.cat(cols, 1)
+
+
+def allocate_rdkv(
+    w_tok: torch.Tensor,
+    w_ch: torch.Tensor,
+    real: torch.Tensor,
+    v_budget: torch.Tensor,
+    k_budget: torch.Tensor,
+    widths: tuple,
+    eps_v: dict,
+    eps_k: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RDKV's two-stage allocation for rows of one layer: V tokens first, then K channels over
+    the kept tokens.
+
+    Args:
+        w_tok: ``[R, T]`` token weights; w_ch: ``[R, D]`` channel weights.
+        real: ``[R, T]`` bool, real tokens (padding is always evicted).
+        v_budget, k_budget: ``[R]`` bits for the row's V and K.
+    Returns:
+        ``(v_bits [R, T], k_bits [R, D])`` long widths.
+    """
+    R, T = w_tok.shape
+    D = w_ch.shape[1]
+    wt = torch.tensor(widths, device=w_tok.device)
+    ev = torch.tensor([eps_v[b] for b in widths])
+    ek = torch.tensor([eps_k[b] for b in widths])
+    v_cost = unit_costs(wt, torch.full((R,), D, device=w_tok.device))
+    v_opt = lagrangian_widths(w_tok, v_cost, ev, v_budget, valid=real)
+    v_bits = wt[v_opt]
+    n_kept = (v_bits > 0).sum(1)
+    k_cost = unit_costs(wt, n_kept)
+    k_opt = lagrangian_widths(w_ch, k_cost, ek, k_budget, valid=(n_kept > 0)[:, None].expand(R, D))
+    k_bits = wt[k_opt]
+    return v_bits, k_bits
+
+
+def fixed_widths(real: torch.Tensor, v_width: torch.Tensor, k_width: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """No eviction: every real token of row r at ``v_width[r]``, every channel at ``k_width[r]``.
+
+    Returns ``(v_bits [R, T], k_bits [R, D])``.
+    """
+    v_bits = torch.where(real, v_width[:, None].long(), torch.zeros_like(real, dtype=torch.long))
+    k_bits = k_width[:, None].long().expand(-1, head_dim).clone()
+    return v_bits, k_bits

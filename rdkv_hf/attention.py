@@ -1,0 +1,176 @@
+"""The attention function registered as ``"rdkv"``.
+
+* A layer without compressed tokens (the prompt's own forward) runs Transformers' sdpa as is, then
+  weighs the prompt tokens from the attention of its last queries and compresses the layer, so only
+  one layer's full-precision K/V is alive at a time.
+* A layer with compressed segments attends over them and the full-precision tail with one softmax:
+  each part yields split-K partials ``(max, sum, acc)`` merged by log-sum-exp.
+
+The mask Transformers builds (through the registered sdpa mask) covers only the tail plus the new
+tokens (see ``RDKVLayer.get_mask_sizes``); compressed tokens are visible to every later query.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .allocate import channel_weights, token_weights
+from .cache import PackedHead, RDKVLayer, Segment
+from . import quant
+
+ATTN_NAME = "rdkv"
+
+
+def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Transformers attention interface: ``query [B, Hq, q, D]``, ``key/value [B, Hkv, kv, D]`` (the
+    tail returned by the cache). Returns ``([B, q, Hq, D], None)``."""
+    layer = getattr(module, "_rdkv_layer", None)
+    if not isinstance(layer, RDKVLayer):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if module.training and dropout > 0:
+        raise ValueError("RDKV compresses an inference cache; call model.eval() (attention dropout is on)")
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("RDKV attention does not support attention sinks or logit soft-capping yet")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q_len = query.shape[2]
+    cfg = layer.planner.config
+    lse = None
+    if layer.segments:
+        out, lse = attend(query, layer.segments, key, value, attention_mask, scaling, backend=cfg.backend)
+        out = out.transpose(1, 2).contiguous()
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+    if q_len > 1 and (not layer.segments or cfg.compress_followups):
+        w_tok, w_ch, real = prompt_weights(query, key, attention_mask, scaling, q_len, cfg.window, cfg.pool_kernel, lse)
+        layer.compress_tail(q_len, w_tok, w_ch, real)
+    layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
+    return out, None
+
+
+def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device) -> torch.Tensor:
+    """``[B, q, kv]`` bool: which query sees which tail token (causal, aligned to the end)."""
+    if mask is not None:
+        if mask.dtype != torch.bool:  # an additive float mask
+            mask = mask > -1e30
+        return mask[:, 0].expand(B, q, kv)
+    qi = torch.arange(q, device=device)[:, None] + (kv - q)
+    return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)
+
+
+def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=None):
+    """RDKV weights of the last `n_new` tail tokens from the attention of the last `window` queries.
+
+    Args:
+        query: ``[B, Hq, q, D]``; key: ``[B, Hkv, kv, D]`` (tail incl. the new tokens).
+        lse: ``[B, Hq, q]`` log-sum-exp of the queries over all cached tokens, when compressed
+            segments exist (their mass is part of the softmax); None: the tail is everything.
+    Returns:
+        ``(w_tok [B, Hkv, n_new], w_ch [B, Hkv, D], real [B, n_new])``.
+    """
+    B, Hq, q, D = query.shape
+    Hkv, kv = key.shape[1], key.shape[2]
+    g = Hq // Hkv
+    W = min(window, q)
+    vis_all = _tail_visibility(mask, B, q, kv, query.device)  # [B, q, kv]
+    real = vis_all[:, :, kv - n_new :].any(1)  # a token nobody sees is padding
+    q_real = real[:, n_new - W :] if W <= n_new else vis_all[:, -W:].any(-1)
+    vis = vis_all[:, q - W :, :]  # [B, W, kv]
+    qw = query[:, :, q - W :].float().reshape(B, Hkv, g, W, D)
+    logits = (qw * scaling) @ key.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, g, W, kv]
+    logits = logits.masked_fill(~vis[:, None, None], -math.inf)
+    if lse is None:
+        norm = torch.logsumexp(logits, -1, keepdim=True)
+    else:
+        norm = lse[:, :, q - W :].reshape(B, Hkv, g, W, 1).float()
+    probs = torch.exp(logits - norm).nan_to_num_(0.0)[..., kv - n_new :]
+    w_tok = token_weights(probs, vis[:, :, kv - n_new :], pool_kernel)
+    w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new :].float(), real)
+    return w_tok, w_ch, real
+
+
+# -- attention over packed segments + tail -------------------------------------------------------
+
+
+def head_partials_reference(head: PackedHead, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split-K partials of ``q [G, D]`` (already scaled) over one packed head, in plain torch.
+
+    K dequantization is folded into the query (``q . (s*c + m) = (q*s) . c + q . m``) and V's into
+    the probabilities, so no dequantized K or V tile is formed beyond one width group's codes.
+    Returns ``(max [G], sum [G], acc [G, D])``.
+    """
+    G, D = q.shape
+    if head.n == 0:
+        return q.new_full((G,), -math.inf), q.new_zeros(G), q.new_zeros(G, D)
+    qp = q[:, head.k_perm.long()]
+    logits = q.new_zeros(G, head.n)
+    c0 = 0
+    for g in head.k_groups:
+        qs = qp[:, c0 : c0 + g.count]
+        c0 += g.count
+        if g.bits == 16:
+            logits += qs @ g.data.float()
+        else:
+            codes = quant.unpack(g.data, g.bits, head.n).float()  # [c, n]
+            logits += (qs * g.scale.float()) @ codes + (qs @ g.minimum.float())[:, None]
+    m = logits.amax(-1)
+    p = torch.exp(logits - m[:, None])
+    acc = q.new_zeros(G, D)
+    t0 = 0
+    for g in head.v_groups:
+        pg = p[:, t0 : t0 + g.count]
+        t0 += g.count
+        if g.bits == 16:
+            acc += pg @ g.data.float()
+        else:
+            codes = quant.unpack(g.data, g.bits, D).float()  # [n_w, D]
+            acc += (pg * g.scale.float()) @ codes + (pg @ g.minimum.float())[:, None]
+    return m, p.sum(-1), acc
+
+
+def segment_partials(seg: Segment, qf: torch.Tensor, backend: str = "torch"):
+    """Partials of ``qf [B, Hkv, G, D]`` over a segment: ``([B, Hkv, G], [B, Hkv, G], [B, Hkv, G, D])``."""
+    B, H, G, D = qf.shape
+    fn = head_partials_reference
+    parts = [fn(seg.heads[b * H + h], qf[b, h]) for b in range(B) for h in range(H)]
+    m = torch.stack([p[0] for p in parts]).reshape(B, H, G)
+    l = torch.stack([p[1] for p in parts]).reshape(B, H, G)
+    acc = torch.stack([p[2] for p in parts]).reshape(B, H, G, D)
+    return m, l, acc
+
+
+def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
+    """One softmax over packed segments and the dense tail.
+
+    Args:
+        query: ``[B, Hq, q, D]``; tail_k/tail_v: ``[B, Hkv, n_tail, D]``; mask: ``[B, 1, q, n_tail]``
+            bool (or additive float) or None (causal within the new tokens).
+    Returns:
+        ``(out [B, Hq, q, D] in query's dtype, lse [B, Hq, q] float32)``.
+    """
+    B, Hq, q, D = query.shape
+    Hkv, n_tail = tail_k.shape[1], tail_k.shape[2]
+    g = Hq // Hkv
+    qf = (query.float() * scaling).reshape(B, Hkv, g * q, D)
+    parts = [segment_partials(s, qf, backend) for s in segments]
+    if n_tail:
+        logits = qf @ tail_k.float().transpose(-1, -2)  # [B, Hkv, g*q, n_tail]
+        vis = _tail_visibility(mask, B, q, n_tail, query.device)  # [B, q, n_tail]
+        vis = vis[:, None, None].expand(B, 1, g, q, n_tail).reshape(B, 1, g * q, n_tail)
+        logits = logits.masked_fill(~vis, -math.inf)
+        m = logits.amax(-1)
+        p = torch.exp(logits - m.unsqueeze(-1).clamp(min=torch.finfo(logits.dtype).min)).nan_to_num_(0.0)
+        parts.append((m, p.sum(-1), p @ tail_v.float()))
+    M = torch.stack([p[0] for p in parts]).amax(0)
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    L = torch.zeros_like(M)
+    acc = torch.zeros(B, Hkv, g * q, D)
+    for m, l, a in parts:
+        f = torch.exp(m - M_safe).nan_to_num_(0.0)
+        L += l * f
+        acc += a * f.unsqueeze(-1)
+    out = acc / L.clamp(min=1e-30).unsqueeze(-1)
+    lse = M_safe + torch.log(L.clamp(min=1e-30))
+    return out.reshape(B, Hq, q, D).to(query.dtype), lse.reshape(B, Hq, q)

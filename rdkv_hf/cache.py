@@ -1,0 +1,380 @@
+"""The packed RDKV cache: one `RDKVLayer` per full-attention layer inside a `DynamicCache`.
+
+Layout of one layer:
+
+* ``segments``: one per compressed multi-token forward (the prompt, then follow-up turns). A
+  segment holds one :class:`PackedHead` per (batch row, KV head); heads are ragged.
+* ``keys`` / ``values``: the full-precision tail ``[B, kv_heads, n_tail, D]`` (decoded tokens and
+  the tokens of the forward being compressed).
+
+A :class:`PackedHead` stores its kept tokens sorted by V width (16 first, then 8, 4, 2, ...):
+
+* V groups: for each width, codes packed along head_dim ``[n_w, words]`` with a float16 scale and
+  minimum per token; width 16 is raw ``[n_16, D]`` in the keep dtype.
+* K: channels sorted by width (``k_perm``, evicted channels dropped); for each width, codes of all
+  kept tokens packed along that group's channels ``[n, words]`` with a float16 scale and minimum
+  per channel; width 16 raw ``[n, c_16]``. K rows follow the V token order.
+
+Attention never needs token positions (every stored prompt token precedes every later query, and
+RoPE is already applied), so none are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+
+from . import quant
+from .allocate import allocate_rdkv, fixed_widths
+from .config import RDKVConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    """Tokens (V) or channels (K) stored at one width."""
+
+    bits: int
+    count: int  # tokens for V, channels for K
+    data: torch.Tensor  # int32 packed codes, or raw values when bits == 16
+    scale: torch.Tensor | None = None  # float16 [count]
+    minimum: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        if self.scale is not None:
+            n += (self.scale.numel() + self.minimum.numel()) * self.scale.element_size()
+        return n
+
+
+@dataclass
+class PackedHead:
+    """One KV head's compressed tokens. ``n`` kept tokens of dimension ``head_dim``."""
+
+    n: int
+    head_dim: int
+    v_groups: list[Group]
+    k_perm: torch.Tensor  # uint8 [kept channels] (int16 past 256), in K group order
+    k_groups: list[Group]
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            sum(g.nbytes for g in self.v_groups)
+            + sum(g.nbytes for g in self.k_groups)
+            + self.k_perm.numel() * self.k_perm.element_size()
+        )
+
+    def v_widths(self) -> dict[int, int]:
+        return {g.bits: g.count for g in self.v_groups}
+
+    def k_widths(self) -> dict[int, int]:
+        out = {g.bits: g.count for g in self.k_groups}
+        out[0] = self.head_dim - int(self.k_perm.numel())
+        return out
+
+    def dequantize(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k [n, D], v [n, D])`` as attended (evicted K channels are zero). Tests and debugging."""
+        v = torch.cat([_dequant_rows(g, self.head_dim) for g in self.v_groups]) if self.v_groups else torch.zeros(0, self.head_dim)
+        k = torch.zeros(self.head_dim, self.n)
+        c0 = 0
+        perm = self.k_perm.long()
+        for g in self.k_groups:
+            k[perm[c0 : c0 + g.count]] = _dequant_rows(g, self.n)
+            c0 += g.count
+        return k.T.to(dtype), v.to(dtype)
+
+
+def _dequant_rows(g: Group, length: int) -> torch.Tensor:
+    """``[count, length]`` values of a group (rows are V tokens or K channels)."""
+    if g.bits == 16:
+        return g.data.float()
+    codes = quant.unpack(g.data, g.bits, length)
+    return quant.dequantize(codes, g.scale[:, None], g.minimum[:, None])
+
+
+def _pack_rows(x: torch.Tensor, bits: int, keep_dtype: torch.dtype) -> Group:
+    """Store the rows of ``x [rows, length]`` at one width, one scale and minimum per row."""
+    if bits == 16:
+        return Group(16, x.shape[0], x.to(keep_dtype).contiguous())
+    codes, scale, minimum = quant.quantize(x, bits, -1)
+    return Group(bits, x.shape[0], quant.pack(codes, bits), scale.reshape(-1), minimum.reshape(-1))
+
+
+def pack_head(k: torch.Tensor, v: torch.Tensor, v_bits: torch.Tensor, k_bits: torch.Tensor, keep_dtype: torch.dtype) -> PackedHead:
+    """Compress one head.
+
+    V groups are rows of tokens ``[n_w, words(D)]``; K groups are rows of channels over the kept
+    tokens ``[c_w, words(n)]``, so each scale and minimum covers one token (V) or one channel (K).
+
+    Args:
+        k, v: ``[T, D]`` post-RoPE keys and values.
+        v_bits: ``[T]`` width of each token (0 evicts it from K and V).
+        k_bits: ``[D]`` width of each K channel over the kept tokens (0 drops the channel).
+    """
+    D = k.shape[1]
+    v_groups, order = [], []
+    for bits in sorted(set(v_bits.tolist()) - {0}, reverse=True):
+        idx = (v_bits == bits).nonzero().squeeze(1)
+        v_groups.append(_pack_rows(v[idx], bits, keep_dtype))
+        order.append(idx)
+    order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+    k_kept_t = k[order].T  # [D, n]
+    k_groups, perm = [], []
+    if len(order):
+        for bits in sorted(set(k_bits.tolist()) - {0}, reverse=True):
+            ch = (k_bits == bits).nonzero().squeeze(1)
+            k_groups.append(_pack_rows(k_kept_t[ch], bits, keep_dtype))
+            perm.append(ch)
+    perm = torch.cat(perm).to(torch.uint8 if D <= 256 else torch.int16) if perm else torch.zeros(0, dtype=torch.uint8)
+    return PackedHead(len(order), D, v_groups, perm, k_groups)
+
+
+@dataclass
+class Segment:
+    """The compressed tokens of one multi-token forward: ``heads[b * kv_heads + h]``."""
+
+    heads: list[PackedHead]
+    batch: int
+    kv_heads: int
+    real_tokens: torch.Tensor  # [batch] tokens of this forward that were not padding
+
+    def select(self, batch_index: torch.Tensor) -> "Segment":
+        """Rows for a new batch (beam reorder, repeat, select): heads are shared, not copied."""
+        idx = batch_index.tolist()
+        heads = [self.heads[b * self.kv_heads + h] for b in idx for h in range(self.kv_heads)]
+        return Segment(heads, len(idx), self.kv_heads, self.real_tokens[batch_index.cpu()])
+
+
+class RDKVLayer(CacheLayerMixin):
+    """A full-attention layer whose prompt tokens are stored packed (see the module docstring).
+
+    Contract (as Transformers' sliding-window layer): ``get_seq_length()`` is the number of tokens
+    seen; ``get_mask_sizes(q)`` covers only the full-precision tail plus the new tokens, because
+    every compressed token is visible to every later query.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, planner: "Planner"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.planner = planner
+        self.segments: list[Segment] = []
+        self.seen = 0
+        self.pending = 0  # tokens of a multi-token forward that the attention has yet to compress
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.pending:
+            raise RuntimeError(
+                "the last multi-token forward through this RDKVCache was not compressed: the model is "
+                "not using RDKV attention; call rdkv_hf.patch(model, ...) before using RDKVCache"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] > 1:
+            self.pending = key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        tail = self.keys.shape[-2] if self.is_initialized else 0
+        return tail + query_length, self.seen - tail
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.segments = []
+        self.seen = 0
+        self.pending = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "RDKVCache cannot roll tokens back (compressed tokens are gone); assisted or speculative "
+            "decoding needs an uncompressed cache: call rdkv_hf.unpatch(model) first."
+        )
+
+    def _select(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        self.keys = self.keys.index_select(0, index.to(self.keys.device))
+        self.values = self.values.index_select(0, index.to(self.values.device))
+        self.segments = [s.select(index) for s in self.segments]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(torch.as_tensor(indices))
+
+    # -- compression ---------------------------------------------------------------------------
+
+    def compress_tail(self, n_new: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor) -> None:
+        """Pack the last `n_new` tail tokens into a new segment and drop them from the tail.
+
+        Args:
+            w_tok: ``[B, kv_heads, n_new]`` token weights; w_ch: ``[B, kv_heads, D]``.
+            real: ``[B, n_new]`` bool, non-padding tokens.
+        """
+        B, H, n_tail, D = self.keys.shape
+        start = n_tail - n_new
+        k_new, v_new = self.keys[:, :, start:], self.values[:, :, start:]
+        v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real)  # [B, H, T], [B, H, D]
+        keep = self.planner.keep_dtype(self.dtype)
+        heads = [
+            pack_head(k_new[b, h], v_new[b, h], v_bits[b, h], k_bits[b, h], keep)
+            for b in range(B)
+            for h in range(H)
+        ]
+        self.segments.append(Segment(heads, B, H, real.sum(1).cpu()))
+        # Copy what stays: a slice would keep the whole full-precision tensor alive.
+        self.keys = self.keys[:, :, :start].clone()
+        self.values = self.values[:, :, :start].clone()
+        self.pending = 0
+
+    @property
+    def nbytes(self) -> int:
+        seen, n = set(), 0
+        for s in self.segments:
+            for h in s.heads:
+                if id(h) not in seen:  # beams share heads
+                    seen.add(id(h))
+                    n += h.nbytes
+        if self.is_initialized:
+            n += self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return n
+
+
+class Planner:
+    """Turns weights into widths for one cache, following the config's mode (and profile)."""
+
+    def __init__(self, config: RDKVConfig, profile=None):
+        self.config = config
+        self.profile = profile
+        self._head_bits = None  # (k_bits [L, H], v_bits [L, H]) from the profile, for its modes
+        if config.mode in ("rdkv+profile", "ratequant"):
+            if profile is None:
+                raise ValueError(f"mode={config.mode!r} needs a loaded profile")
+            self._head_bits = profile.head_bits(config.budget, integer=config.mode == "ratequant")
+
+    def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return self.config.keep_dtype(model_dtype)
+
+    def widths(self, layer_idx: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor):
+        """``(v_bits [B, H, T], k_bits [B, H, D])`` for the tokens of one forward."""
+        cfg = self.config
+        B, H, T = w_tok.shape
+        D = w_ch.shape[-1]
+        real_rows = real[:, None, :].expand(B, H, T).reshape(B * H, T)
+        t_real = real_rows.sum(1).double()
+        if cfg.mode == "uniform":
+            b = torch.full((B * H,), float(uniform_width(cfg.budget_bits(int(t_real.max())), D, int(t_real.max()))))
+            v, k = fixed_widths(real_rows, b, b, D)
+        elif cfg.mode == "ratequant":
+            kb, vb = self._head_bits
+            v, k = fixed_widths(real_rows, vb[layer_idx].repeat(B), kb[layer_idx].repeat(B), D)
+        else:
+            if cfg.mode == "rdkv":
+                bits = torch.tensor([cfg.budget_bits(int(t)) for t in t_real], dtype=torch.float64)
+                v_avg, k_avg = 2 * (1 - cfg.k_share) * bits, 2 * cfg.k_share * bits
+            else:  # rdkv+profile: the profile's K and V budgets of this layer's heads
+                kb, vb = self._head_bits
+                v_avg, k_avg = vb[layer_idx].double().repeat(B), kb[layer_idx].double().repeat(B)
+            # The channel order (one byte a channel) is paid from K's share.
+            k_budget = (k_avg * t_real * D - 8 * D).clamp(min=0)
+            v, k = allocate_rdkv(
+                w_tok.reshape(B * H, T), w_ch.reshape(B * H, D), real_rows,
+                v_avg * t_real * D, k_budget, cfg.widths, cfg.eps_v, cfg.eps_k,
+            )
+        return v.reshape(B, H, T), k.reshape(B, H, D)
+
+
+def uniform_width(budget: float, head_dim: int, tokens: int) -> int:
+    """Largest width 1..8 (or 16) whose K and V cost, metadata included, fits the budget."""
+    if budget >= 16:
+        return 16
+    for b in range(8, 0, -1):
+        v_cost = b + 2 * quant.META_BITS / head_dim
+        k_cost = b + 2 * quant.META_BITS / max(tokens, 1)
+        if (v_cost + k_cost) / 2 <= budget:
+            return b
+    raise ValueError(f"budget {budget} bits is below the cheapest uniform width (1 bit plus scales); raise `budget`")
+
+
+class RDKVCache(DynamicCache):
+    """A `DynamicCache` whose full-attention layers store the prompt packed by RDKV.
+
+    Build it for a model (``RDKVCache(model)`` on a patched model takes its settings) or from a
+    config: ``RDKVCache(model.config, RDKVConfig(budget=2.5))``. Sliding-window layers keep
+    Transformers' own bounded cache.
+    """
+
+    def __init__(self, model_or_config, rdkv_config: RDKVConfig | None = None, profile=None):
+        state = getattr(model_or_config, "_rdkv_state", None)
+        if state is not None:
+            config = model_or_config.config
+            rdkv_config = rdkv_config or state.config
+            profile = profile if profile is not None else state.profile
+        elif hasattr(model_or_config, "get_text_config"):
+            config = model_or_config
+        else:
+            raise TypeError(
+                "RDKVCache needs a patched model or a transformers config, got "
+                f"{type(model_or_config).__name__}; call rdkv_hf.patch(model, ...) first"
+            )
+        if rdkv_config is None:
+            raise ValueError("RDKVCache(config, rdkv_config): give an RDKVConfig, or pass a patched model")
+        super().__init__(config=config)
+        self.rdkv_config = rdkv_config
+        self.planner = Planner(rdkv_config, profile)
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        for i, kind in enumerate(layer_types):
+            if kind == "full_attention":
+                self.layers[i] = RDKVLayer(i, self.planner)
+
+    @property
+    def rdkv_layers(self) -> list[int]:
+        return [i for i, l in enumerate(self.layers) if isinstance(l, RDKVLayer)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache: packed codes, scales, minima, channel orders, raw zones and
+        the full-precision tail of every layer (sliding-window layers included)."""
+        n = 0
+        for layer in self.layers:
+            if isinstance(layer, RDKVLayer):
+                n += layer.nbytes
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                n += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        return n
+
+    def summary(self) -> "CacheSummary":
+        from .summary import CacheSummary
+
+        return CacheSummary.from_cache(self)

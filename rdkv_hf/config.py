@@ -1,0 +1,143 @@
+"""RDKVConfig: every knob of the compression, validated on creation.
+
+Measured data (sensitivities, distortion curves, epsilon tables) lives in a profile, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("rdkv", "rdkv+profile", "ratequant", "uniform")
+BACKENDS = ("auto", "torch", "cpu", "triton")
+
+# RDKV's fallback epsilon tables (relative distortion of one unit at b bits), from the reference code.
+# eps(0) = 1 (evicted) and eps(16) = 0 (kept as is) are fixed sentinels.
+DEFAULT_EPS_V = {0: 1.0, 2: 0.312, 4: 0.0138, 8: 4.8e-5, 16: 0.0}
+DEFAULT_EPS_K = {0: 1.0, 2: 0.277, 4: 0.011, 8: 6.1e-5, 16: 0.0}
+DEFAULT_WIDTHS = (0, 2, 4, 8, 16)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _check_eps(name: str, eps: dict, widths: tuple) -> dict:
+    eps = {int(b): float(e) for b, e in eps.items()}
+    missing = [b for b in widths if b not in eps]
+    if missing:
+        raise ValueError(f"`{name}` needs a distortion for every width in {widths}; missing {missing}")
+    vals = [eps[b] for b in sorted(widths)]
+    if any(e < 0 for e in vals) or any(a < b for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"`{name}` must be non-negative and non-increasing in the width, got {eps}")
+    return eps
+
+
+@dataclass(frozen=True)
+class RDKVConfig:
+    """How the prompt's KV cache is compressed.
+
+    Args:
+        budget: average bits stored per cached prompt K/V element, counting scales, zero points and
+            indices; 16 keeps everything. Give either `budget` or `tokens`.
+        tokens: RDKV's budget as FP16-equivalent tokens per KV head (``budget = 16 * tokens / T``).
+        mode: ``"rdkv"`` (token/channel widths from attention, equal head budgets),
+            ``"rdkv+profile"`` (head budgets from a profile, RDKV inside each head),
+            ``"ratequant"`` (one width per head from a profile, no eviction) or ``"uniform"``
+            (one width everywhere, no eviction).
+        profile: a Hub repo id or local directory of an :class:`~rdkv_hf.RDKVProfile`.
+        window: number of last prompt queries whose attention weighs the tokens.
+        pool_kernel: average-pooling kernel over the token weights (odd).
+        k_share: share of each head's budget spent on K (RDKV's r_K).
+        widths: allowed widths of V tokens and K channels (0 = evicted, 16 = kept as is).
+        eps_v, eps_k: distortion of one V token / K channel at each width, relative to eviction.
+        high_precision_dtype: storage of the 16-bit zone; ``None`` keeps the model's dtype when it
+            is 16-bit and uses float16 otherwise ("float32" is for exactness tests only: it costs
+            twice the nominal 16 bits).
+        backend: decode attention path, ``"auto"``, ``"torch"`` (reference), ``"cpu"`` or ``"triton"``.
+        compress_followups: also compress the tokens of multi-token forwards after the first one
+            (a follow-up turn, chunked prefill); otherwise they stay in full precision.
+    """
+
+    budget: float | None = 2.5
+    tokens: int | None = None
+    mode: str = "rdkv"
+    profile: str | None = None
+    window: int = 32
+    pool_kernel: int = 5
+    k_share: float = 0.5
+    widths: tuple = DEFAULT_WIDTHS
+    eps_v: dict = field(default_factory=lambda: dict(DEFAULT_EPS_V))
+    eps_k: dict = field(default_factory=lambda: dict(DEFAULT_EPS_K))
+    high_precision_dtype: str | None = None
+    backend: str = "auto"
+    compress_followups: bool = True
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.tokens is not None:
+            if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
+                raise ValueError(f"`tokens` must be a positive int (FP16-equivalent tokens per head), got {self.tokens!r}")
+            set_("budget", None)
+        elif self.budget is None:
+            raise ValueError("give `budget` (bits per element) or `tokens` (FP16-equivalent tokens per head)")
+        else:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+                raise TypeError(f"`budget` must be a number of bits, got {type(self.budget).__name__}")
+            if not 0 < self.budget <= 16:
+                raise ValueError(f"`budget` must be in (0, 16] bits per element, got {self.budget}")
+            set_("budget", float(self.budget))
+        if self.mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
+        if self.mode in ("rdkv+profile", "ratequant") and self.profile is None:
+            raise ValueError(f"`mode={self.mode!r}` needs a `profile` (a Hub repo id or a directory)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"`window` must be a positive int, got {self.window!r}")
+        if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"`pool_kernel` must be a positive odd int, got {self.pool_kernel!r}")
+        if not 0 < self.k_share < 1:
+            raise ValueError(f"`k_share` must be in (0, 1), got {self.k_share}")
+        widths = tuple(sorted({int(b) for b in self.widths}))
+        bad = [b for b in widths if b != 16 and not 0 <= b <= 8]
+        if bad or 16 not in widths:
+            raise ValueError(f"`widths` must be drawn from 0..8 and include 16, got {self.widths}")
+        set_("widths", widths)
+        set_("eps_v", _check_eps("eps_v", self.eps_v, widths))
+        set_("eps_k", _check_eps("eps_k", self.eps_k, widths))
+        if self.high_precision_dtype is not None and self.high_precision_dtype not in _DTYPES:
+            raise ValueError(f"`high_precision_dtype` must be one of {sorted(_DTYPES)} or None, got {self.high_precision_dtype!r}")
+
+    def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """Storage dtype of the 16-bit zone for a model running in `model_dtype`."""
+        if self.high_precision_dtype is not None:
+            return _DTYPES[self.high_precision_dtype]
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+    def budget_bits(self, prompt_tokens: int) -> float:
+        """Average bits per element for a head that saw `prompt_tokens` tokens."""
+        if self.tokens is not None:
+            return min(16.0, 16.0 * self.tokens / max(prompt_tokens, 1))
+        return self.budget
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        d["eps_v"] = {str(k): v for k, v in self.eps_v.items()}
+        d["eps_k"] = {str(k): v for k, v in self.eps_k.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RDKVConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RDKV settings {unknown}; known ones are {sorted(known)}")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(d["widths"])
+        return cls(**d)
+
+    def replace(self, **changes) -> "RDKVConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,18 @@
+"""Registry of per-architecture patchers, keyed by ``config.model_type``."""
+
+from .base import Patcher
+from .llama import LlamaPatcher
+from .mistral import MistralPatcher
+from .qwen3 import Qwen3Patcher
+
+PATCHERS: dict[str, Patcher] = {t: p() for p in (LlamaPatcher, Qwen3Patcher, MistralPatcher) for t in p.model_types}
+
+
+def patcher_for(model) -> Patcher:
+    model_type = model.config.get_text_config(decoder=True).model_type
+    if model_type not in PATCHERS:
+        raise ValueError(f"rdkv_hf does not support model_type {model_type!r} yet; supported: {sorted(PATCHERS)}")
+    return PATCHERS[model_type]
+
+
+__all__ = ["PATCHERS", "Patcher", "patcher_for"]

@@ -1,0 +1,179 @@
+"""`patch` / `unpatch`: turn one model instance's KV cache into an RDKV cache, and back.
+
+Patching registers the ``"rdkv"`` attention and mask functions with Transformers (by name, once),
+switches this model to them, binds each attention module to its cache layer through forward hooks,
+and wraps this instance's ``generate`` so that it builds an :class:`RDKVCache` when none is given.
+Nothing module-level is replaced; ``unpatch`` restores every original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .cache import RDKVCache, RDKVLayer
+from .config import RDKVConfig
+from .model_patches import patcher_for
+
+logger = logging.getLogger(__name__)
+
+_STATE = "_rdkv_state"
+
+
+@dataclass
+class PatchState:
+    config: RDKVConfig
+    profile: object | None
+    attn_implementation: str
+    modules: list = field(default_factory=list)
+    handles: list = field(default_factory=list)
+    own_generate: object | None = None  # an instance-level generate that was there before us
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from .attention import ATTN_NAME, rdkv_attention_forward
+
+    AttentionInterface.register(ATTN_NAME, rdkv_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _bind_layer(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    layer = None
+    if isinstance(cache, RDKVCache) and module.layer_idx < len(cache.layers):
+        layer = cache.layers[module.layer_idx]
+    module._rdkv_layer = layer if isinstance(layer, RDKVLayer) else None
+
+
+def _unbind_layer(module, args, kwargs, output):
+    module._rdkv_layer = None
+
+
+def _load_profile(profile, model):
+    if profile is None:
+        return None
+    from .profiles import RDKVProfile
+
+    if isinstance(profile, str):
+        profile = RDKVProfile.from_pretrained(profile)
+    if not isinstance(profile, RDKVProfile):
+        raise TypeError(f"`profile` must be an RDKVProfile, a Hub repo id or a directory, got {type(profile).__name__}")
+    profile.check_model(model)
+    return profile
+
+
+def _resolve_config(budget, tokens, profile, mode, config, options) -> RDKVConfig:
+    if config is not None:
+        if not isinstance(config, RDKVConfig):
+            raise TypeError(f"`config` must be an RDKVConfig, got {type(config).__name__}")
+        if budget is not None or tokens is not None or options:
+            raise ValueError("give either `config=RDKVConfig(...)` or keyword settings, not both")
+        return config
+    if mode is None:
+        mode = "rdkv+profile" if profile is not None else "rdkv"
+    profile_id = profile if isinstance(profile, str) else getattr(profile, "name_or_path", None)
+    if profile is not None and profile_id is None:
+        profile_id = "<in-memory profile>"
+    kw = dict(budget=2.5 if budget is None and tokens is None else budget, tokens=tokens, mode=mode, profile=profile_id)
+    return RDKVConfig(**kw, **options)
+
+
+def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None = None, profile=None,
+          mode: str | None = None, config: RDKVConfig | None = None, **options) -> nn.Module:
+    """Compress this model's KV cache with RDKV; returns the same model.
+
+    Args:
+        model: a Transformers causal LM (Llama, Qwen3, Mistral).
+        budget: average bits per cached prompt K/V element, scales and indices included (default 2.5).
+        tokens: instead of `budget`, FP16-equivalent tokens per KV head (RDKV's budgets).
+        profile: an :class:`RDKVProfile`, a Hub repo id or a directory (RateQuant head budgets).
+        mode: ``"rdkv"``, ``"rdkv+profile"`` (default with a profile), ``"ratequant"``, ``"uniform"``.
+        config: a full :class:`RDKVConfig` instead of the keywords.
+        **options: other :class:`RDKVConfig` fields (``window``, ``backend``, ...).
+
+    Patching twice replaces the settings; a failed patch leaves the model as it was.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"patch() takes a Transformers model, got {type(model).__name__}")
+    patcher = patcher_for(model)
+    cfg = _resolve_config(budget, tokens, profile, mode, config, options)
+    prof = _load_profile(profile if profile is not None else (cfg.profile if config is not None else None), model)
+    notes = patcher.check(model)
+    modules = patcher.attention_modules(model)
+    if getattr(model, _STATE, None) is not None:
+        unpatch(model)
+
+    state = PatchState(cfg, prof, model.config._attn_implementation, modules, own_generate=model.__dict__.get("generate"))
+    try:
+        _register_attention()
+        from .attention import ATTN_NAME
+
+        model.set_attn_implementation(ATTN_NAME)
+        for m in modules:
+            state.handles.append(m.register_forward_pre_hook(_bind_layer, with_kwargs=True))
+            state.handles.append(m.register_forward_hook(_unbind_layer, with_kwargs=True, always_call=True))
+        setattr(model, _STATE, state)
+        model.generate = _make_generate(model, state)
+    except Exception:
+        _restore(model, state)
+        raise
+    for n in notes:
+        warnings.warn(n, stacklevel=2)
+    logger.info("rdkv_hf: patched %s (%s)", type(model).__name__, cfg)
+    return model
+
+
+def _make_generate(model, state: PatchState):
+    original = state.own_generate or type(model).generate.__get__(model)
+
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+            kwargs["past_key_values"] = RDKVCache(model)
+        return original(*args, **kwargs)
+
+    generate.__doc__ = original.__doc__
+    generate._rdkv = True
+    return generate
+
+
+def _restore(model, state: PatchState) -> None:
+    for h in state.handles:
+        h.remove()
+    for m in state.modules:
+        m.__dict__.pop("_rdkv_layer", None)
+    if model.config._attn_implementation != state.attn_implementation:
+        model.set_attn_implementation(state.attn_implementation)
+    if state.own_generate is not None:
+        model.generate = state.own_generate
+    else:
+        model.__dict__.pop("generate", None)
+    model.__dict__.pop(_STATE, None)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`; a model that is not patched is returned unchanged."""
+    state = getattr(model, _STATE, None)
+    if state is not None:
+        _restore(model, state)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, budget: float | None = None, **kwargs):
+    """``with rdkv_hf.patched(model, budget=2.5): model.generate(...)``; restores on exit."""
+    patch(model, budget, **kwargs)
+    try:
+        yield model
+    finally:
+        unpatch(model)

@@ -1,0 +1,79 @@
+"""`RDKVCache.summary()`: what the cache kept, per layer and KV head, as a table or dicts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class HeadRow:
+    layer: int
+    head: int
+    prompt_tokens: int
+    kept_tokens: int
+    v_widths: dict  # width -> tokens
+    k_widths: dict  # width -> channels
+    bits_per_element: float  # realized, scales and orders included
+
+
+@dataclass
+class CacheSummary:
+    rows: list[HeadRow] = field(default_factory=list)
+    nbytes: int = 0
+    prompt_bits_per_element: float = 0.0
+    bf16_bytes: int = 0  # the same tokens in a bf16 DynamicCache
+    layers_compressed: list[int] = field(default_factory=list)
+    layers_total: int = 0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bf16_bytes / self.nbytes if self.nbytes else float("nan")
+
+    @classmethod
+    def from_cache(cls, cache, batch_index: int = 0) -> "CacheSummary":
+        """Per-head rows for one batch row (`batch_index`); totals cover the whole cache."""
+        from .cache import RDKVLayer
+
+        out = cls(nbytes=cache.nbytes, layers_compressed=cache.rdkv_layers, layers_total=len(cache.layers))
+        prompt_bytes = prompt_elems = 0
+        for li, layer in enumerate(cache.layers):
+            if not getattr(layer, "is_initialized", False):
+                continue
+            B, H, _, D = layer.keys.shape
+            seen = layer.get_seq_length() if isinstance(layer, RDKVLayer) else layer.get_seq_length()
+            out.bf16_bytes += B * H * seen * D * 2 * 2
+            if not isinstance(layer, RDKVLayer):
+                continue
+            for h in range(H):
+                v, k, kept, t, nbytes = Counter(), Counter(), 0, 0, 0
+                for s in layer.segments:
+                    head = s.heads[batch_index * H + h]
+                    v.update(head.v_widths())
+                    k.update(head.k_widths())
+                    kept += head.n
+                    t += int(s.real_tokens[batch_index])
+                    nbytes += head.nbytes
+                bits = 8 * nbytes / (2 * t * D) if t else 0.0
+                out.rows.append(HeadRow(li, h, t, kept, dict(sorted(v.items())), dict(sorted(k.items())), bits))
+            for s in layer.segments:
+                prompt_bytes += sum(hd.nbytes for hd in s.heads)
+                prompt_elems += int(s.real_tokens.sum()) * H * D * 2
+        out.prompt_bits_per_element = 8 * prompt_bytes / prompt_elems if prompt_elems else 0.0
+        return out
+
+    def to_dicts(self) -> list[dict]:
+        return [r.__dict__.copy() for r in self.rows]
+
+    def __str__(self) -> str:
+        lines = [
+            f"RDKVCache: {self.nbytes / 2**20:.2f} MiB held, {self.compression_ratio:.2f}x smaller than bf16 "
+            f"({self.bf16_bytes / 2**20:.2f} MiB); prompt at {self.prompt_bits_per_element:.2f} bits/element; "
+            f"{len(self.layers_compressed)}/{self.layers_total} layers compressed",
+            f"{'layer':>5} {'head':>4} {'prompt':>7} {'kept':>6} {'bits':>5}  V tokens by width        K channels by width",
+        ]
+        for r in self.rows:
+            vw = " ".join(f"{b}:{n}" for b, n in r.v_widths.items() if n)
+            kw = " ".join(f"{b}:{n}" for b, n in r.k_widths.items() if n)
+            lines.append(f"{r.layer:>5} {r.head:>4} {r.prompt_tokens:>7} {r.kept_tokens:>6} {r.bits_per_element:>5.2f}  {vw:<24} {kw}")
+        return "\n".join(lines)

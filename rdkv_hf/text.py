@@ -1,0 +1,168 @@
+"""Shipped natural text (King James Bible, public domain) and the prompts built from it.
+
+- ``load_text(split)``: the calibration or the held-out evaluation text (``rdkv_hf/data/``).
+- ``token_chunks(...)``: random, non-overlapping token windows, e.g. for calibration or perplexity.
+- ``recall_prompt(...)``: a five-digit code hidden in a haystack of evaluation text, with the question
+  in the same user message, rendered with the tokenizer's chat template.
+
+The two splits hold different books (see ``data/README.md``), so nothing calibrated on ``"calib"``
+has seen the ``"eval"`` text. The text has no digits, so the hidden code is the only number in a
+recall prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).parent / "data"
+SPLITS = {"calib": "kjv_calib.txt", "eval": "kjv_eval.txt"}
+
+# The recall prompt. The question is stated before the text as well as after it: a 135M model
+# reads the text with the question already in mind, which it needs to find the fact at any depth.
+RECALL_FACT = "The secret code of the blue door is {code}."
+RECALL_QUESTION = "What is the secret code of the blue door?"
+RECALL_INTRO = (
+    "Somewhere in the following text there is a secret code. Read the text and then answer "
+    "the question: {question}"
+)
+RECALL_OUTRO = "{question} Answer with the five-digit number."
+
+
+@functools.lru_cache(maxsize=None)
+def load_text(split: str = "calib") -> str:
+    """The shipped text of `split` ("calib" or "eval"): paragraphs (one per chapter) joined by blank lines."""
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {sorted(SPLITS)}, got {split!r}")
+    return (DATA_DIR / SPLITS[split]).read_text(encoding="utf-8")
+
+
+def encode_text(tokenizer, split: str = "calib") -> torch.Tensor:
+    """All of `split` as one run of token ids, without special tokens.
+
+    Returns:
+        ``[n]`` LongTensor.
+    """
+    ids = tokenizer(
+        load_text(split), add_special_tokens=False, return_attention_mask=False, verbose=False
+    )["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_chunks(
+    tokenizer, n_chunks: int, n_tokens: int, split: str = "calib", seed: int = 0
+) -> torch.Tensor:
+    """`n_chunks` windows of `n_tokens` tokens taken at random, non-overlapping places of `split`.
+
+    Starts are drawn uniformly among all non-overlapping placements (a fixed `seed` gives the same
+    chunks) and returned in text order. No BOS or other special token is added.
+
+    Returns:
+        ``[n_chunks, n_tokens]`` LongTensor.
+    """
+    if n_chunks < 1 or n_tokens < 1:
+        raise ValueError(f"`n_chunks` and `n_tokens` must be >= 1, got {n_chunks} and {n_tokens}")
+    ids = encode_text(tokenizer, split)
+    slack = len(ids) - n_chunks * n_tokens
+    if slack < 0:
+        raise ValueError(
+            f"{n_chunks} x {n_tokens} tokens do not fit in the {len(ids)} tokens of split {split!r}; "
+            "ask for fewer or shorter chunks"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    # Sorted gaps before each chunk: chunk i starts after i whole chunks plus gap i.
+    gaps = torch.randint(0, slack + 1, (n_chunks,), generator=gen).sort().values
+    starts = gaps + torch.arange(n_chunks) * n_tokens
+    return torch.stack([ids[s : s + n_tokens] for s in starts.tolist()])
+
+
+def _render(tokenizer, haystack: str) -> list[int]:
+    question = RECALL_QUESTION
+    content = (
+        RECALL_INTRO.format(question=question)
+        + "\n\n"
+        + haystack
+        + "\n\n"
+        + RECALL_OUTRO.format(question=question)
+    )
+    if tokenizer.chat_template is None:
+        raise ValueError("`tokenizer` has no chat template; recall_prompt needs an instruct model's tokenizer")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _haystack(tokenizer, n_tokens: int, start: int) -> str:
+    """At most `n_tokens` tokens of eval text from char `start`, ending at a clause end (.;:?!) or,
+    if that would lose more than 1% of the text, at a word end."""
+    piece = load_text("eval")[start : start + 8 * n_tokens + 200]
+    offsets = tokenizer(
+        piece, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+    )["offset_mapping"]
+    if len(offsets) <= n_tokens:
+        return piece.strip()
+    limit = offsets[n_tokens - 1][1]
+    ends = [m.end() for m in re.finditer(r"[.;:?!]", piece[:limit])]
+    if not ends or ends[-1] < 0.99 * limit:
+        ends = [m.start() for m in re.finditer(r"\s", piece[: limit + 1])]
+    return piece[: ends[-1] if ends else limit].strip()
+
+
+def _insert(haystack: str, fact: str, depth: float) -> str:
+    """Put `fact` after the sentence end nearest to `depth` (0 = start, 1 = end) of `haystack`."""
+    target = int(depth * len(haystack))
+    ends = [m.end() for m in re.finditer(r"[.?!]\s", haystack)] + [len(haystack)]
+    pos = 0 if depth <= 0 else min(ends, key=lambda e: abs(e - target))
+    before, after = haystack[:pos].rstrip(), haystack[pos:].lstrip()
+    return " ".join(p for p in (before, fact, after) if p)
+
+
+def recall_prompt(
+    tokenizer, n_tokens: int = 2500, seed: int = 0, depth: float | None = None
+) -> tuple[torch.Tensor, str]:
+    """A needle-in-a-haystack prompt: a random five-digit code hidden in held-out text.
+
+    The fact "The secret code of the blue door is NNNNN." sits at `depth` of a haystack of "eval"
+    text; the question comes in the same user message; the chat template adds the assistant turn.
+    Check an answer with ``answer in generated_text``.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        n_tokens: total prompt length to aim for (the result is within a few tokens of it).
+        seed: picks the code, the haystack's place in the text and, if `depth` is None, the depth.
+        depth: where the fact goes, 0 (start of the haystack) to 1 (end); None draws it from `seed`.
+    Returns:
+        ``(input_ids [1, T], answer)``, ``answer`` the code as a string of five digits.
+    """
+    if n_tokens < 200:
+        raise ValueError(f"`n_tokens` must be at least 200 to hold the question and a haystack, got {n_tokens}")
+    if depth is not None and not 0.0 <= depth <= 1.0:
+        raise ValueError(f"`depth` must be in [0, 1] or None, got {depth}")
+    rng = random.Random(seed)
+    code = str(rng.randint(10000, 99999))
+    if depth is None:
+        depth = rng.uniform(0.1, 0.9)
+    fact = RECALL_FACT.format(code=code)
+    text = load_text("eval")
+    # Start at a paragraph (chapter) beginning far enough from the end to fill the haystack.
+    paragraph_starts = [0] + [m.end() for m in re.finditer(r"\n\n", text)]
+    usable = [s for s in paragraph_starts if s < len(text) - 8 * n_tokens]
+    start = rng.choice(usable)
+
+    want = n_tokens - len(_render(tokenizer, fact))
+    best = None
+    for _ in range(3):  # the cut at a clause end and the joins shift the count; correct twice
+        ids = _render(tokenizer, _insert(_haystack(tokenizer, want, start), fact, depth))
+        if best is None or abs(len(ids) - n_tokens) < abs(len(best) - n_tokens):
+            best = ids
+        if len(ids) == n_tokens:
+            break
+        want += n_tokens - len(ids)
+    return torch.tensor([best], dtype=torch.long), code
