@@ -167,7 +167,13 @@ def allocate_rdkv(
     v_bits = wt[v_opt]
     n_kept = (v_bits > 0).sum(1)
     k_cost = unit_costs(wt, n_kept)
-    k_opt = lagrangian_widths(w_ch, k_cost, ek, k_budget, valid=(n_kept > 0)[:, None].expand(R, D))
+    k_valid = (n_kept > 0)[:, None].expand(R, D)
+    k_opt = lagrangian_widths(w_ch, k_cost, ek, k_budget, valid=k_valid)
+    # Mixed channel widths need the channel order stored (one byte a channel): pay it from K's share.
+    mixed = (k_opt != k_opt[:, :1]).any(1)
+    if bool(mixed.any()):
+        k_opt2 = lagrangian_widths(w_ch, k_cost, ek, (k_budget - 8 * D).clamp(min=0), valid=k_valid)
+        k_opt = torch.where(mixed[:, None], k_opt2, k_opt)
     k_bits = wt[k_opt]
     return v_bits, k_bits
 

@@ -104,7 +104,7 @@ def head_partials_reference(head: PackedHead, q: torch.Tensor) -> tuple[torch.Te
     G, D = q.shape
     if head.n == 0:
         return q.new_full((G,), -math.inf), q.new_zeros(G), q.new_zeros(G, D)
-    qp = q[:, head.k_perm.long()]
+    qp = q if head.k_perm is None else q[:, head.k_perm.long()]
     logits = q.new_zeros(G, head.n)
     c0 = 0
     for g in head.k_groups:

@@ -59,7 +59,7 @@ class PackedHead:
     n: int
     head_dim: int
     v_groups: list[Group]
-    k_perm: torch.Tensor  # uint8 [kept channels] (int16 past 256), in K group order
+    k_perm: torch.Tensor | None  # uint8 [kept channels] (int16 past 256) in K group order; None: identity
     k_groups: list[Group]
 
     @property
@@ -67,15 +67,19 @@ class PackedHead:
         return (
             sum(g.nbytes for g in self.v_groups)
             + sum(g.nbytes for g in self.k_groups)
-            + self.k_perm.numel() * self.k_perm.element_size()
+            + (self.k_perm.numel() * self.k_perm.element_size() if self.k_perm is not None else 0)
         )
+
+    def channel_order(self) -> torch.Tensor:
+        """``[kept channels]`` long: the channel of each K row, in group order."""
+        return torch.arange(self.head_dim) if self.k_perm is None else self.k_perm.long()
 
     def v_widths(self) -> dict[int, int]:
         return {g.bits: g.count for g in self.v_groups}
 
     def k_widths(self) -> dict[int, int]:
         out = {g.bits: g.count for g in self.k_groups}
-        out[0] = self.head_dim - int(self.k_perm.numel())
+        out[0] = self.head_dim - sum(g.count for g in self.k_groups)
         return out
 
     def dequantize(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +87,7 @@ class PackedHead:
         v = torch.cat([_dequant_rows(g, self.head_dim) for g in self.v_groups]) if self.v_groups else torch.zeros(0, self.head_dim)
         k = torch.zeros(self.head_dim, self.n)
         c0 = 0
-        perm = self.k_perm.long()
+        perm = self.channel_order()
         for g in self.k_groups:
             k[perm[c0 : c0 + g.count]] = _dequant_rows(g, self.n)
             c0 += g.count
@@ -131,7 +135,10 @@ def pack_head(k: torch.Tensor, v: torch.Tensor, v_bits: torch.Tensor, k_bits: to
             ch = (k_bits == bits).nonzero().squeeze(1)
             k_groups.append(_pack_rows(k_kept_t[ch], bits, keep_dtype))
             perm.append(ch)
-    perm = torch.cat(perm).to(torch.uint8 if D <= 256 else torch.int16) if perm else torch.zeros(0, dtype=torch.uint8)
+    if len(k_groups) == 1 and k_groups[0].count == D:
+        perm = None  # one width for every channel: the order is the identity, nothing to store
+    else:
+        perm = torch.cat(perm).to(torch.uint8 if D <= 256 else torch.int16) if perm else torch.zeros(0, dtype=torch.uint8)
     return PackedHead(len(order), D, v_groups, perm, k_groups)
 
 
@@ -306,11 +313,9 @@ class Planner:
             else:  # rdkv+profile: the profile's K and V budgets of this layer's heads
                 kb, vb = self._head_bits
                 v_avg, k_avg = vb[layer_idx].double().repeat(B), kb[layer_idx].double().repeat(B)
-            # The channel order (one byte a channel) is paid from K's share.
-            k_budget = (k_avg * t_real * D - 8 * D).clamp(min=0)
             v, k = allocate_rdkv(
                 w_tok.reshape(B * H, T), w_ch.reshape(B * H, D), real_rows,
-                v_avg * t_real * D, k_budget, cfg.widths, cfg.eps_v, cfg.eps_k,
+                v_avg * t_real * D, k_avg * t_real * D, cfg.widths, cfg.eps_v, cfg.eps_k,
             )
         return v.reshape(B, H, T), k.reshape(B, H, D)
 

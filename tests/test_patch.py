@@ -1,0 +1,224 @@
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import rdkv_hf
+from rdkv_hf import RDKVCache
+from rdkv_hf.config import RDKVConfig
+
+from conftest import TOL, tiny_model
+
+EXACT = dict(budget=16, high_precision_dtype="float32")  # 16 bits kept in the model's fp32
+
+
+def _gen(model, ids, **kw):
+    return model.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=0, **kw)
+
+
+def test_budget_16_is_token_for_token_greedy(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 128, (1, 37), generator=torch.Generator().manual_seed(1))
+    ref = _gen(model, ids)
+    rdkv_hf.patch(model, **EXACT)
+    out = model.generate(ids, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, RDKVCache)
+    assert out.past_key_values.rdkv_layers == [0, 1]
+    assert torch.equal(out.sequences, ref)
+
+
+def test_budget_16_padded_batch(arch):
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 128, (2, 29), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0  # left padding
+    ref = _gen(model, ids, attention_mask=mask)
+    rdkv_hf.patch(model, **EXACT)
+    assert torch.equal(_gen(model, ids, attention_mask=mask), ref)
+
+
+def test_budget_16_beam_search(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 128, (1, 25), generator=torch.Generator().manual_seed(3))
+    ref = _gen(model, ids, num_beams=3)
+    rdkv_hf.patch(model, **EXACT)
+    assert torch.equal(_gen(model, ids, num_beams=3), ref)
+
+
+def test_compressed_generation_runs_all_decoding_modes(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    rdkv_hf.patch(model, budget=2.5)
+    torch.manual_seed(0)
+    for kw in (dict(), dict(do_sample=True, top_k=10), dict(num_beams=2)):
+        out = model.generate(ids, max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, **kw)
+        assert out.sequences.shape == (2, 46)
+        cache = out.past_key_values
+        assert 0 < cache.summary().prompt_bits_per_element <= 2.5
+
+
+def test_padded_rows_are_compressed_on_their_real_tokens():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :15] = 0
+    rdkv_hf.patch(model, budget=16, high_precision_dtype="float32")
+    cache = RDKVCache(model)
+    model(ids, attention_mask=mask, past_key_values=cache)
+    seg = cache.layers[0].segments[0]
+    assert seg.real_tokens.tolist() == [40, 25]
+    assert [h.n for h in seg.heads] == [40, 40, 25, 25]  # padding evicted, nothing else
+
+
+def _two_turn_logits(model, cache, ids, follow, steps=3):
+    out = model(ids, past_key_values=cache)
+    logits = [out.logits[:, -1]]
+    out = model(follow, past_key_values=cache)  # a multi-token forward after compression
+    logits.append(out.logits[:, -1])
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        logits.append(model(nxt, past_key_values=cache).logits[:, -1])
+    return torch.stack(logits)
+
+
+def test_follow_up_turn_after_compression_at_budget_16(arch):
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(6)
+    ids, follow = torch.randint(1, 128, (1, 33), generator=g), torch.randint(1, 128, (1, 7), generator=g)
+    ref = _two_turn_logits(model, DynamicCache(config=model.config), ids, follow)
+    rdkv_hf.patch(model, **EXACT)
+    cache = RDKVCache(model)
+    got = _two_turn_logits(model, cache, ids, follow)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert len(cache.layers[0].segments) == 2  # the follow-up was compressed as its own segment
+
+
+def test_follow_up_kept_in_full_precision_when_asked():
+    model = tiny_model("llama")
+    rdkv_hf.patch(model, budget=2.5, compress_followups=False)
+    cache = RDKVCache(model)
+    model(torch.randint(1, 128, (1, 30)), past_key_values=cache)
+    model(torch.randint(1, 128, (1, 5)), past_key_values=cache)
+    model(torch.randint(1, 128, (1, 1)), past_key_values=cache)
+    assert len(cache.layers[0].segments) == 1 and cache.layers[0].keys.shape[-2] == 6
+
+
+def test_chunked_prefill_matches_at_budget_16():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 50), generator=torch.Generator().manual_seed(7))
+    ref = _gen(model, ids)
+    rdkv_hf.patch(model, **EXACT)
+    assert torch.equal(_gen(model, ids, prefill_chunk_size=16), ref)
+
+
+def test_unpatch_restores_identity():
+    model = tiny_model("llama")
+    attn_before = model.config._attn_implementation
+    hooks_before = [dict(l.self_attn._forward_pre_hooks) for l in model.model.layers]
+    rdkv_hf.patch(model, budget=2.5)
+    assert model.config._attn_implementation == "rdkv" and "generate" in model.__dict__
+    assert rdkv_hf.unpatch(model) is model
+    assert model.config._attn_implementation == attn_before
+    assert "generate" not in model.__dict__ and model.generate.__func__ is type(model).generate
+    assert [dict(l.self_attn._forward_pre_hooks) for l in model.model.layers] == hooks_before
+    assert not any(hasattr(l.self_attn, "_rdkv_layer") for l in model.model.layers)
+    assert not rdkv_hf.is_patched(model)
+
+
+def test_patch_twice_replaces_settings_and_keeps_one_set_of_hooks():
+    model = tiny_model("llama")
+    rdkv_hf.patch(model, budget=2.5)
+    rdkv_hf.patch(model, budget=4.0)
+    assert model._rdkv_state.config.budget == 4.0
+    assert len(model.model.layers[0].self_attn._forward_pre_hooks) == 1
+    rdkv_hf.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_context_manager_restores_on_error():
+    model = tiny_model("llama")
+    with pytest.raises(KeyError):
+        with rdkv_hf.patched(model, budget=2.5):
+            assert rdkv_hf.is_patched(model)
+            raise KeyError("boom")
+    assert not rdkv_hf.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(budget=17), ValueError, r"`budget` must be in \(0, 16\].*got 17"),
+        (dict(budget=0), ValueError, "got 0"),
+        (dict(budget="2"), TypeError, "budget"),
+        (dict(tokens=-3), ValueError, "tokens"),
+        (dict(budget=2.5, mode="fancy"), ValueError, "mode"),
+        (dict(budget=2.5, mode="ratequant"), ValueError, "profile"),
+        (dict(budget=2.5, window=0), ValueError, "window"),
+        (dict(budget=2.5, nonsense=1), TypeError, "nonsense"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_model_untouched(kwargs, exc, match):
+    model = tiny_model("llama")
+    with pytest.raises(exc, match=match):
+        rdkv_hf.patch(model, **kwargs)
+    assert not rdkv_hf.is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"gpt2.*supported: \['llama', 'mistral', 'qwen3'\]"):
+        rdkv_hf.patch(model, budget=2.5)
+    assert "generate" not in model.__dict__
+
+
+def test_failed_patch_rolls_back(monkeypatch):
+    model = tiny_model("llama")
+    import importlib
+
+    patch_mod = importlib.import_module("rdkv_hf.patch")
+
+    def boom(*a, **k):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(patch_mod, "_make_generate", boom)
+    with pytest.raises(RuntimeError, match="late failure"):
+        rdkv_hf.patch(model, budget=2.5)
+    assert model.config._attn_implementation == "sdpa" and not rdkv_hf.is_patched(model)
+    assert all(not l.self_attn._forward_pre_hooks for l in model.model.layers)
+
+
+def test_sliding_mistral_warns_and_still_matches():
+    model = tiny_model("mistral-sliding")
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(8))
+    ref = _gen(model, ids)
+    with pytest.warns(UserWarning, match="sliding-window"):
+        rdkv_hf.patch(model, budget=2.5)
+    out = model.generate(ids, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
+    assert out.past_key_values.rdkv_layers == []
+    assert torch.equal(out.sequences, ref)
+
+
+def test_qwen3_partly_sliding_compresses_full_layers_only():
+    model = tiny_model("qwen3", num_hidden_layers=3, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(9))
+    ref = _gen(model, ids)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rdkv_hf.patch(model, **EXACT)
+    assert any("sliding-window" in str(x.message) for x in w)
+    out = model.generate(ids, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.past_key_values.rdkv_layers == [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
+
+
+def test_rdkv_cache_requires_config_or_patched_model():
+    with pytest.raises(TypeError, match="patch"):
+        RDKVCache(object())
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="RDKVConfig"):
+        RDKVCache(model.config)
+    assert isinstance(RDKVCache(model.config, RDKVConfig(budget=3)), RDKVCache)
