@@ -28,8 +28,8 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
 
 from . import quant
-from .allocate import allocate_rdkv, fixed_widths
 from .config import RDKVConfig
+from .planner import Planner
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class RDKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, planner: "Planner"):
+    def __init__(self, layer_idx: int, planner: Planner):
         super().__init__()
         self.layer_idx = layer_idx
         self.planner = planner
@@ -276,60 +276,6 @@ class RDKVLayer(CacheLayerMixin):
         if self.is_initialized:
             n += self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return n
-
-
-class Planner:
-    """Turns weights into widths for one cache, following the config's mode (and profile)."""
-
-    def __init__(self, config: RDKVConfig, profile=None):
-        self.config = config
-        self.profile = profile
-        self._head_bits = None  # (k_bits [L, H], v_bits [L, H]) from the profile, for its modes
-        if config.mode in ("rdkv+profile", "ratequant"):
-            if profile is None:
-                raise ValueError(f"mode={config.mode!r} needs a loaded profile")
-            self._head_bits = profile.head_bits(config.budget, integer=config.mode == "ratequant")
-
-    def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return self.config.keep_dtype(model_dtype)
-
-    def widths(self, layer_idx: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor):
-        """``(v_bits [B, H, T], k_bits [B, H, D])`` for the tokens of one forward."""
-        cfg = self.config
-        B, H, T = w_tok.shape
-        D = w_ch.shape[-1]
-        real_rows = real[:, None, :].expand(B, H, T).reshape(B * H, T)
-        t_real = real_rows.sum(1).double()
-        if cfg.mode == "uniform":
-            b = torch.full((B * H,), float(uniform_width(cfg.budget_bits(int(t_real.max())), D, int(t_real.max()))))
-            v, k = fixed_widths(real_rows, b, b, D)
-        elif cfg.mode == "ratequant":
-            kb, vb = self._head_bits
-            v, k = fixed_widths(real_rows, vb[layer_idx].repeat(B), kb[layer_idx].repeat(B), D)
-        else:
-            if cfg.mode == "rdkv":
-                bits = torch.tensor([cfg.budget_bits(int(t)) for t in t_real], dtype=torch.float64)
-                v_avg, k_avg = 2 * (1 - cfg.k_share) * bits, 2 * cfg.k_share * bits
-            else:  # rdkv+profile: the profile's K and V budgets of this layer's heads
-                kb, vb = self._head_bits
-                v_avg, k_avg = vb[layer_idx].double().repeat(B), kb[layer_idx].double().repeat(B)
-            v, k = allocate_rdkv(
-                w_tok.reshape(B * H, T), w_ch.reshape(B * H, D), real_rows,
-                v_avg * t_real * D, k_avg * t_real * D, cfg.widths, cfg.eps_v, cfg.eps_k,
-            )
-        return v.reshape(B, H, T), k.reshape(B, H, D)
-
-
-def uniform_width(budget: float, head_dim: int, tokens: int) -> int:
-    """Largest width 1..8 (or 16) whose K and V cost, metadata included, fits the budget."""
-    if budget >= 16:
-        return 16
-    for b in range(8, 0, -1):
-        v_cost = b + 2 * quant.META_BITS / head_dim
-        k_cost = b + 2 * quant.META_BITS / max(tokens, 1)
-        if (v_cost + k_cost) / 2 <= budget:
-            return b
-    raise ValueError(f"budget {budget} bits is below the cheapest uniform width (1 bit plus scales); raise `budget`")
 
 
 class RDKVCache(DynamicCache):
