@@ -73,7 +73,7 @@ def _resolve_config(budget, tokens, profile, mode, config, options) -> RDKVConfi
     if config is not None:
         if not isinstance(config, RDKVConfig):
             raise TypeError(f"`config` must be an RDKVConfig, got {type(config).__name__}")
-        if budget is not None or tokens is not None or options:
+        if budget is not None or tokens is not None or mode is not None or options:
             raise ValueError("give either `config=RDKVConfig(...)` or keyword settings, not both")
         return config
     if mode is None:
@@ -104,7 +104,7 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
         raise TypeError(f"patch() takes a Transformers model, got {type(model).__name__}")
     patcher = patcher_for(model)
     cfg = _resolve_config(budget, tokens, profile, mode, config, options)
-    prof = _load_profile(profile if profile is not None else (cfg.profile if config is not None else None), model)
+    prof = _load_profile(profile if profile is not None else cfg.profile, model)
     notes = patcher.check(model)
     modules = patcher.attention_modules(model)
     if getattr(model, _STATE, None) is not None:
@@ -121,6 +121,8 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
             state.handles.append(m.register_forward_hook(_unbind_layer, with_kwargs=True, always_call=True))
         setattr(model, _STATE, state)
         model.generate = _make_generate(model, state)
+        # save_pretrained writes it to config.json; rdkv_hf.from_pretrained patches from it again
+        model.config.rdkv = cfg.to_dict()
     except Exception:
         _restore(model, state)
         raise
@@ -150,6 +152,7 @@ def _restore(model, state: PatchState) -> None:
         m.__dict__.pop("_rdkv_layer", None)
     if model.config._attn_implementation != state.attn_implementation:
         model.set_attn_implementation(state.attn_implementation)
+    model.config.__dict__.pop("rdkv", None)
     if state.own_generate is not None:
         model.generate = state.own_generate
     else:
