@@ -3,7 +3,8 @@
 Layout of one layer:
 
 * ``segments``: one per compressed multi-token forward (the prompt, then follow-up turns). A
-  segment holds one :class:`PackedHead` per (batch row, KV head); heads are ragged.
+  segment holds one :class:`PackedHead` per (batch row, KV head); heads are ragged. All heads of
+  a segment live in one set of flat buffers (see ``storage.py``), which the kernels walk.
 * ``keys`` / ``values``: the full-precision tail ``[B, kv_heads, n_tail, D]`` (decoded tokens and
   the tokens of the forward being compressed).
 
@@ -13,7 +14,7 @@ A :class:`PackedHead` stores its kept tokens sorted by V width (16 first, then 8
   minimum per token; width 16 is raw ``[n_16, D]`` in the keep dtype.
 * K: channels sorted by width (``k_perm``, evicted channels dropped); for each width, codes of all
   kept tokens packed along that group's channels ``[n, words]`` with a float16 scale and minimum
-  per channel; width 16 raw ``[n, c_16]``. K rows follow the V token order.
+  per channel; width 16 raw ``[c_16, n]``. K rows follow the V token order.
 
 Attention never needs token positions (every stored prompt token precedes every later query, and
 RoPE is already applied), so none are stored.
@@ -22,140 +23,15 @@ RoPE is already applied), so none are stored.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
 
-from . import quant
 from .config import RDKVConfig
 from .planner import Planner
+from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack_segment  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Group:
-    """Tokens (V) or channels (K) stored at one width."""
-
-    bits: int
-    count: int  # tokens for V, channels for K
-    data: torch.Tensor  # int32 packed codes, or raw values when bits == 16
-    scale: torch.Tensor | None = None  # float16 [count]
-    minimum: torch.Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        n = self.data.numel() * self.data.element_size()
-        if self.scale is not None:
-            n += (self.scale.numel() + self.minimum.numel()) * self.scale.element_size()
-        return n
-
-
-@dataclass
-class PackedHead:
-    """One KV head's compressed tokens. ``n`` kept tokens of dimension ``head_dim``."""
-
-    n: int
-    head_dim: int
-    v_groups: list[Group]
-    k_perm: torch.Tensor | None  # uint8 [kept channels] (int16 past 256) in K group order; None: identity
-    k_groups: list[Group]
-
-    @property
-    def nbytes(self) -> int:
-        return (
-            sum(g.nbytes for g in self.v_groups)
-            + sum(g.nbytes for g in self.k_groups)
-            + (self.k_perm.numel() * self.k_perm.element_size() if self.k_perm is not None else 0)
-        )
-
-    def channel_order(self) -> torch.Tensor:
-        """``[kept channels]`` long: the channel of each K row, in group order."""
-        return torch.arange(self.head_dim) if self.k_perm is None else self.k_perm.long()
-
-    def v_widths(self) -> dict[int, int]:
-        return {g.bits: g.count for g in self.v_groups}
-
-    def k_widths(self) -> dict[int, int]:
-        out = {g.bits: g.count for g in self.k_groups}
-        out[0] = self.head_dim - sum(g.count for g in self.k_groups)
-        return out
-
-    def dequantize(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k [n, D], v [n, D])`` as attended (evicted K channels are zero). Tests and debugging."""
-        v = torch.cat([_dequant_rows(g, self.head_dim) for g in self.v_groups]) if self.v_groups else torch.zeros(0, self.head_dim)
-        k = torch.zeros(self.head_dim, self.n)
-        c0 = 0
-        perm = self.channel_order()
-        for g in self.k_groups:
-            k[perm[c0 : c0 + g.count]] = _dequant_rows(g, self.n)
-            c0 += g.count
-        return k.T.to(dtype), v.to(dtype)
-
-
-def _dequant_rows(g: Group, length: int) -> torch.Tensor:
-    """``[count, length]`` values of a group (rows are V tokens or K channels)."""
-    if g.bits == 16:
-        return g.data.float()
-    codes = quant.unpack(g.data, g.bits, length)
-    return quant.dequantize(codes, g.scale[:, None], g.minimum[:, None])
-
-
-def _pack_rows(x: torch.Tensor, bits: int, keep_dtype: torch.dtype) -> Group:
-    """Store the rows of ``x [rows, length]`` at one width, one scale and minimum per row."""
-    if bits == 16:
-        return Group(16, x.shape[0], x.to(keep_dtype).contiguous())
-    codes, scale, minimum = quant.quantize(x, bits, -1)
-    return Group(bits, x.shape[0], quant.pack(codes, bits), scale.reshape(-1), minimum.reshape(-1))
-
-
-def pack_head(k: torch.Tensor, v: torch.Tensor, v_bits: torch.Tensor, k_bits: torch.Tensor, keep_dtype: torch.dtype) -> PackedHead:
-    """Compress one head.
-
-    V groups are rows of tokens ``[n_w, words(D)]``; K groups are rows of channels over the kept
-    tokens ``[c_w, words(n)]``, so each scale and minimum covers one token (V) or one channel (K).
-
-    Args:
-        k, v: ``[T, D]`` post-RoPE keys and values.
-        v_bits: ``[T]`` width of each token (0 evicts it from K and V).
-        k_bits: ``[D]`` width of each K channel over the kept tokens (0 drops the channel).
-    """
-    D = k.shape[1]
-    v_groups, order = [], []
-    for bits in sorted(set(v_bits.tolist()) - {0}, reverse=True):
-        idx = (v_bits == bits).nonzero().squeeze(1)
-        v_groups.append(_pack_rows(v[idx], bits, keep_dtype))
-        order.append(idx)
-    order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
-    k_kept_t = k[order].T  # [D, n]
-    k_groups, perm = [], []
-    if len(order):
-        for bits in sorted(set(k_bits.tolist()) - {0}, reverse=True):
-            ch = (k_bits == bits).nonzero().squeeze(1)
-            k_groups.append(_pack_rows(k_kept_t[ch], bits, keep_dtype))
-            perm.append(ch)
-    if len(k_groups) == 1 and k_groups[0].count == D:
-        perm = None  # one width for every channel: the order is the identity, nothing to store
-    else:
-        perm = torch.cat(perm).to(torch.uint8 if D <= 256 else torch.int16) if perm else torch.zeros(0, dtype=torch.uint8)
-    return PackedHead(len(order), D, v_groups, perm, k_groups)
-
-
-@dataclass
-class Segment:
-    """The compressed tokens of one multi-token forward: ``heads[b * kv_heads + h]``."""
-
-    heads: list[PackedHead]
-    batch: int
-    kv_heads: int
-    real_tokens: torch.Tensor  # [batch] tokens of this forward that were not padding
-
-    def select(self, batch_index: torch.Tensor) -> "Segment":
-        """Rows for a new batch (beam reorder, repeat, select): heads are shared, not copied."""
-        idx = batch_index.tolist()
-        heads = [self.heads[b * self.kv_heads + h] for b in idx for h in range(self.kv_heads)]
-        return Segment(heads, len(idx), self.kv_heads, self.real_tokens[batch_index.cpu()])
 
 
 class RDKVLayer(CacheLayerMixin):
@@ -254,12 +130,11 @@ class RDKVLayer(CacheLayerMixin):
         k_new, v_new = self.keys[:, :, start:], self.values[:, :, start:]
         v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real)  # [B, H, T], [B, H, D]
         keep = self.planner.keep_dtype(self.dtype)
-        heads = [
-            pack_head(k_new[b, h], v_new[b, h], v_bits[b, h], k_bits[b, h], keep)
-            for b in range(B)
-            for h in range(H)
-        ]
-        self.segments.append(Segment(heads, B, H, real.sum(1).cpu()))
+        heads, buffers = pack_segment(
+            k_new.reshape(B * H, n_new, D), v_new.reshape(B * H, n_new, D),
+            v_bits.reshape(B * H, n_new), k_bits.reshape(B * H, D), keep,
+        )
+        self.segments.append(Segment(heads, B, H, real.sum(1).cpu(), buffers))
         # Copy what stays: a slice would keep the whole full-precision tensor alive.
         self.keys = self.keys[:, :, :start].clone()
         self.values = self.values[:, :, :start].clone()
@@ -283,10 +158,11 @@ class RDKVCache(DynamicCache):
 
     Build it for a model (``RDKVCache(model)`` on a patched model takes its settings) or from a
     config: ``RDKVCache(model.config, RDKVConfig(budget=2.5))``. Sliding-window layers keep
-    Transformers' own bounded cache.
+    Transformers' own bounded cache. ``planner=`` replaces how widths are chosen (see
+    :class:`rdkv_hf.planner.Planner`; the evaluation's baselines use it).
     """
 
-    def __init__(self, model_or_config, rdkv_config: RDKVConfig | None = None, profile=None):
+    def __init__(self, model_or_config, rdkv_config: RDKVConfig | None = None, profile=None, planner: Planner | None = None):
         state = getattr(model_or_config, "_rdkv_state", None)
         if state is not None:
             config = model_or_config.config
@@ -303,7 +179,8 @@ class RDKVCache(DynamicCache):
             raise ValueError("RDKVCache(config, rdkv_config): give an RDKVConfig, or pass a patched model")
         super().__init__(config=config)
         self.rdkv_config = rdkv_config
-        self.planner = Planner(rdkv_config, profile)
+        # A custom planner (e.g. an eviction baseline) decides the widths instead of the config's mode.
+        self.planner = planner if planner is not None else Planner(rdkv_config, profile)
         layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         for i, kind in enumerate(layer_types):
             if kind == "full_attention":

@@ -16,7 +16,10 @@ from .config import RDKVConfig
 
 
 class Planner:
-    """Turns weights into widths for one cache, following the config's mode (and profile)."""
+    """Turns weights into widths for one cache, following the config's mode (and profile).
+
+    Subclasses override :meth:`widths` to implement other policies on the same packed cache.
+    """
 
     def __init__(self, config: RDKVConfig, profile=None):
         self.config = config
