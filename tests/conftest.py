@@ -5,6 +5,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -21,7 +23,8 @@ _COMMON = dict(
 
 
 def tiny_model(arch: str, **overrides):
-    """A seeded random model: 'llama', 'qwen3', 'mistral' (no window) or 'mistral-sliding'."""
+    """A seeded random model: 'llama', 'qwen3', 'mistral' (no window), 'mistral-sliding' or 'gemma3'
+    (sliding window 8, one global layer in three)."""
     torch.manual_seed(0)
     kw = dict(_COMMON, **overrides)
     if arch == "llama":
@@ -30,6 +33,11 @@ def tiny_model(arch: str, **overrides):
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **kw))
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=None, **kw))
+    elif arch == "gemma3":
+        kw = dict(kw, num_hidden_layers=3, sliding_window=8, sliding_window_pattern=3, head_dim=16, num_key_value_heads=1)
+        kw.setdefault("layer_types", ["sliding_attention", "sliding_attention", "full_attention"])
+        kw.pop("sliding_window_pattern")
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
     elif arch == "mistral-sliding":
         model = MistralForCausalLM(MistralConfig(sliding_window=4096, **kw))
     else:
@@ -38,6 +46,6 @@ def tiny_model(arch: str, **overrides):
     return model.eval()
 
 
-@pytest.fixture(params=["llama", "qwen3", "mistral"])
+@pytest.fixture(params=["llama", "qwen3", "mistral", "gemma3"])
 def arch(request):
     return request.param

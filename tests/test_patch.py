@@ -13,6 +13,11 @@ from conftest import TOL, tiny_model
 EXACT = dict(budget=16, high_precision_dtype="float32")  # 16 bits kept in the model's fp32
 
 
+def _full_layers(model):
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
 def _gen(model, ids, **kw):
     return model.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=0, **kw)
 
@@ -24,7 +29,7 @@ def test_budget_16_is_token_for_token_greedy(arch):
     rdkv_hf.patch(model, **EXACT)
     out = model.generate(ids, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
     assert isinstance(out.past_key_values, RDKVCache)
-    assert out.past_key_values.rdkv_layers == [0, 1]
+    assert out.past_key_values.rdkv_layers == _full_layers(model)
     assert torch.equal(out.sequences, ref)
 
 
@@ -92,7 +97,7 @@ def test_follow_up_turn_after_compression_at_budget_16(arch):
     cache = RDKVCache(model)
     got = _two_turn_logits(model, cache, ids, follow)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    assert len(cache.layers[0].segments) == 2  # the follow-up was compressed as its own segment
+    assert len(cache.layers[cache.rdkv_layers[0]].segments) == 2  # the follow-up: a segment of its own
 
 
 def test_follow_up_kept_in_full_precision_when_asked():
@@ -170,7 +175,7 @@ def test_unsupported_architecture_lists_supported():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match=r"gpt2.*supported: \['llama', 'mistral', 'qwen3'\]"):
+    with pytest.raises(ValueError, match=r"gpt2.*supported: \['gemma3_text', 'llama', 'mistral', 'qwen3'\]"):
         rdkv_hf.patch(model, budget=2.5)
     assert "generate" not in model.__dict__
 
@@ -222,3 +227,16 @@ def test_rdkv_cache_requires_config_or_patched_model():
     with pytest.raises(ValueError, match="RDKVConfig"):
         RDKVCache(model.config)
     assert isinstance(RDKVCache(model.config, RDKVConfig(budget=3)), RDKVCache)
+
+
+def test_registry_holds_every_patcher_module():
+    import pkgutil
+
+    import rdkv_hf.model_patches as mp
+    from rdkv_hf.model_patches import PATCHERS, Patcher
+
+    modules = {m.name for m in pkgutil.iter_modules(mp.__path__)} - {"base"}
+    classes = {type(p) for p in PATCHERS.values()}
+    assert {c.__module__.rsplit(".", 1)[1] for c in classes} == modules
+    assert all(issubclass(c, Patcher) and c.model_types for c in classes)
+    assert set(PATCHERS) == {t for c in classes for t in c.model_types}

@@ -1,11 +1,12 @@
 """Registry of per-architecture patchers, keyed by ``config.model_type``."""
 
 from .base import Patcher
+from .gemma3 import Gemma3Patcher
 from .llama import LlamaPatcher
 from .mistral import MistralPatcher
 from .qwen3 import Qwen3Patcher
 
-PATCHERS: dict[str, Patcher] = {t: p() for p in (LlamaPatcher, Qwen3Patcher, MistralPatcher) for t in p.model_types}
+PATCHERS: dict[str, Patcher] = {t: p() for p in (LlamaPatcher, Qwen3Patcher, MistralPatcher, Gemma3Patcher) for t in p.model_types}
 
 
 def patcher_for(model) -> Patcher:
