@@ -149,7 +149,6 @@ def load_gguf(name: str, workdir: Path | None = None, attn_implementation: str =
     # Transformers attaches a GgufHfQuantizer although the weights are plain float32 by now, and
     # save_pretrained refuses a "quantized" model. Nothing is quantized: drop the marker.
     model.hf_quantizer = None
-    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     logger.info("loaded %s from GGUF %s in %.1f s", name, path, time.perf_counter() - start)

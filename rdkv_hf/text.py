@@ -22,8 +22,9 @@ import torch
 DATA_DIR = Path(__file__).parent / "data"
 SPLITS = {"calib": "kjv_calib.txt", "eval": "kjv_eval.txt"}
 
-# The recall prompt. The question is stated before the text as well as after it: a 135M model
-# reads the text with the question already in mind, which it needs to find the fact at any depth.
+# The recall prompt. SmolLM2-135M-Instruct needs an instruction before the text: with the bare text
+# followed by the question it answered 0/5 at 2.5K tokens (it explains the "code" instead); with this
+# wording it answered 30/30 (5 seeds x 6 depths). At 4K it drops to 2/5.
 RECALL_FACT = "The secret code of the blue door is {code}."
 RECALL_QUESTION = "What is the secret code of the blue door?"
 RECALL_INTRO = (
@@ -81,6 +82,7 @@ def token_chunks(
 
 
 def _render(tokenizer, haystack: str) -> list[int]:
+    """Token ids of the whole chat prompt around `haystack`, ready for the assistant's answer."""
     question = RECALL_QUESTION
     content = (
         RECALL_INTRO.format(question=question)
@@ -89,13 +91,9 @@ def _render(tokenizer, haystack: str) -> list[int]:
         + "\n\n"
         + RECALL_OUTRO.format(question=question)
     )
-    if tokenizer.chat_template is None:
-        raise ValueError("`tokenizer` has no chat template; recall_prompt needs an instruct model's tokenizer")
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
     return list(ids)
 
 
@@ -145,6 +143,11 @@ def recall_prompt(
         raise ValueError(f"`n_tokens` must be at least 200 to hold the question and a haystack, got {n_tokens}")
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"`depth` must be in [0, 1] or None, got {depth}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "`tokenizer` has no chat template; recall_prompt needs an instruct model's tokenizer "
+            "(e.g. load_model('smollm2-135m'))"
+        )
     rng = random.Random(seed)
     code = str(rng.randint(10000, 99999))
     if depth is None:
