@@ -61,6 +61,9 @@ def _load_profile(profile, model):
         return None
     from .profiles import RDKVProfile
 
+    if profile == "<in-memory profile>":
+        raise ValueError("these settings name an in-memory profile; pass the RDKVProfile object, or save it "
+                         "with profile.save_pretrained(dir) and pass profile=dir")
     if isinstance(profile, str):
         profile = RDKVProfile.from_pretrained(profile)
     if not isinstance(profile, RDKVProfile):
@@ -136,8 +139,15 @@ def _make_generate(model, state: PatchState):
     original = state.own_generate or type(model).generate.__get__(model)
 
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+        given = kwargs.get("past_key_values")
+        if given is None and kwargs.get("use_cache", True) is not False:
             kwargs["past_key_values"] = RDKVCache(model)
+        elif given is not None and not isinstance(given, RDKVCache):
+            warnings.warn(
+                f"generate() got past_key_values={type(given).__name__}: RDKV compression is off for this "
+                "call; pass rdkv_hf.RDKVCache(model) or nothing",
+                stacklevel=2,
+            )
         return original(*args, **kwargs)
 
     generate.__doc__ = original.__doc__

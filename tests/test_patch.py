@@ -240,3 +240,11 @@ def test_registry_holds_every_patcher_module():
     assert {c.__module__.rsplit(".", 1)[1] for c in classes} == modules
     assert all(issubclass(c, Patcher) and c.model_types for c in classes)
     assert set(PATCHERS) == {t for c in classes for t in c.model_types}
+
+
+def test_generate_with_a_foreign_cache_warns():
+    model = tiny_model("llama")
+    rdkv_hf.patch(model, budget=2.5)
+    ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(10))
+    with pytest.warns(UserWarning, match="compression is off"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=DynamicCache(config=model.config))
