@@ -3,32 +3,17 @@
     model = rdkv_hf.patch(model, budget=2.5)   # average bits per cached K/V element
     out = model.generate(**inputs)
 
-Importing this package patches nothing and loads nothing.
+Importing this package patches nothing and loads nothing (Triton is imported only when used).
 """
 
 from .cache import RDKVCache
+from .calibrate import calibrate
 from .config import RDKVConfig
+from .loading import from_pretrained
 from .patch import is_patched, patch, patched, unpatch
+from .profiles import RDKVProfile
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-    # Heavier pieces load on first use, so `import rdkv_hf` stays cheap.
-    if name == "RDKVProfile":
-        from .profiles import RDKVProfile
-
-        return RDKVProfile
-    if name == "calibrate":
-        from .calibrate import calibrate
-
-        return calibrate
-    if name == "from_pretrained":
-        from .loading import from_pretrained
-
-        return from_pretrained
-    raise AttributeError(f"module 'rdkv_hf' has no attribute {name!r}")
-
 
 __all__ = [
     "RDKVCache",

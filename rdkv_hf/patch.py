@@ -18,6 +18,7 @@ from torch import nn
 from .cache import RDKVCache, RDKVLayer
 from .config import RDKVConfig
 from .model_patches import patcher_for
+from .planner import Planner
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     patcher = patcher_for(model)
     cfg = _resolve_config(budget, tokens, profile, mode, config, options)
     prof = _load_profile(profile if profile is not None else cfg.profile, model)
+    Planner(cfg, prof)  # validates the mode against the profile before anything changes
     notes = patcher.check(model)
     modules = patcher.attention_modules(model)
     if getattr(model, _STATE, None) is not None:

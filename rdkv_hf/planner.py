@@ -26,9 +26,7 @@ class Planner:
         self.profile = profile
         self._head_bits = None  # (k_bits [L, H], v_bits [L, H]) from the profile, for its modes
         if config.mode in ("rdkv+profile", "ratequant"):
-            if profile is None:
-                raise ValueError(f"mode={config.mode!r} needs a loaded profile")
-            self._head_bits = profile.head_bits(config.budget, integer=config.mode == "ratequant")
+            self._head_bits = profile_head_bits(config, profile)
 
     def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return self.config.keep_dtype(model_dtype)
@@ -53,9 +51,10 @@ class Planner:
             else:  # rdkv+profile: the profile's K and V budgets of this layer's heads
                 kb, vb = self._head_bits
                 v_avg, k_avg = vb[layer_idx].double().repeat(B), kb[layer_idx].double().repeat(B)
+            eps_k, eps_v = (cfg.eps_k, cfg.eps_v) if self.profile is None else self.profile.eps_tables(layer_idx)
             v, k = allocate_rdkv(
                 w_tok.reshape(B * H, T), w_ch.reshape(B * H, D), real_rows,
-                v_avg * t_real * D, k_avg * t_real * D, cfg.widths, cfg.eps_v, cfg.eps_k,
+                v_avg * t_real * D, k_avg * t_real * D, cfg.widths, eps_v, eps_k,
             )
         return v.reshape(B, H, T), k.reshape(B, H, D)
 
@@ -70,3 +69,33 @@ def uniform_width(budget: float, head_dim: int, tokens: int) -> int:
         if (v_cost + k_cost) / 2 <= budget:
             return b
     raise ValueError(f"budget {budget} bits is below the cheapest uniform width (1 bit plus scales); raise `budget`")
+
+
+def profile_head_bits(config: RDKVConfig, profile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head K and V budgets from a profile's RateQuant allocation.
+
+    ``ratequant``: integer widths (greedy) whose codes plus float16 scales fit ``budget``: the
+    codes get ``budget`` less the scales' share (``16 / head_dim`` for V's per-token scale and
+    minimum, averaged over K and V; K's per-channel share is below 0.02 bit past 1K tokens).
+    ``rdkv+profile``: real-valued budgets (closed form) averaging ``budget``, which RDKV then spends
+    inside each head, scales included.
+    """
+    if profile is None:
+        raise ValueError(f"mode={config.mode!r} needs a profile: patch(model, budget=..., profile=repo_id_or_dir)")
+    if config.budget is None:
+        raise ValueError(f"mode={config.mode!r} takes `budget` in bits per element, not `tokens`")
+    if profile.quantizer != profile.DEFAULT_QUANTIZER:
+        raise ValueError(f"the profile was measured for quantizer {profile.quantizer}; this cache uses {profile.DEFAULT_QUANTIZER}")
+    head_dim = int(profile.fingerprint["head_dim"])
+    if config.mode == "ratequant":
+        code_bits = config.budget - 16 / head_dim
+        if not 1 <= code_bits <= 8:
+            raise ValueError(
+                f"mode='ratequant' needs `budget` between {1 + 16 / head_dim:.2f} and {8 + 16 / head_dim:.2f} "
+                f"bits (codes of 1..8 bits plus scales), got {config.budget}"
+            )
+        return profile.head_bits(code_bits, integer=True)
+    if not 1 <= config.budget <= 8:
+        raise ValueError(f"mode='rdkv+profile' needs `budget` in [1, 8] bits, got {config.budget}; use mode='rdkv' outside it")
+    lo, hi = 0, min(16, int(config.budget * 4))  # integer bounds; eviction makes low budgets meaningful
+    return profile.head_bits(config.budget, integer=False, bounds=(lo, hi))

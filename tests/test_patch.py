@@ -248,3 +248,41 @@ def test_generate_with_a_foreign_cache_warns():
     ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(10))
     with pytest.warns(UserWarning, match="compression is off"):
         model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=DynamicCache(config=model.config))
+
+
+def test_profile_modes_on_the_shipped_smollm2_profile_need_the_right_model():
+    from rdkv_hf import RDKVProfile
+
+    prof = RDKVProfile.from_pretrained("smollm2-135m-instruct")
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="fingerprint|weights_sha256|num_layers"):
+        rdkv_hf.patch(model, budget=2.5, profile=prof)
+    assert not rdkv_hf.is_patched(model)
+
+
+@pytest.mark.parametrize("mode", ["rdkv+profile", "ratequant"])
+def test_profile_modes_run_within_budget(mode, tmp_path):
+    from rdkv_hf import calibrate
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(1, 128, (4, 64), generator=torch.Generator().manual_seed(11))
+    prof = calibrate(model, ids, progress=False)
+    prof.save_pretrained(tmp_path)
+    rdkv_hf.patch(model, budget=3.0, profile=str(tmp_path), mode=mode)
+    out = model.generate(ids[:1], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    s = out.past_key_values.summary()
+    widths = {b for r in s.rows for b, n in r.v_widths.items() if n}
+    if mode == "ratequant":
+        assert 0 not in widths and all(r.kept_tokens == r.prompt_tokens for r in s.rows)
+    assert s.prompt_bits_per_element <= 3.0 + 0.6  # head_dim 16: scales cost 2 bits a V element here
+    with pytest.raises(ValueError, match="not `tokens`"):
+        rdkv_hf.patch(model, tokens=8, profile=str(tmp_path), mode=mode)
+
+
+def test_public_names():
+    import rdkv_hf.calibrate  # noqa: F401  (importing the module must not shadow the function)
+
+    assert callable(rdkv_hf.calibrate) and not isinstance(rdkv_hf.calibrate, type(rdkv_hf))
+    for name in ("patch", "unpatch", "RDKVCache", "RDKVProfile", "from_pretrained", "calibrate"):
+        assert name in rdkv_hf.__all__ and hasattr(rdkv_hf, name)
+    assert hasattr(rdkv_hf.RDKVCache, "nbytes") and hasattr(rdkv_hf.RDKVCache, "summary")

@@ -1,0 +1,289 @@
+"""Measure an :class:`~rdkv_hf.profiles.RDKVProfile` for a model: sensitivities and distortion fits.
+
+One forward and one backward per batch of calibration sequences give everything:
+
+- **Sensitivity** (RateQuant §3.2): ``w[l, h] = mean over sequences and positions of
+  ||dL/dK[l, h, t]||^2`` (and the same for V), ``L`` the mean next-token cross-entropy of one
+  sequence. The gradients are taken at the K and V that attention reads, i.e. the tensors returned by
+  the cache's ``update`` (post-RoPE K, and post-``k_norm`` for Qwen3). For Llama and Mistral this
+  equals the gradient norm at the ``k_proj`` / ``v_proj`` outputs, because RoPE is a rotation.
+- **Distortion curves** (RateQuant §3.4): the relative MSE ``D(b) = sum (x - Q_b(x))^2 / sum x^2``
+  of the min-max fake quantizer of :mod:`rdkv_hf.quant` at each width (K per channel over the tokens
+  of one sequence, V per token), per (layer, KV head), fitted as ``ln D = ln alpha - b ln beta``.
+  Relative MSE makes ``alpha`` unit-free; the profile keeps the mean square of each head
+  (``power_k``, ``power_v``) so that the allocation can weigh absolute errors (``alpha * power``).
+- **RDKV epsilon tables** (RDKV App. B) at widths 2, 4, 8 per layer: ``eps_V = sum (V - V^)^2 /
+  sum V^2`` (per-token quantization) and ``eps_K`` = mean over channels of the per-channel MSE over
+  the per-channel variance (per-channel quantization).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .quant import _round_down_half, _round_up_half
+
+logger = logging.getLogger(__name__)
+
+EPS_WIDTHS = (2, 4, 8)
+
+
+def calibrate(
+    model,
+    texts=None,
+    *,
+    tokenizer=None,
+    n_seqs: int = 16,
+    seq_len: int = 512,
+    widths=range(2, 7),
+    seed: int = 0,
+    batch_size: int = 4,
+    model_id: str | None = None,
+    progress: bool = True,
+):
+    """Calibrate `model` and return its :class:`~rdkv_hf.profiles.RDKVProfile`.
+
+    Args:
+        model: a Transformers causal LM (Llama, Qwen3, Mistral, ...), float32 preferred; it is not
+            modified (parameters get ``requires_grad=False`` for the run and are restored).
+        texts: the calibration data: ``None`` (`n_seqs` random windows of `seq_len` tokens of the
+            shipped "calib" text, needs `tokenizer`), a ``[n, T]`` LongTensor of token ids (used as
+            is), or a list of strings (tokenized with `tokenizer`, joined, and cut into `n_seqs`
+            random non-overlapping windows of `seq_len` tokens).
+        tokenizer: the model's tokenizer, for ``texts=None`` or strings.
+        widths: integer widths (at least 2 distinct, 1..8) of the distortion fits.
+        seed: picks the windows.
+        batch_size: sequences per forward/backward.
+        model_id: Hub id of the model, recorded in the profile's model card.
+        progress: show a tqdm bar.
+    """
+    from .profiles import RDKVProfile, fingerprint, weight_norms
+
+    widths = sorted({int(b) for b in widths})
+    if len(widths) < 2 or not all(1 <= b <= 8 for b in widths):
+        raise ValueError(f"`widths` must hold at least 2 distinct integers in 1..8, got {widths}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if getattr(model, "_rdkv_state", None) is not None:
+        raise ValueError("`model` is patched by rdkv_hf; calibrate the original model (call rdkv_hf.unpatch(model) first)")
+    ids, source = _calibration_ids(texts, tokenizer, n_seqs, seq_len, seed)
+    fp = fingerprint(model)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        logger.warning("calibrating a %s model; float32 gives more accurate gradients and fits", dtype)
+
+    start = time.perf_counter()
+    stats = _Stats(fp["num_layers"], fp["num_kv_heads"], widths)
+    was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        from tqdm.auto import tqdm
+
+        batches = list(ids.split(batch_size))
+        for batch in tqdm(batches, desc="rdkv_hf calibrate", unit="batch", disable=not progress):
+            _run_batch(model, batch, stats)
+    finally:
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    logger.info("calibrated %d x %d tokens in %.1f s", ids.shape[0], ids.shape[1], seconds)
+
+    fits = stats.fits()
+    calibration = {
+        "n_seqs": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "source": source,
+        "seed": seed,
+        "widths": widths,
+        "eps_widths": list(EPS_WIDTHS),
+        "loss": stats.loss / stats.n_seqs,
+        "seconds": round(seconds, 2),
+        "model_id": model_id,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    return RDKVProfile(
+        fingerprint=fp,
+        quantizer=dict(RDKVProfile.DEFAULT_QUANTIZER),
+        calibration=calibration,
+        weight_norms=weight_norms(model),
+        **fits,
+    )
+
+
+def _calibration_ids(texts, tokenizer, n_seqs: int, seq_len: int, seed: int) -> tuple[torch.Tensor, str]:
+    """``([n, T] token ids, description of the source)``."""
+    if isinstance(texts, torch.Tensor):
+        if texts.dim() != 2 or texts.dtype != torch.long or texts.shape[1] < 2 or texts.shape[0] < 1:
+            raise ValueError(f"token ids must be a [n_seqs, seq_len] LongTensor with seq_len >= 2, got {texts.dtype} {tuple(texts.shape)}")
+        return texts, "input_ids"
+    if n_seqs < 1 or seq_len < 2:
+        raise ValueError(f"`n_seqs` must be >= 1 and `seq_len` >= 2, got {n_seqs} and {seq_len}")
+    if tokenizer is None:
+        raise ValueError("pass `tokenizer=` (the model's tokenizer) to calibrate on text, or token ids as `texts` ([n, T] LongTensor)")
+    if texts is None:
+        from .text import token_chunks
+
+        return token_chunks(tokenizer, n_seqs, seq_len, split="calib", seed=seed), "rdkv_hf.text:calib (King James Bible)"
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("`texts` must be None, a [n, T] LongTensor of token ids or a list of strings")
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    slack = len(ids) - n_seqs * seq_len
+    if slack < 0:
+        raise ValueError(
+            f"the texts hold {len(ids)} tokens, fewer than n_seqs x seq_len = {n_seqs} x {seq_len}; "
+            "give more text or lower `n_seqs` / `seq_len`"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    gaps = torch.randint(0, slack + 1, (n_seqs,), generator=gen).sort().values
+    starts = gaps + torch.arange(n_seqs) * seq_len
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()]), f"texts ({len(texts)} strings)"
+
+
+class _Stats:
+    """Running sums over the calibration batches, all per (layer, KV head) unless noted."""
+
+    def __init__(self, layers: int, heads: int, widths: list[int]):
+        self.widths = widths
+        self.all_widths = sorted(set(widths) | set(EPS_WIDTHS))
+        W, E = len(self.all_widths), len(EPS_WIDTHS)
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.grad_k, self.grad_v = z(layers, heads), z(layers, heads)  # sum over tokens of ||g||^2
+        self.sq_k, self.sq_v = z(layers, heads), z(layers, heads)  # sum of x^2
+        self.sse_k, self.sse_v = z(layers, heads, W), z(layers, heads, W)  # sum of squared errors
+        self.eps_k_sum = z(layers, E)  # sum over channels of MSE_c / var_c
+        self.channels = z(layers)
+        self.tokens = 0  # token positions seen (sequences x length)
+        self.elements = 0  # elements of one head's K (or V): tokens x head_dim
+        self.n_seqs = 0
+        self.loss = 0.0
+
+    def add(self, layer: int, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor):
+        """k, v, gk, gv: ``[batch, kv_heads, tokens, head_dim]`` float32."""
+        dims = (0, 2, 3)
+        # float32 sums per head (pairwise summation) are accurate to ~1e-6; float64 accumulates them.
+        self.grad_k[layer] += gk.square().sum(dims)
+        self.grad_v[layer] += gv.square().sum(dims)
+        self.sq_k[layer] += k.square().sum(dims)
+        self.sq_v[layer] += v.square().sum(dims)
+        var_c = k.var(dim=2, unbiased=False)  # [B, H, D]
+        floor = var_c.mean().clamp(min=1e-30) * 1e-12
+        err_k = quant_errors(k, self.all_widths, dim=2)  # K: one (scale, min) per channel
+        err_v = quant_errors(v, self.all_widths, dim=-1)  # V: one (scale, min) per token
+        for j, b in enumerate(self.all_widths):
+            self.sse_k[layer, :, j] += err_k[j].sum(dims)
+            self.sse_v[layer, :, j] += err_v[j].sum(dims)
+            if b in EPS_WIDTHS:
+                ratio = err_k[j].mean(2) / var_c.clamp(min=floor)  # [B, H, D]
+                self.eps_k_sum[layer, EPS_WIDTHS.index(b)] += ratio.sum(dtype=torch.float64)
+        self.channels[layer] += var_c.numel()
+
+    def fits(self) -> dict:
+        """The profile's tensors: sensitivities, fits, powers, curves and epsilon tables."""
+        cols = [self.all_widths.index(b) for b in self.widths]
+        eps_cols = [self.all_widths.index(b) for b in EPS_WIDTHS]
+        out = {"sens_k": self.grad_k / self.tokens, "sens_v": self.grad_v / self.tokens}
+        for kind, sse, sq in (("k", self.sse_k, self.sq_k), ("v", self.sse_v, self.sq_v)):
+            dist = sse[..., cols] / sq.clamp(min=1e-300)[..., None]  # [L, H, W] relative MSE
+            alpha, beta, r2 = fit_exponential(dist, self.widths)
+            out.update({f"alpha_{kind}": alpha, f"beta_{kind}": beta, f"r2_{kind}": r2, f"dist_{kind}": dist})
+            out[f"power_{kind}"] = sq / self.elements
+        eps_v = self.sse_v[..., eps_cols].sum(1) / self.sq_v.sum(1).clamp(min=1e-300)[:, None]
+        eps_k = self.eps_k_sum / self.channels.clamp(min=1)[:, None]
+        out.update(eps_k=eps_k, eps_v=eps_v, eps_k_global=eps_k.mean(0), eps_v_global=eps_v.mean(0))
+        return {name: t.float() for name, t in out.items()}
+
+
+def quant_errors(x: torch.Tensor, widths, dim: int):
+    """Squared errors of :func:`rdkv_hf.quant.fake_quantize` of `x` at each width, sharing the work.
+
+    Same arithmetic as :func:`rdkv_hf.quant.quantize` (float16-rounded minimum and scale), but the
+    minimum, maximum and shifted tensor are computed once for all widths.
+
+    Returns:
+        a list of ``(x - fake_quantize(x, b, dim))**2`` tensors shaped like `x`, one per width.
+    """
+    lo = _round_down_half(x.amin(dim, keepdim=True)).float()
+    span = x.amax(dim, keepdim=True) - lo
+    shifted = x - lo
+    out = []
+    for b in widths:
+        levels = (1 << b) - 1
+        scale = _round_up_half(span / levels).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(shifted / scale).clamp_(0, levels)
+        out.append(q.mul_(scale).sub_(shifted).square_())
+    return out
+
+
+def fit_exponential(dist: torch.Tensor, widths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares fit of ``ln D = ln alpha - b ln beta`` along the last dim.
+
+    Args:
+        dist: ``[..., W]`` distortions (> 0) at `widths` (``W >= 2`` values).
+    Returns:
+        ``(alpha, beta, r2)``, each ``[...]``; ``r2`` is the R^2 of the fit in log space (1 when
+        the points are collinear, including the degenerate case of no spread).
+    """
+    b = torch.as_tensor(list(widths), dtype=torch.float64)
+    y = dist.double().clamp(min=1e-300).log()
+    bc = b - b.mean()
+    yc = y - y.mean(-1, keepdim=True)
+    slope = (yc * bc).sum(-1) / bc.square().sum()
+    intercept = y.mean(-1) - slope * b.mean()
+    resid = y - (intercept[..., None] + slope[..., None] * b)
+    ss_tot = yc.square().sum(-1)
+    r2 = torch.where(ss_tot > 0, 1 - resid.square().sum(-1) / ss_tot.clamp(min=1e-300), torch.ones_like(ss_tot))
+    return intercept.exp(), (-slope).exp(), r2
+
+
+def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
+    """One forward and backward over ``ids [batch, tokens]``; adds to `stats`."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    update = cache.update
+
+    def capture(key_states, value_states, layer_idx, *args, **kwargs):
+        # What attention reads is what gets quantized: keep those tensors and their gradients.
+        k, v = update(key_states, value_states, layer_idx, *args, **kwargs)
+        k.retain_grad()
+        v.retain_grad()
+        seen[layer_idx] = (k, v)
+        return k, v
+
+    cache.update = capture  # this cache object only
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    # The parameters do not need gradients; the activations do, from the embeddings on.
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+    B, T = ids.shape
+    # Sum over sequences of each sequence's mean next-token loss: per-sequence gradients. The last
+    # position predicts nothing (-100); flattening the whole logits tensor avoids a copy.
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    token_loss = F.cross_entropy(out.logits.reshape(B * T, -1).float(), targets.reshape(-1), reduction="none")
+    loss = token_loss.view(B, T).sum(1).div(T - 1).sum()
+    del out, token_loss
+    loss.backward()
+    if len(seen) != stats.grad_k.shape[0]:
+        raise RuntimeError(f"expected K/V of {stats.grad_k.shape[0]} layers from the cache, saw {sorted(seen)}")
+    for layer, (k, v) in seen.items():
+        if k.grad is None or v.grad is None:
+            raise RuntimeError(f"no gradient reached the K/V of layer {layer}")
+        if k.shape[1] != stats.grad_k.shape[1]:
+            raise RuntimeError(f"layer {layer} has {k.shape[1]} KV heads, the config says {stats.grad_k.shape[1]}")
+        stats.add(layer, k.detach().float(), v.detach().float(), k.grad.float(), v.grad.float())
+    stats.tokens += B * T
+    stats.elements += B * T * seen[0][0].shape[-1]
+    stats.n_seqs += B
+    stats.loss += loss.item()

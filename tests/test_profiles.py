@@ -1,0 +1,266 @@
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from rdkv_hf.calibrate import calibrate
+from rdkv_hf.config import RDKVConfig
+from rdkv_hf.profiles import RDKVProfile, fingerprint, shipped_profiles
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def model_and_profile():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    return model, calibrate(model, ids, progress=False)
+
+
+@pytest.fixture
+def saved(model_and_profile, tmp_path):
+    _, prof = model_and_profile
+    return prof.save_pretrained(tmp_path / "prof")
+
+
+def assert_same(a: RDKVProfile, b: RDKVProfile):
+    assert a.fingerprint == b.fingerprint and a.quantizer == b.quantizer and a.calibration == b.calibration
+    for name, t in a.tensors().items():
+        assert torch.equal(t, getattr(b, name)), name
+
+
+def hub_cache(tmp_path, src, repo="acme/prof"):
+    """A hand-made huggingface_hub cache holding `src`'s files as revision main of `repo`."""
+    org, name = repo.split("/")
+    root = tmp_path / "hub" / f"models--{org}--{name}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(SHA)
+    shutil.copytree(src, root / "snapshots" / SHA)
+    return tmp_path / "hub"
+
+
+def test_round_trip_through_a_directory(model_and_profile, saved):
+    _, prof = model_and_profile
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "profile.safetensors"]
+    loaded = RDKVProfile.from_pretrained(saved)
+    assert_same(prof, loaded)
+    assert loaded.name_or_path == str(saved)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["schema_version"] == 1 and config["created_with"].startswith("rdkv_hf ")
+    assert config["fingerprint"]["weights_sha256"] == prof.fingerprint["weights_sha256"]
+    assert len(prof.fingerprint["weights_sha256"]) == 16
+
+
+def test_round_trip_through_an_offline_hub_cache(model_and_profile, saved, tmp_path, monkeypatch):
+    _, prof = model_and_profile
+    cache = hub_cache(tmp_path, saved)
+    loaded = RDKVProfile.from_pretrained("acme/prof", cache_dir=cache, local_files_only=True)
+    assert_same(prof, loaded)
+    assert loaded.name_or_path == "acme/prof"
+    # With HF_HUB_OFFLINE the cache still answers, without local_files_only.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert_same(prof, RDKVProfile.from_pretrained("acme/prof", cache_dir=cache))
+    assert_same(prof, RDKVProfile.from_pretrained("acme/prof", cache_dir=cache, revision=SHA))
+    with pytest.raises(OSError, match="acme/other"):
+        RDKVProfile.from_pretrained("acme/other", cache_dir=cache)
+
+
+def test_missing_directory_and_incomplete_profile(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RDKVProfile.from_pretrained(str(tmp_path / "nope"))
+    (saved / "profile.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="profile.safetensors"):
+        RDKVProfile.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("filename", ["config.json", "profile.safetensors"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_files_give_clean_errors(saved, filename, damage):
+    path = saved / filename
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00\xff not a profile \x13" * 7)
+    with pytest.raises(ValueError, match=filename.replace(".", r"\.")):
+        RDKVProfile.from_pretrained(saved)
+
+
+def test_damaged_file_in_the_hub_cache(saved, tmp_path):
+    cache = hub_cache(tmp_path, saved)
+    path = cache / "models--acme--prof" / "snapshots" / SHA / "profile.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="profile.safetensors.*corrupted or truncated"):
+        RDKVProfile.from_pretrained("acme/prof", cache_dir=cache, local_files_only=True)
+
+
+def test_missing_tensor_and_shape_mismatch(model_and_profile, saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(saved / "profile.safetensors")
+    config = json.loads((saved / "config.json").read_text())
+    config["fingerprint"]["num_layers"] = 3
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(3, 2\)"):
+        RDKVProfile.from_pretrained(saved)
+    config["fingerprint"]["num_layers"] = 2
+    (saved / "config.json").write_text(json.dumps(config))
+    del tensors["beta_v"]
+    save_file(tensors, saved / "profile.safetensors")
+    with pytest.raises(ValueError, match="lacks the tensors.*beta_v"):
+        RDKVProfile.from_pretrained(saved)
+    del config["fingerprint"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks the keys.*fingerprint"):
+        RDKVProfile.from_pretrained(saved)
+
+
+def test_newer_schema_is_refused(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config["schema_version"] = 99
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="schema_version 99.*upgrade"):
+        RDKVProfile.from_pretrained(saved)
+
+
+def test_check_model(model_and_profile):
+    model, prof = model_and_profile
+    prof.check_model(model)
+    prof.check_model(tiny_model("llama").to(torch.bfloat16))  # same weights, other precision
+    prof.check_model(tiny_model("llama").to(torch.float16))
+    other = tiny_model("llama")
+    with torch.no_grad():
+        other.model.layers[1].self_attn.v_proj.weight.mul_(1.01)
+    theirs = fingerprint(other)["weights_sha256"]
+    assert theirs != prof.fingerprint["weights_sha256"]
+    with pytest.raises(ValueError, match=f"{prof.fingerprint['weights_sha256']}.*{theirs}"):
+        prof.check_model(other)
+    with pytest.raises(ValueError, match="num_layers=2.*num_layers=3"):
+        prof.check_model(tiny_model("llama", num_hidden_layers=3))
+    with pytest.raises(ValueError, match="model_type=llama.*model_type=qwen3"):
+        prof.check_model(tiny_model("qwen3"))
+
+
+@pytest.mark.parametrize("budget", [2.0, 2.5, 3.0, 3.5, 4.0])
+def test_head_bits(model_and_profile, budget):
+    _, prof = model_and_profile
+    kb, vb = prof.head_bits(budget)
+    assert kb.shape == vb.shape == (2, 2) and kb.dtype == torch.long
+    assert int(kb.sum() + vb.sum()) == round(budget * 8)
+    kf, vf = prof.head_bits(budget, integer=False)
+    assert abs(torch.cat([kf, vf]).mean().item() - budget) < 1e-9
+    assert (torch.cat([kb, vb]) - torch.cat([kf, vf])).abs().max() < 2
+    kb, vb = prof.head_bits(budget, bounds=(1, 8))
+    assert int(kb.sum() + vb.sum()) == round(budget * 8)
+    with pytest.raises(ValueError, match="bounds"):
+        prof.head_bits(budget, bounds=(5, 6))
+
+
+def test_head_bits_rejects_bad_budgets(model_and_profile):
+    _, prof = model_and_profile
+    with pytest.raises(ValueError, match="budget"):
+        prof.head_bits(12)
+    with pytest.raises(TypeError, match="budget"):
+        prof.head_bits("2.5")
+
+
+def test_eps_tables_feed_rdkv_config(model_and_profile):
+    _, prof = model_and_profile
+    for layer in (None, 0, 1):
+        ek, ev = prof.eps_tables(layer)
+        assert set(ek) == set(ev) == {0, 2, 4, 8, 16}
+        cfg = RDKVConfig(eps_k=ek, eps_v=ev)
+        assert cfg.eps_k == ek
+    assert prof.eps_tables(1)[1][2] == pytest.approx(prof.eps_v[1, 0].item())
+    with pytest.raises(ValueError, match="layer"):
+        prof.eps_tables(5)
+
+
+def test_model_card(saved):
+    card = (saved / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: rdkv_hf\ntags:\n")
+    assert 'rdkv_hf.patch(model, budget=2.5, profile="prof")' in card
+    assert card.count("\n| 0 |") == 1 and card.count("\n| 1 |") == 1
+
+
+def test_push_to_hub_uses_create_repo_and_upload_folder(model_and_profile, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    _, prof = model_and_profile
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, repo_type=None, private=False, exist_ok=False):
+            calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, repo_type=None, commit_message=None):
+            calls.append(("upload_folder", repo_id, repo_type))
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            return "commit-url"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert prof.push_to_hub("acme/prof", token="tok", private=True) == "commit-url"
+    assert calls == [("init", "tok"), ("create_repo", "acme/prof", "model", True, True), ("upload_folder", "acme/prof", "model")]
+    assert 'profile="acme/prof"' in (tmp_path / "uploaded" / "README.md").read_text()
+    assert_same(prof, RDKVProfile.from_pretrained(tmp_path / "uploaded"))
+
+
+def test_show(model_and_profile):
+    _, prof = model_and_profile
+    text = prof.show(2.5)
+    lines = text.splitlines()
+    assert len(lines) == 3 + 2 * 2
+    kb, vb = prof.head_bits(2.5)
+    assert lines[3].split()[:4] == ["0", "0", str(int(kb[0, 0])), str(int(vb[0, 0]))]
+    assert "bounds [2, 4]" in text
+
+
+def test_plot(model_and_profile, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, prof = model_and_profile
+    path = prof.plot(2.5, tmp_path / "bits.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(model_and_profile, tmp_path, monkeypatch):
+    _, prof = model_and_profile
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        prof.plot(2.5, tmp_path / "bits.png")
+
+
+def test_invalid_tensors_are_refused(model_and_profile):
+    _, prof = model_and_profile
+    fields = {f: getattr(prof, f) for f in ("fingerprint", "quantizer", "calibration")} | prof.tensors()
+    with pytest.raises(ValueError, match="alpha_k"):
+        RDKVProfile(**(fields | {"alpha_k": -prof.alpha_k}))
+    with pytest.raises(ValueError, match="non-finite"):
+        RDKVProfile(**(fields | {"sens_v": prof.sens_v * float("nan")}))
+
+
+@pytest.mark.parametrize("name", shipped_profiles())
+def test_shipped_profiles_load(name):
+    prof = RDKVProfile.from_pretrained(name)
+    L, H = prof.num_layers, prof.num_kv_heads
+    for budget in (2.5, 3.0, 4.0):
+        kb, vb = prof.head_bits(budget)
+        assert int(kb.sum() + vb.sum()) == round(budget * 2 * L * H)
+    RDKVConfig(eps_k=prof.eps_tables()[0], eps_v=prof.eps_tables()[1])
+
+
+@pytest.mark.slow
+def test_shipped_smollm2_profile_matches_the_real_model():
+    from rdkv_hf import models
+
+    model, _ = models.load_model("smollm2-135m")
+    prof = RDKVProfile.from_pretrained("smollm2-135m-instruct")
+    prof.check_model(model)
+    kb, vb = prof.head_bits(2.5)
+    assert kb.shape == vb.shape == (30, 3)
+    assert int(kb.sum() + vb.sum()) == 450
