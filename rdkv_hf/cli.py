@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _demo(args) -> int:
@@ -13,6 +14,86 @@ def _demo(args) -> int:
     runs = run_demo(args.model, budget=args.budget, context=args.context, seed=args.seed,
                     profile=None if args.no_profile else (args.profile or "default"), threads=args.threads)
     return 0 if all(r.text for r in runs) else 1
+
+
+def _csv(cast):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        try:
+            return tuple(cast(x) for x in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {cast.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .evaluate import QUICK, EvalSettings, default_profile, evaluate
+    from .models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = QUICK if args.quick else {}
+    given = {k: getattr(args, k) for k in ("tasks", "methods", "budgets", "lengths", "samples", "windows",
+                                           "ppl_length", "continuation", "ruler_tasks", "haystack", "seed")}
+    settings = EvalSettings(args.model, **{**preset, **{k: v for k, v in given.items() if v is not None}})
+    model, tokenizer = load_model(args.model)
+    if args.no_profile:
+        profile = None
+    elif args.profile:
+        from .profiles import RDKVProfile
+
+        profile = RDKVProfile.from_pretrained(args.profile)
+    else:
+        profile = default_profile(args.model)
+    out = args.out or f"runs/eval-{args.model}"
+    evaluate(model, tokenizer, settings, out, profile=profile)
+    print((Path(out) / "table.md").read_text(encoding="utf-8"))
+    print(f"written to {out}/: results.jsonl (resumable), results.json, table.md, rate_distortion.png")
+    return 0
+
+
+def _load(name_or_path: str, gguf_file: str | None = None):
+    """A known short name (smollm2-135m, gemma3-270m) or a Transformers path / repo id."""
+    from .models import MODELS, load_model
+
+    if name_or_path in MODELS:
+        return load_model(name_or_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw).eval(), AutoTokenizer.from_pretrained(name_or_path, **kw)
+
+
+def _calibrate(args) -> int:
+    import time
+
+    from .calibrate import calibrate
+
+    model, tok = _load(args.model, args.gguf_file)
+    t = time.perf_counter()
+    profile = calibrate(model, tokenizer=tok, n_seqs=args.n_seqs, seq_len=args.seq_len, seed=args.seed,
+                        model_id=args.model_id or args.model)
+    print(f"calibrated in {time.perf_counter() - t:.1f} s")
+    path = profile.save_pretrained(args.out, repo_id=args.push_to_hub)
+    print(f"saved to {path}")
+    if args.push_to_hub:
+        profile.push_to_hub(args.push_to_hub, private=args.private)
+        print(f"pushed to {args.push_to_hub}")
+    print(profile.show(args.budget))
+    return 0
+
+
+def _profile_show(args) -> int:
+    from .profiles import RDKVProfile
+
+    profile = RDKVProfile.from_pretrained(args.profile, local_files_only=args.offline)
+    print(profile.show(args.budget))
+    if args.png:
+        print(f"heat map: {profile.plot(args.budget, args.png)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +110,50 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-profile", action="store_true", help="plain RDKV, equal head budgets")
     d.add_argument("--threads", type=int, default=None, help="torch threads")
     d.set_defaults(func=_demo)
+
+    e = sub.add_parser("eval", help="quality per byte of RDKV and its peers (perplexity, RULER-style tasks, distortion)",
+                       description="Evaluate every method at measured bytes; resumable (finished cells are kept in OUT/results.jsonl).")
+    e.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or gemma3-270m")
+    e.add_argument("--tasks", type=_csv(str), help="comma list of ppl, ruler, distortion (default: all)")
+    e.add_argument("--methods", type=_csv(str), help="comma list of methods, optionally name:key=value (default: all; "
+                   "full, rdkv, rdkv+profile, ratequant, uniform-2, uniform-4, quanto-2, quanto-4, snapkv, adakv, streamingllm)")
+    e.add_argument("--budgets", type=_csv(float), help="bits per element for the budgeted methods (default 1,1.5,2.5,4)")
+    e.add_argument("--lengths", type=_csv(int), help="RULER prompt lengths (default 1024,2048,3072)")
+    e.add_argument("--samples", type=int, help="RULER samples per task and length (default 1)")
+    e.add_argument("--windows", type=int, help="text windows for ppl/distortion (default 4)")
+    e.add_argument("--ppl-length", type=int, help="prompt tokens of a ppl window (default 2048)")
+    e.add_argument("--continuation", type=int, help="continuation tokens scored (default 256)")
+    e.add_argument("--ruler-tasks", type=_csv(str), help="RULER tasks (default niah_single,niah_multikey,vt)")
+    e.add_argument("--haystack", choices=("noise", "text"), help="RULER haystack (default noise)")
+    e.add_argument("--seed", type=int, help="first seed of windows and samples (default 0)")
+    e.add_argument("--profile", default=None, help="profile dir or name (default: the shipped one for the model, if any)")
+    e.add_argument("--no-profile", action="store_true", help="skip the methods that need a profile")
+    e.add_argument("--out", default=None, help="output directory (default runs/eval-MODEL)")
+    e.add_argument("--quick", action="store_true", help="a small grid for a smoke run (a few minutes)")
+    e.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster when the CPU is shared)")
+    e.set_defaults(func=_eval)
+
+    c = sub.add_parser("calibrate", help="measure a RateQuant/RDKV profile of a model")
+    c.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, or a Transformers path / repo id")
+    c.add_argument("--gguf-file", default=None, help="GGUF file name inside --model, if it is one")
+    c.add_argument("--out", required=True, help="folder to write the profile to (laid out as its Hub repo)")
+    c.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload it to this Hub repo")
+    c.add_argument("--private", action="store_true", help="make the pushed repo private")
+    c.add_argument("--model-id", default=None, help="the model's Hub id to record in the profile")
+    c.add_argument("--n-seqs", type=int, default=16)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--budget", type=float, default=2.5, help="budget of the table printed at the end")
+    c.set_defaults(func=_calibrate)
+
+    pr = sub.add_parser("profile", help="inspect profiles")
+    prs = pr.add_subparsers(dest="profile_command", required=True)
+    sh = prs.add_parser("show", help="table (and PNG heat map) of the bits per layer and head at a budget")
+    sh.add_argument("profile", help="a profile folder, shipped name or Hub repo id")
+    sh.add_argument("--budget", type=float, default=2.5)
+    sh.add_argument("--png", default=None, help="write a heat map of K and V bits here")
+    sh.add_argument("--offline", action="store_true", help="only use the local Hub cache")
+    sh.set_defaults(func=_profile_show)
     return p
 
 
