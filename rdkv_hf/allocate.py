@@ -90,24 +90,102 @@ def lagrangian_widths(
     lam_lo = torch.zeros(R, dtype=torch.float64, device=w.device)
     # lam = 0 keeps everything at the best width; if that fits, we are done (e.g. budget 16).
     opt0, spent0 = _choose(w, costs, eps, lam_lo)
-    done = spent0 <= budget
-    best = torch.where(done[:, None], opt0, torch.zeros_like(opt0))  # eviction always fits
+    fits0 = spent0 <= budget
+    done = fits0.clone()
+    # For lam > 0 a unit's choice depends only on lam / w: precompute each row's lower envelope
+    # of the lines eps_k + x * cost_k, so one step costs a searchsorted instead of [R, U, K] work.
+    breaks, hull = _envelopes(costs, eps)
+    hull_cost = torch.gather(costs, 1, hull)  # [R, K]
+    w_sorted = w.sort(1).values
+    n_pos = (w > 0).sum(1)
+    moved = torch.zeros_like(done)  # rows whose lam_hi was lowered to a feasible mid
     for _ in range(_BISECT_STEPS):
         if bool(done.all()):
             break
         mid = (lam_lo + lam_hi) / 2
-        opt, spent = _choose(w, costs, eps, mid)
+        spent = _spend_hull(w_sorted, n_pos, breaks, hull_cost, mid)
         ok = spent <= budget
         lam_hi = torch.where(ok, mid, lam_hi)
         lam_lo = torch.where(ok, lam_lo, mid)
-        best = torch.where((ok & ~done)[:, None], opt, best)
-    return best
+        moved |= ok & ~done
+        # A row whose (lam_lo, lam_hi) holds a single choice change (some w * breaks[j]) is settled:
+        # every later lam_hi lies above that change and below the next, where the choice is the same.
+        done |= moved & (_changes_between(w_sorted, n_pos, breaks, lam_lo, lam_hi) == 1)
+    # The allocation at the smallest feasible lam seen; eviction (always feasible) if none was.
+    opt_hi, _ = _choose_hull(w, costs, breaks, hull, lam_hi)
+    best = torch.where(moved[:, None], opt_hi, torch.zeros_like(opt_hi))
+    return torch.where(fits0[:, None], opt0, best)
 
 
 def _choose(w, costs, eps, lam):
     # objective[r, u, k] = w[r, u] * eps[k] + lam[r] * cost[r, k]; argmin takes the first (cheapest) on ties
     obj = w[:, :, None] * eps + lam[:, None, None] * costs[:, None, :]
     opt = obj.argmin(-1)
+    opt = torch.where(w > 0, opt, torch.zeros_like(opt))
+    spent = torch.gather(costs, 1, opt).sum(1)
+    return opt, spent
+
+
+def _envelopes(costs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower envelope of the lines ``eps[k] + x * costs[r, k]`` over ``x > 0``, per row.
+
+    Returns ``(breaks [R, K-1], hull [R, K])``: on ``x`` in ``[breaks[j-1], breaks[j])`` option
+    ``hull[r, j]`` is the argmin (breaks padded with +inf, hull with its last option).
+    """
+    R, K = costs.shape
+    c, e = costs.tolist(), eps.tolist()
+    breaks = torch.full((R, max(K - 1, 1)), float("inf"), dtype=torch.float64)
+    hull = torch.zeros(R, K, dtype=torch.long)
+    for r in range(R):
+        # just above x = 0: the least distortion, then the least cost, then the first option
+        cur = min(range(K), key=lambda k: (e[k], c[r][k], k))
+        seq, xs = [cur], []
+        while True:
+            best_x, best_k = None, None
+            for k in range(K):
+                if c[r][k] < c[r][cur]:
+                    x = (e[k] - e[cur]) / (c[r][cur] - c[r][k])  # where line k meets the current one
+                    if best_x is None or x < best_x or (x == best_x and c[r][k] < c[r][best_k]):
+                        best_x, best_k = x, k
+            if best_k is None:
+                break
+            seq.append(best_k)
+            xs.append(max(best_x, 0.0))
+            cur = best_k
+        hull[r, : len(seq)] = torch.tensor(seq)
+        hull[r, len(seq) :] = seq[-1]
+        if xs:
+            breaks[r, : len(xs)] = torch.tensor(xs, dtype=torch.float64)
+    return breaks.to(costs.device), hull.to(costs.device)
+
+
+def _spend_hull(w_sorted, n_pos, breaks, hull_cost, lam):
+    """Bits spent at `lam` (as `_choose`), from the ascending weights: a unit with w > 0 takes
+    hull option j when ``breaks[j-1] <= lam / w < breaks[j]``, i.e. w in ``(lam/breaks[j], lam/breaks[j-1]]``."""
+    U = w_sorted.shape[1]
+    thr = lam[:, None] / breaks  # [R, K-1]; breaks = +inf gives 0: every unit with w > 0
+    below = U - torch.searchsorted(w_sorted, thr.contiguous(), right=True)  # units with lam / w < breaks[j]
+    below = torch.minimum(below, n_pos[:, None])
+    counts = torch.diff(below, dim=1, prepend=torch.zeros_like(below[:, :1]))  # per interval j < K-1
+    last = n_pos - below[:, -1]  # units past the last break
+    K1 = breaks.shape[1]
+    return (counts * hull_cost[:, :K1]).sum(1) + last * hull_cost[:, K1]
+
+
+def _changes_between(w_sorted, n_pos, breaks, lo, hi):
+    """``[R]`` number of (unit, break) pairs with ``lo < w * breaks[j] < hi`` (units with w > 0)."""
+    U = w_sorted.shape[1]
+    finite = torch.isfinite(breaks)
+    b = torch.where(finite, breaks, torch.ones_like(breaks))
+    above_lo = U - torch.searchsorted(w_sorted, (lo[:, None] / b).contiguous(), right=True)  # w > lo / b
+    below_hi = U - torch.searchsorted(w_sorted, (hi[:, None] / b).contiguous(), right=False)  # w >= hi / b
+    return ((above_lo - below_hi).clamp(min=0) * finite).sum(1)
+
+
+def _choose_hull(w, costs, breaks, hull, lam):
+    """`_choose` for ``lam > 0`` through the precomputed envelopes."""
+    x = lam[:, None] / w  # w = 0 gives +inf: the cheapest option, then forced to eviction below
+    opt = torch.gather(hull, 1, torch.searchsorted(breaks, x, right=True))
     opt = torch.where(w > 0, opt, torch.zeros_like(opt))
     spent = torch.gather(costs, 1, opt).sum(1)
     return opt, spent

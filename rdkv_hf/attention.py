@@ -12,6 +12,7 @@ tokens (see ``RDKVLayer.get_mask_sizes``); compressed tokens are visible to ever
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,6 +23,8 @@ from .cache import PackedHead, RDKVLayer, Segment
 from . import quant
 
 ATTN_NAME = "rdkv"
+
+logger = logging.getLogger(__name__)
 
 
 def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -74,10 +77,18 @@ def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=No
     Hkv, kv = key.shape[1], key.shape[2]
     g = Hq // Hkv
     W = min(window, q)
-    vis_all = _tail_visibility(mask, B, q, kv, query.device)  # [B, q, kv]
-    real = vis_all[:, :, kv - n_new :].any(1)  # a token nobody sees is padding
-    q_real = real[:, n_new - W :] if W <= n_new else vis_all[:, -W:].any(-1)
-    vis = vis_all[:, q - W :, :]  # [B, W, kv]
+    if mask is None:
+        # Causal without padding: every new token is real; build only the window's rows (the full
+        # [q, kv] visibility is q * kv bools, 64 MiB at 8K tokens, for nothing).
+        qi = torch.arange(q - W, q, device=query.device)[:, None] + (kv - q)
+        vis = (torch.arange(kv, device=query.device)[None, :] <= qi).expand(B, W, kv)
+        real = torch.ones(B, n_new, dtype=torch.bool, device=query.device)
+        q_real = torch.ones(B, W, dtype=torch.bool, device=query.device)
+    else:
+        vis_all = _tail_visibility(mask, B, q, kv, query.device)  # [B, q, kv]
+        real = vis_all[:, :, kv - n_new :].any(1)  # a token nobody sees is padding
+        q_real = real[:, n_new - W :] if W <= n_new else vis_all[:, -W:].any(-1)
+        vis = vis_all[:, q - W :, :]  # [B, W, kv]
     qw = query[:, :, q - W :].float().reshape(B, Hkv, g, W, D)
     logits = (qw * scaling) @ key.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, g, W, kv]
     logits = logits.masked_fill(~vis[:, None, None], -math.inf)
@@ -131,14 +142,63 @@ def head_partials_reference(head: PackedHead, q: torch.Tensor) -> tuple[torch.Te
 
 
 def segment_partials(seg: Segment, qf: torch.Tensor, backend: str = "torch"):
-    """Partials of ``qf [B, Hkv, G, D]`` over a segment: ``([B, Hkv, G], [B, Hkv, G], [B, Hkv, G, D])``."""
+    """Partials of ``qf [B, Hkv, G, D]`` (float32, scaled) over a segment.
+
+    Args:
+        backend: ``"torch"`` (the reference, head by head), ``"cpu"`` (the C++ kernel) or
+            ``"triton"`` (the Triton kernel); see :func:`resolve_backend` for ``"auto"``.
+    Returns:
+        ``(max [B, Hkv, G], sum [B, Hkv, G], acc [B, Hkv, G, D])``.
+    """
     B, H, G, D = qf.shape
-    fn = head_partials_reference
-    parts = [fn(seg.heads[b * H + h], qf[b, h]) for b in range(B) for h in range(H)]
-    m = torch.stack([p[0] for p in parts]).reshape(B, H, G)
-    l = torch.stack([p[1] for p in parts]).reshape(B, H, G)
-    acc = torch.stack([p[2] for p in parts]).reshape(B, H, G, D)
-    return m, l, acc
+    if backend == "torch":
+        parts = [head_partials_reference(seg.heads[b * H + h], qf[b, h]) for b in range(B) for h in range(H)]
+        m = torch.stack([p[0] for p in parts]).reshape(B, H, G)
+        l = torch.stack([p[1] for p in parts]).reshape(B, H, G)
+        acc = torch.stack([p[2] for p in parts]).reshape(B, H, G, D)
+        return m, l, acc
+    q = qf.reshape(B * H, G, D).contiguous()
+    if backend == "cpu":
+        from .kernels import cpu_decode
+
+        m, l, acc = cpu_decode.segment_partials(seg.buffers, q)
+    elif backend == "triton":
+        from .kernels import decode_partials
+
+        m, l, acc = decode_partials.segment_partials(seg.buffers, q)
+    else:
+        raise ValueError(f"`backend` must be 'torch', 'cpu' or 'triton' here, got {backend!r}")
+    return m.reshape(B, H, G), l.reshape(B, H, G), acc.reshape(B, H, G, D)
+
+
+_resolved: dict = {}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The decode path for `backend` on `device`: ``"auto"`` picks the C++ kernel on the CPU and
+    Triton on CUDA when they are available, else the torch reference; logged once per choice."""
+    if backend != "auto":
+        return backend
+    key = device.type
+    if key not in _resolved:
+        choice, why = "torch", ""
+        if device.type == "cpu":
+            from .kernels import cpu_decode
+
+            if cpu_decode.available():
+                choice = "cpu"
+            else:
+                why = f" (C++ kernel unavailable: {cpu_decode.unavailable_reason()})"
+        elif device.type == "cuda":
+            from .kernels import triton_available
+
+            if triton_available():
+                choice = "triton"
+            else:
+                why = " (triton is not installed)"
+        logger.info("rdkv_hf: decode backend 'auto' on %s uses %r%s", device.type, choice, why)
+        _resolved[key] = choice
+    return _resolved[key]
 
 
 def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
@@ -154,6 +214,7 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
     Hkv, n_tail = tail_k.shape[1], tail_k.shape[2]
     g = Hq // Hkv
     qf = (query.float() * scaling).reshape(B, Hkv, g * q, D)
+    backend = resolve_backend(backend, query.device)
     parts = [segment_partials(s, qf, backend) for s in segments]
     if n_tail:
         logits = qf @ tail_k.float().transpose(-1, -2)  # [B, Hkv, g*q, n_tail]

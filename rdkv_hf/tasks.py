@@ -18,7 +18,6 @@ same on every machine; only the haystack size depends on the tokenizer.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import random
 import re
@@ -29,8 +28,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 HAYSTACKS = ("noise", "text")
@@ -48,6 +45,7 @@ class Sample:
     `prompt` is the whole user message; `render` wraps it in the chat template (or not) and appends
     `answer_prefix`, which primes the model to answer directly. `n_prompt_tokens` is the length of the
     rendering the generator measured (chat or raw); `context_len` is the length it aimed at.
+    `haystack` is "noise", "text" or "none" (cwe and fwe, whose word lists are the whole context).
     """
 
     task: str
@@ -167,6 +165,18 @@ def _haystack_with_needles(
     return sep.join(pieces)
 
 
+def _text_start(rng: random.Random, words: list[str] | None) -> int:
+    """A seeded word index in `words` where a sentence begins (0 for a noise haystack)."""
+    if words is None:
+        return 0
+    start = rng.randrange(len(words))
+    for _ in range(len(words)):
+        if _SENTENCE_END.search(words[start - 1]):
+            return start
+        start = (start + 1) % len(words)
+    return start  # no sentence end anywhere: start where the draw fell
+
+
 def _next_sentence_end(words: list[str], i: int) -> int:
     """The smallest cut >= i that falls right after a sentence end (or at the start or the end)."""
     while 0 < i < len(words) and not _SENTENCE_END.search(words[i - 1]):
@@ -250,10 +260,11 @@ def _niah(
     ]
     rng.shuffle(needles)
     depths = rng.sample(DEPTHS, len(needles))
-    start = rng.randrange(len(text_words)) if text_words else 0
     asked = rng.sample(range(n_keys), n_queries)
     query = _list_phrase([keys[i] for i in asked])
     answers = [value for i in asked for value in values[i]]
+    # Drawn last so that both haystacks share every other choice.
+    start = _text_start(rng, text_words)
 
     if len(answers) == 1:
         intro = (
@@ -314,36 +325,19 @@ def niah_multiquery(tokenizer, n_tokens, seed, haystack="noise", text=None, *, c
 # Variable tracking
 
 
-def _chains(rng: random.Random, n_chains: int, n_hops: int) -> tuple[list[list[str]], list[list[str]]]:
-    """Variable names (5 capitals, all distinct) and statements of `n_chains` chains.
+def _chain(rng: random.Random, n_hops: int) -> tuple[list[str], list[str]]:
+    """Names (5 distinct capitals each) and statements of one chain of `n_hops` copies.
 
-    Chain i: "VAR A = 12345", "VAR B = VAR A", ... with `n_hops` copies after the assignment.
+    Statements: "VAR A = 12345", "VAR B = VAR A", "VAR C = VAR B", ...
     """
     names: list[str] = []
-    while len(names) < n_chains * (n_hops + 1):
+    while len(names) < n_hops + 1:
         name = "".join(rng.choices(string.ascii_uppercase, k=5))
         if name not in names:
             names.append(name)
-    chain_names, statements = [], []
-    for c in range(n_chains):
-        chain = names[c * (n_hops + 1) : (c + 1) * (n_hops + 1)]
-        lines = [f"VAR {chain[0]} = {rng.randint(10000, 99999)}"]
-        lines += [f"VAR {chain[j + 1]} = VAR {chain[j]}" for j in range(n_hops)]
-        chain_names.append(chain)
-        statements.append(lines)
-    return chain_names, statements
-
-
-def _interleave(rng: random.Random, lists: list[list[str]]) -> list[str]:
-    """Merge `lists` in a random order that keeps the order within each list."""
-    order = [i for i, items in enumerate(lists) for _ in items]
-    rng.shuffle(order)
-    positions = [0] * len(lists)
-    merged = []
-    for i in order:
-        merged.append(lists[i][positions[i]])
-        positions[i] += 1
-    return merged
+    statements = [f"VAR {names[0]} = {rng.randint(10000, 99999)}"]
+    statements += [f"VAR {names[j + 1]} = VAR {names[j]}" for j in range(n_hops)]
+    return names, statements
 
 
 def _vt_parts(statements: list[str], n_hops: int, text_words: list[str] | None):
@@ -368,24 +362,22 @@ def vt(
     text=None,
     *,
     chat=None,
-    n_chains: int = 1,
     n_hops: int = 4,
     fewshot: bool = True,
 ) -> Sample:
-    """Variable tracking: chains "VAR X = 12345", "VAR Y = VAR X", ... hidden in the haystack.
+    """Variable tracking: a chain "VAR X = 12345", "VAR Y = VAR X", ... hidden in the haystack.
 
-    Asks for every variable equal to the first chain's value (its `n_hops + 1` names). Like RULER,
-    a short worked example with its own chain comes first (`fewshot=True`).
+    Asks for every variable equal to the chain's value (its `n_hops + 1` names); RULER's one-chain,
+    four-hop setting by default. Like RULER, a solved short example comes first (`fewshot=True`):
+    without it SmolLM2-135M answers nothing.
     """
     text_words = _check_haystack(haystack, text)
     rng = _rng("vt", seed)
-    names, chains = _chains(rng, n_chains, n_hops)
-    needles, intro, question, prefix = _vt_parts(chains[0], n_hops, text_words)
-    if n_chains > 1:
-        needles = _interleave(rng, [_vt_parts(c, n_hops, text_words)[0] for c in chains])
+    names, statements = _chain(rng, n_hops)
+    needles, intro, question, prefix = _vt_parts(statements, n_hops, text_words)
     depths = sorted(rng.sample(DEPTHS, len(needles)))  # sorted: a chain reads top to bottom
-    start = rng.randrange(len(text_words)) if text_words else 0
     example = _vt_example(rng, n_hops) if fewshot else ""
+    start = _text_start(rng, text_words)
 
     def build(n_units: int) -> Sample:
         context = _haystack_with_needles(n_units, needles, depths, text_words, start)
@@ -395,7 +387,7 @@ def vt(
             prompt=f"{example}{intro}\n{context}\n{question}",
             question=question,
             answer_prefix=prefix,
-            answers=names[0],
+            answers=names,
             max_new_tokens=30,
             seed=seed,
             metric="all",
@@ -407,25 +399,15 @@ def vt(
 
 def _vt_example(rng: random.Random, n_hops: int) -> str:
     """A solved variable-tracking example over a short noise haystack, ending with a newline."""
-    names, chains = _chains(rng, 1, n_hops)
-    needles, intro, question, prefix = _vt_parts(chains[0], n_hops, None)
+    names, statements = _chain(rng, n_hops)
+    needles, intro, question, prefix = _vt_parts(statements, n_hops, None)
     depths = sorted(rng.sample(DEPTHS, len(needles)))
     context = _haystack_with_needles(3, needles, depths, None, 0)
-    return f"{intro}\n{context}\n{question}\n{prefix} {' '.join(names[0])}\n\n"
+    return f"{intro}\n{context}\n{question}\n{prefix} {' '.join(names)}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation: common words and frequent words
-
-
-def _cwe_parts(n_common: int) -> tuple[str, str, str]:
-    intro = (
-        "Below is a numbered list of words. In these words, some appear more often than others. "
-        "Memorize the ones that appear most often."
-    )
-    question = f"Question: What are the {n_common} most common words in the above list?"
-    prefix = f"Answer: The top {n_common} words that appear most often in the list are:"
-    return intro, question, prefix
 
 
 def _numbered(words: list[str]) -> str:
@@ -476,7 +458,12 @@ def cwe(
     ex_common, ex_rare = words[:n_common], words[n_common : n_common + ex_n_rare]
     common = words[n_common + ex_n_rare : 2 * n_common + ex_n_rare]
     pool = words[2 * n_common + ex_n_rare :]
-    intro, question, prefix = _cwe_parts(n_common)
+    intro = (
+        "Below is a numbered list of words. In these words, some appear more often than others. "
+        "Memorize the ones that appear most often."
+    )
+    question = f"Question: What are the {n_common} most common words in the above list?"
+    prefix = f"Answer: The top {n_common} words that appear most often in the list are:"
     example_list = _word_counts_list(
         rng, ex_common, ex_freq, ex_rare, ex_n_rare * ex_rare_freq, ex_rare_freq
     )
@@ -494,7 +481,8 @@ def cwe(
             question=question,
             answer_prefix=prefix,
             answers=list(common),
-            max_new_tokens=64,
+            # room for "1. word " per word and no more: a long ramble must not collect credit
+            max_new_tokens=4 * n_common + 8,
             seed=seed,
             metric="all",
             haystack="none",

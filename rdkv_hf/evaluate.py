@@ -1,0 +1,711 @@
+"""Quality per byte of every KV-cache method: perplexity, RULER-style tasks, attention distortion.
+
+``rdkv-hf eval`` (and :func:`evaluate`) runs a grid of *cells*, one per
+``(model, task, method, budget, length, seed)``, and appends each finished cell to
+``<out>/results.jsonl``; a cell already there is never recomputed, so an interrupted run resumes.
+
+Tasks:
+
+* ``ppl``: a window of held-out text (``text.load_text("eval")``); its first ``ppl_length`` tokens
+  are the prompt (compressed), the next ``continuation`` tokens are fed in one teacher-forced
+  forward through the compressed cache (and not compressed themselves) and scored.
+* ``distortion``: in that same forward, the relative error ``||o - o_full|| / ||o_full||`` of every
+  attention module's output against the full-cache forward, per layer.
+* ``ruler``: RULER-style samples from :mod:`rdkv_hf.tasks`, greedy decoding, RULER string match.
+
+Every method is compared at its *measured* bytes: the bytes its cache holds right after the prompt,
+also given as a share of a bf16 cache of the same tokens.
+
+The prompt's forward is the same for every method: RDKV and the eviction baselines compress each
+layer right after that layer's (full-precision) prompt attention, and ``QuantizedCache`` attends the
+prompt unquantized. So each window or sample runs its prompt once, keeps every layer's post-RoPE K/V
+and last queries, and fills each method's cache from them exactly as the attention would have
+(``tests/test_evaluate.py`` checks this against the patched model's own prefill, bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import tasks as ruler
+from .attention import prompt_weights
+from .baselines import BASELINES
+from .cache import RDKVCache, RDKVLayer
+from .config import RDKVConfig
+from .planner import Planner
+
+logger = logging.getLogger(__name__)
+
+TASK_KINDS = ("ppl", "ruler", "distortion")
+DEFAULT_BUDGETS = (1.0, 1.5, 2.5, 4.0)
+DEFAULT_LENGTHS = (1024, 2048, 3072)
+# RULER tasks SmolLM2-135M-Instruct mostly solves with the full cache at 1K-3K (noise haystack).
+DEFAULT_RULER_TASKS = ("niah_single", "niah_multikey", "vt")
+RESULTS_FILE = "results.jsonl"
+_CAPTURE = "rdkv_eval_capture"  # attention function name used for the shared prompt forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of caching the prompt.
+
+    ``kind`` says how the cache is built: ``"full"`` (DynamicCache), ``"rdkv"`` (RDKVCache in
+    RDKVConfig mode ``mode``), ``"eviction"`` (RDKVCache with a baseline planner) or ``"quanto"``
+    (Transformers' QuantizedCache). ``budgeted`` methods are swept over the budgets; the others have
+    one fixed setting (``width`` bits for uniform and quanto).
+    """
+
+    name: str
+    label: str
+    kind: str
+    budgeted: bool
+    mode: str | None = None
+    width: int | None = None
+    needs_profile: bool = False
+    options: tuple = ()  # (key, value) pairs from "name:key=value,..."
+
+    @property
+    def spec(self) -> str:
+        """The name with its options, as given on the command line (the key in results)."""
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+    @property
+    def display(self) -> str:
+        return self.label + (" [" + ", ".join(f"{k}={v}" for k, v in self.options) + "]" if self.options else "")
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("full", "full cache", "full", budgeted=False),
+        Method("rdkv", "RDKV", "rdkv", budgeted=True, mode="rdkv"),
+        Method("rdkv+profile", "RDKV + profile", "rdkv", budgeted=True, mode="rdkv+profile", needs_profile=True),
+        Method("ratequant", "RateQuant", "rdkv", budgeted=True, mode="ratequant", needs_profile=True),
+        Method("uniform-2", "uniform KIVI-2", "rdkv", budgeted=False, mode="uniform", width=2),
+        Method("uniform-4", "uniform KIVI-4", "rdkv", budgeted=False, mode="uniform", width=4),
+        Method("quanto-2", "HF QuantizedCache quanto-2", "quanto", budgeted=False, width=2),
+        Method("quanto-4", "HF QuantizedCache quanto-4", "quanto", budgeted=False, width=4),
+        Method("snapkv", "SnapKV", "eviction", budgeted=True),
+        Method("adakv", "AdaKV", "eviction", budgeted=True),
+        Method("streamingllm", "StreamingLLM", "eviction", budgeted=True),
+    )
+}
+
+# Options a method spec may carry ("rdkv:window=64,pool_kernel=7"), by kind. RDKV kinds take
+# RDKVConfig knobs plus the evaluation-only variants `sinks`, `recent` and `head_floor`
+# (see _VariantPlanner).
+_RDKV_OPTIONS = ("window", "pool_kernel", "k_share", "widths", "high_precision_dtype", "backend", "sinks", "recent",
+                 "head_floor")
+_OPTIONS = {
+    "full": (),
+    "rdkv": _RDKV_OPTIONS,
+    "eviction": ("window", "high_precision_dtype"),
+    "quanto": ("q_group_size", "residual_length", "axis_key", "axis_value"),
+}
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "/" in text:  # widths=0/4/16
+        return tuple(int(p) for p in text.split("/"))
+    return text
+
+
+def parse_method(spec: str) -> Method:
+    """A :class:`Method` from ``"name"`` or ``"name:key=value,key=value"``.
+
+    Raises:
+        ValueError: naming the unknown method or option and listing the valid ones.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method must be a non-empty string, got {spec!r}; valid methods: {', '.join(METHODS)}")
+    name, _, rest = spec.strip().partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    method = METHODS[name]
+    options = []
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in _OPTIONS[method.kind]:
+            valid = ", ".join(_OPTIONS[method.kind]) or "none"
+            raise ValueError(f"bad option {item!r} for method {name!r}; give key=value with a key among: {valid}")
+        options.append((key, _parse_value(value.strip())))
+    return dataclasses.replace(method, options=tuple(sorted(options)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared prompt forward
+
+
+@dataclass
+class Prefill:
+    """What one full-precision forward of a prompt leaves behind, per layer.
+
+    ``keys`` / ``values``: ``[B, kv_heads, T, D]`` post-RoPE, as the attention received them;
+    ``queries``: the last ``window`` post-RoPE queries ``[B, heads, window, D]``; ``logits``: ``[vocab]``
+    at the last prompt token; ``bf16_bytes``: what a bf16 DynamicCache of the prompt holds.
+    """
+
+    keys: list
+    values: list
+    queries: list
+    scalings: list
+    logits: torch.Tensor
+    tokens: int
+    bf16_bytes: int
+    seconds: float
+
+
+_captured: dict | None = None  # layer_idx -> (query window, key, value, scaling) during a capture
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa, plus a copy of what RDKV's prompt step reads: the last queries, K and V."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _captured is not None:
+        window = _captured["window"]
+        s = scaling if scaling is not None else query.shape[-1] ** -0.5
+        _captured[module.layer_idx] = (query[:, :, -window:].clone(), key, value, s)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _register_capture() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_CAPTURE, _capture_attention)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)  # without it there would be no causal mask
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, window: int = 32) -> Prefill:
+    """Run the prompt ``input_ids [1, T]`` once in full precision and keep what every method needs."""
+    global _captured
+    _register_capture()
+    previous = model.config._attn_implementation
+    _captured = {"window": window}
+    start = time.perf_counter()
+    try:
+        model.set_attn_implementation(_CAPTURE)
+        out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        got = _captured
+    finally:
+        _captured = None
+        model.set_attn_implementation(previous)
+    layers = sorted(k for k in got if isinstance(k, int))
+    if layers != list(range(model.config.get_text_config(decoder=True).num_hidden_layers)):
+        raise RuntimeError(f"the prompt forward reached the attention of layers {layers} only")
+    q, k, v, s = zip(*(got[i] for i in layers))
+    full = _full_cache(model, k, v)
+    bf16 = sum(layer.keys.numel() * 2 + layer.values.numel() * 2 for layer in full.layers)
+    return Prefill(list(k), list(v), list(q), list(s), out.logits[0, -1].float(), input_ids.shape[1], bf16,
+                   time.perf_counter() - start)
+
+
+def _full_cache(model, keys, values):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, i)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Building each method's cache from the prefill
+
+
+class _VariantPlanner(Planner):
+    """Evaluation-only variants of RDKV, to measure cheap fixes without changing the defaults:
+
+    * ``sinks`` / ``recent``: the first / last that many prompt tokens of every head are kept at
+      16 bits (their weight is raised above every other token's), paid from the same budget;
+    * ``head_floor`` (``rdkv+profile``): every head's K and V budget is at least that share of the
+      mean budget; the rest of the profile's allocation is scaled down so the mean is unchanged.
+    """
+
+    def __init__(self, config, profile, sinks: int = 0, recent: int = 0, head_floor: float = 0.0):
+        super().__init__(config, profile)
+        self.sinks, self.recent = int(sinks), int(recent)
+        if head_floor:
+            if self._head_bits is None or config.mode != "rdkv+profile":
+                raise ValueError("`head_floor` applies to method 'rdkv+profile' only")
+            if not 0 < head_floor < 1:
+                raise ValueError(f"`head_floor` must be in (0, 1), got {head_floor}")
+            kb, vb = (b.double() for b in self._head_bits)
+            both = torch.stack([kb, vb])
+            mean, low = both.mean(), head_floor * config.budget
+            raised = both.clamp(min=low)
+            both = low + (raised - low) * (mean - low) / (raised - low).mean()
+            self._head_bits = (both[0], both[1])
+
+    def widths(self, layer_idx, w_tok, w_ch, real):
+        if self.sinks or self.recent:
+            pos = real.long().cumsum(1)  # 1 for the first real token
+            from_end = pos[:, -1:] - pos  # 0 for the last one
+            protect = ((pos <= self.sinks) | (from_end < self.recent)) & real
+            top = w_tok.amax(-1, keepdim=True).clamp(min=1e-30) * 1e6
+            w_tok = torch.where(protect[:, None, :], top, w_tok)
+        return super().widths(layer_idx, w_tok, w_ch, real)
+
+
+def uniform_budget(width: int, head_dim: int, tokens: int) -> float:
+    """The budget at which ``mode="uniform"`` stores every K and V element at `width` bits: codes
+    plus a float16 scale and minimum per V token (over head_dim) and per K channel (over tokens)."""
+    return width + 16 / head_dim + 16 / tokens + 1e-9
+
+
+def build_cache(model, pre: Prefill, method: Method, budget: float | None, profile=None):
+    """The cache `method` holds after the prompt of `pre` (continuations stay uncompressed)."""
+    opts = dict(method.options)
+    if method.kind == "full":
+        return _full_cache(model, pre.keys, pre.values)
+    if method.kind == "quanto":
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache(backend="quanto", config=model.config, nbits=method.width, **opts)
+        for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
+            cache.update(k, v, i)
+        return cache
+    if method.kind == "eviction":
+        planner = BASELINES[method.name](budget=budget, **opts)
+        # Follow-ups (the continuation) stay in full precision, as for RDKV below.
+        planner.config = planner.config.replace(compress_followups=False)
+        cache = RDKVCache(model.config, planner.config, planner=planner)
+    else:
+        if method.mode == "uniform":
+            budget = uniform_budget(method.width, pre.keys[0].shape[-1], pre.tokens)
+        planner = rdkv_planner(method, budget, profile)
+        cache = RDKVCache(model.config, planner.config, planner=planner)
+    _fill_rdkv(cache, pre)
+    return cache
+
+
+def rdkv_planner(method: Method, budget: float, profile=None) -> Planner:
+    """The planner of an ``"rdkv"``-kind method; raises ``ValueError`` if the budget does not suit it.
+
+    Only the profile methods get the profile: plain ``rdkv`` keeps RDKVConfig's default tables.
+    """
+    opts = dict(method.options)
+    variant = {k: opts.pop(k) for k in ("sinks", "recent", "head_floor") if k in opts}
+    profile_id = None
+    if method.needs_profile:
+        if profile is None:
+            raise ValueError(f"method {method.name!r} needs a profile; pass `profile=` or drop the method")
+        profile_id = getattr(profile, "name_or_path", None) or "<in-memory profile>"
+    else:
+        profile = None
+    cfg = RDKVConfig(budget=budget, mode=method.mode, profile=profile_id, compress_followups=False, **opts)
+    return _VariantPlanner(cfg, profile, **variant) if variant else Planner(cfg, profile)
+
+
+def check_cell(method: Method, budget, profile=None) -> str | None:
+    """Why `method` cannot run at `budget` (e.g. RateQuant below its cheapest width), or None."""
+    if method.kind != "rdkv" or method.mode == "uniform":
+        return None
+    try:
+        rdkv_planner(method, budget, profile)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _fill_rdkv(cache: RDKVCache, pre: Prefill) -> None:
+    """Compress each layer as ``attention.rdkv_attention_forward`` does after the prompt's attention."""
+    for i, layer in enumerate(cache.layers):
+        k, v = pre.keys[i], pre.values[i]
+        layer.update(k, v)
+        if not isinstance(layer, RDKVLayer):
+            continue
+        cfg = layer.planner.config
+        if cfg.window > pre.queries[i].shape[2]:
+            raise ValueError(f"`window`={cfg.window} exceeds the {pre.queries[i].shape[2]} queries the prefill kept; raise its window")
+        w_tok, w_ch, real = prompt_weights(pre.queries[i], layer.keys, None, pre.scalings[i], k.shape[-2], cfg.window, cfg.pool_kernel)
+        layer.compress_tail(k.shape[-2], w_tok, w_ch, real)
+
+
+def _tensor_bytes(t) -> int:
+    """Bytes of a tensor, or of every inner tensor of a tensor subclass (quanto's packed tensors)."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a cache holds: RDKVCache.nbytes, or every stored tensor of a Transformers cache
+    (QuantizedCache: packed codes, scales and shifts, plus its full-precision residual)."""
+    if isinstance(cache, RDKVCache):
+        return cache.nbytes
+    n = 0
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        n += _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
+        n += _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# What is measured through a cache
+
+
+@torch.no_grad()
+def teacher_forced(model, cache, inputs: torch.Tensor, targets: torch.Tensor, modules=None):
+    """One forward of ``inputs [1, C]`` after the cached prompt.
+
+    Returns:
+        ``(nll_sum, n_targets, outputs)``: summed NLL of ``targets [1, C]``, and when `modules` is
+        given the output ``[C, hidden]`` of each (attention) module in that forward, else None.
+    """
+    outputs, handles = {}, []
+    for i, m in enumerate(modules or []):
+        handles.append(m.register_forward_hook(lambda mod, a, out, i=i: outputs.__setitem__(i, out[0][0].detach().float())))
+    try:
+        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits
+    finally:
+        for h in handles:
+            h.remove()
+    nll = F.cross_entropy(logits[0].float(), targets[0], reduction="sum").item()
+    return nll, targets.shape[1], [outputs[i] for i in range(len(modules))] if modules else None
+
+
+def relative_errors(outputs, reference) -> list[float]:
+    """``||o - o_ref|| / ||o_ref||`` per layer (Frobenius over tokens and hidden)."""
+    return [float((o - r).norm() / r.norm().clamp(min=1e-30)) for o, r in zip(outputs, reference)]
+
+
+@torch.no_grad()
+def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int, eos_ids) -> list[int]:
+    """Greedy tokens after the cached prompt, the first from the prompt's last `first_logits`;
+    stops after an end-of-sequence token (as ``generate`` does)."""
+    tokens, logits = [], first_logits
+    while len(tokens) < max_new_tokens:
+        tok = int(logits.argmax(-1))
+        tokens.append(tok)
+        if tok in eos_ids or len(tokens) == max_new_tokens:
+            break
+        logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return tokens
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for x in (getattr(model.generation_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if x is not None:
+            ids.update(x if isinstance(x, (list, tuple)) else [x])
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, the results file, the run
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate. Every field is validated on creation.
+
+    Args:
+        model_name: recorded in every cell's key.
+        tasks: any of ``TASK_KINDS``.
+        methods: method specs (see :func:`parse_method`).
+        budgets: bits per element for the budgeted methods, in (0, 16].
+        lengths: RULER prompt lengths in tokens.
+        samples: RULER samples per task and length (seeds ``seed .. seed + samples - 1``).
+        windows: text windows for ``ppl`` / ``distortion`` (seeds likewise).
+        ppl_length: prompt tokens of a ``ppl`` window; continuation: tokens scored after it.
+        ruler_tasks: names from ``rdkv_hf.tasks.TASKS``; haystack: ``"noise"`` or ``"text"``.
+    """
+
+    model_name: str
+    tasks: tuple = TASK_KINDS
+    methods: tuple = tuple(METHODS)
+    budgets: tuple = DEFAULT_BUDGETS
+    lengths: tuple = DEFAULT_LENGTHS
+    samples: int = 1
+    windows: int = 4
+    ppl_length: int = 2048
+    continuation: int = 256
+    ruler_tasks: tuple = DEFAULT_RULER_TASKS
+    haystack: str = "noise"
+    seed: int = 0
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        bad = [t for t in self.tasks if t not in TASK_KINDS]
+        if bad or not self.tasks:
+            raise ValueError(f"unknown task(s) {bad or self.tasks}; valid tasks: {', '.join(TASK_KINDS)}")
+        self.methods = tuple(parse_method(m).spec for m in self.methods)
+        if not self.methods:
+            raise ValueError(f"give at least one method; valid methods: {', '.join(METHODS)}")
+        self.budgets = tuple(float(b) for b in self.budgets)
+        bad = [b for b in self.budgets if not 0 < b <= 16]
+        if bad:
+            raise ValueError(f"`budgets` must be in (0, 16] bits per element, got {bad}")
+        self.lengths = tuple(int(n) for n in self.lengths)
+        for name in ("samples", "windows", "ppl_length", "continuation"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"`lengths` must be positive token counts, got {self.lengths}")
+        self.ruler_tasks = tuple(self.ruler_tasks)
+        bad = [t for t in self.ruler_tasks if t not in ruler.TASKS]
+        if bad:
+            raise ValueError(f"unknown RULER task(s) {bad}; valid ones: {', '.join(ruler.TASKS)}")
+        if self.haystack not in ruler.HAYSTACKS:
+            raise ValueError(f"`haystack` must be one of {ruler.HAYSTACKS}, got {self.haystack!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def cell_key(model: str, task: str, method: str, budget, length: int, seed: int) -> str:
+    """The identity of a cell in the results file."""
+    return json.dumps([model, task, method, None if budget is None else float(budget), int(length), int(seed)])
+
+
+class ResultStore:
+    """Append-only JSONL of finished cells; a cell is done once its line is written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        self._torn = False  # the file ends without a newline: a run was killed mid-write
+        if self.path.exists():
+            text = self.path.read_text(encoding="utf-8")
+            self._torn = bool(text) and not text.endswith("\n")
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    # A run killed mid-write leaves a partial last line: that cell is simply redone.
+                    logger.warning("%s:%d is not valid JSON; ignoring that line", self.path, n)
+                    continue
+                self.records[rec["key"]] = rec
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def add(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(("\n" if self._torn else "") + json.dumps(record) + "\n")
+        self._torn = False
+        self.records[record["key"]] = record
+
+
+def _budgets(method: Method, budgets) -> list:
+    return list(budgets) if method.budgeted else [None]
+
+
+def _record(settings, task, method, budget, length, seed, pre, nbytes, seconds, **values) -> dict:
+    return {
+        "key": cell_key(settings.model_name, task, method.spec, budget, length, seed),
+        "model": settings.model_name, "task": task, "method": method.spec, "label": method.display,
+        "budget": budget, "length": length, "seed": seed, "prompt_tokens": pre.tokens,
+        "nbytes": nbytes, "bf16_bytes": pre.bf16_bytes, "pct_bf16": 100.0 * nbytes / pre.bf16_bytes,
+        "bits_per_element": 16.0 * nbytes / pre.bf16_bytes, "seconds": round(seconds, 3), **values,
+    }
+
+
+def _window_ids(tokenizer, settings: EvalSettings, cache: dict) -> list:
+    """The ``ppl`` windows: ``ppl_length + continuation + 1`` eval tokens, one seeded start each
+    (drawn per seed, so window i does not depend on how many windows are asked for)."""
+    if "ids" not in cache:
+        from .text import encode_text
+
+        cache["ids"] = encode_text(tokenizer, "eval")
+    ids, n = cache["ids"], settings.ppl_length + settings.continuation + 1
+    if len(ids) < n:
+        raise ValueError(f"the eval text has {len(ids)} tokens, fewer than the {n} a window needs; lower `ppl_length`")
+    starts = [random.Random(f"ppl:{settings.seed + i}").randrange(len(ids) - n + 1) for i in range(settings.windows)]
+    return [ids[s : s + n][None] for s in starts]
+
+
+def evaluate(model, tokenizer, settings: EvalSettings, out_dir, profile=None, progress: bool = True,
+             window_ids: list | None = None) -> list[dict]:
+    """Run every pending cell of `settings`, append it to ``out_dir/results.jsonl`` and write the
+    reports (``results.json``, ``table.md``, ``rate_distortion.png``).
+
+    Args:
+        model: an unpatched Transformers causal LM; it is patched for the run and unpatched after.
+        tokenizer: its tokenizer (a chat template for instruct models' RULER prompts).
+        profile: an :class:`~rdkv_hf.RDKVProfile` for ``rdkv+profile`` / ``ratequant``; without
+            one those methods are skipped with a warning.
+        window_ids: ``ppl`` windows ``[1, ppl_length + continuation + 1]`` to use instead of eval
+            text (tests).
+    Returns:
+        the records of every cell of the grid (finished now or before).
+    """
+    from .eval_report import write_reports
+    from .patch import is_patched, patch, unpatch
+
+    if is_patched(model):
+        raise ValueError("evaluate() patches the model itself for each method; call rdkv_hf.unpatch(model) first")
+    out_dir = Path(out_dir)
+    store = ResultStore(out_dir / RESULTS_FILE)
+    methods = [parse_method(m) for m in settings.methods]
+    skipped = [m.spec for m in methods if m.needs_profile and profile is None]
+    if skipped:
+        logger.warning("no profile: skipping %s (they need one)", ", ".join(skipped))
+        skipped = [f"{m} (no profile)" for m in skipped]
+    methods = [m for m in methods if not (m.needs_profile and profile is None)]
+    grid = []
+    for m in methods:
+        for b in _budgets(m, settings.budgets):
+            why = check_cell(m, b, profile)
+            if why is None:
+                grid.append((m, b))
+            else:
+                logger.warning("skipping %s at budget %g: %s", m.spec, b, why)
+                skipped.append(f"{m.spec} at {b:g} bits ({why})")
+    # The prompt forward keeps as many last queries as the widest scoring window asks for.
+    capture = max([32] + [dict(m.options).get("window", 32) for m in methods])
+    patch(model, budget=16)  # the "rdkv" attention serves every RDKVCache; other caches fall back to sdpa
+    try:
+        if {"ppl", "distortion"} & set(settings.tasks):
+            _run_teacher_forced(model, tokenizer, settings, grid, store, profile, capture, progress, window_ids)
+        if "ruler" in settings.tasks:
+            _run_ruler(model, tokenizer, settings, grid, store, profile, capture, progress)
+    finally:
+        unpatch(model)
+    records = [r for r in store.records.values() if _in_grid(r, settings, grid)]
+    write_reports(records, out_dir, settings, skipped=skipped)
+    return records
+
+
+def _in_grid(rec: dict, settings: EvalSettings, grid: list) -> bool:
+    """Whether a stored record is one of this run's cells (the file may hold other runs' too)."""
+    if rec["model"] != settings.model_name or (rec["method"], rec["budget"]) not in {(m.spec, b) for m, b in grid}:
+        return False
+    if rec["task"] in ("ppl", "distortion"):
+        return (rec["task"] in settings.tasks and rec["length"] == settings.ppl_length
+                and settings.seed <= rec["seed"] < settings.seed + settings.windows)
+    sub = rec["task"].partition("/")[2]
+    return ("ruler" in settings.tasks and sub in settings.ruler_tasks and rec["length"] in settings.lengths
+            and settings.seed <= rec["seed"] < settings.seed + settings.samples)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="cell", disable=not enabled or total == 0, dynamic_ncols=True)
+
+
+def _run_teacher_forced(model, tokenizer, settings, grid, store, profile, window, progress, window_ids):
+    from .model_patches import patcher_for
+
+    kinds = [t for t in ("ppl", "distortion") if t in settings.tasks]
+    n = settings.ppl_length
+    seeds = [settings.seed + i for i in range(settings.windows)]
+
+    def pending(seed):
+        return [(m, b) for m, b in grid if any(cell_key(settings.model_name, t, m.spec, b, n, seed) not in store for t in kinds)]
+
+    todo = {s: pending(s) for s in seeds}
+    bar = _progress(sum(len(v) for v in todo.values()), "ppl/distortion", progress)
+    modules = patcher_for(model).attention_modules(model) if "distortion" in kinds else None
+    ids_cache: dict = {}
+    with bar:
+        for i, seed in enumerate(seeds):
+            if not todo[seed]:
+                continue
+            ids = window_ids[i] if window_ids is not None else _window_ids(tokenizer, settings, ids_cache)[i]
+            prompt, inputs, targets = ids[:, :n], ids[:, n : n + settings.continuation], ids[:, n + 1 : n + settings.continuation + 1]
+            pre = prefill(model, prompt, window)
+            reference = None
+            if modules is not None:  # the full-cache outputs every other method is compared with
+                _, _, reference = teacher_forced(model, _full_cache(model, pre.keys, pre.values), inputs, targets, modules)
+            for m, b in todo[seed]:
+                bar.set_postfix_str(f"window {seed} {m.spec} {'' if b is None else b}")
+                start = time.perf_counter()
+                cache = build_cache(model, pre, m, b, profile)
+                nbytes = cache_nbytes(cache)
+                nll, count, outputs = teacher_forced(model, cache, inputs, targets, modules)
+                seconds = time.perf_counter() - start
+                if "ppl" in kinds:
+                    store.add(_record(settings, "ppl", m, b, n, seed, pre, nbytes, seconds, metric="ppl",
+                                      value=math.exp(nll / count), nll_sum=nll, n_targets=count))
+                if "distortion" in kinds:
+                    errs = relative_errors(outputs, reference)
+                    store.add(_record(settings, "distortion", m, b, n, seed, pre, nbytes, seconds,
+                                      metric="attn_rel_error", value=sum(errs) / len(errs), per_layer=errs))
+                bar.update()
+
+
+def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progress):
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    text = None
+    if settings.haystack == "text":
+        from .text import load_text
+
+        text = load_text("eval")
+    eos = eos_token_ids(model, tokenizer)
+    samples = [(t, n, settings.seed + s) for t in settings.ruler_tasks for n in settings.lengths for s in range(settings.samples)]
+    todo = {smp: [(m, b) for m, b in grid if cell_key(settings.model_name, f"ruler/{smp[0]}", m.spec, b, smp[1], smp[2]) not in store]
+            for smp in samples}
+    bar = _progress(sum(len(v) for v in todo.values()), "ruler", progress)
+    with bar:
+        for (task, length, seed), cells in todo.items():
+            if not cells:
+                continue
+            sample = ruler.TASKS[task](tokenizer, length, seed, settings.haystack, text, chat=chat)
+            pre = prefill(model, ruler.render(sample, tokenizer, chat), window)
+            for m, b in cells:
+                bar.set_postfix_str(f"{task} {length} #{seed} {m.spec} {'' if b is None else b}")
+                start = time.perf_counter()
+                cache = build_cache(model, pre, m, b, profile)
+                nbytes = cache_nbytes(cache)
+                tokens = greedy_decode(model, cache, pre.logits, sample.max_new_tokens, eos)
+                answer = tokenizer.decode(tokens, skip_special_tokens=True)
+                store.add(_record(settings, f"ruler/{task}", m, b, length, seed, pre, nbytes, time.perf_counter() - start,
+                                  metric="ruler_score", value=ruler.score(sample, answer), output=answer,
+                                  answers=sample.answers, new_tokens=len(tokens)))
+                bar.update()
+
+
+# A small grid for a smoke run of the real model (a few minutes on two cores).
+QUICK = dict(budgets=(1.5, 2.5), lengths=(1024,), samples=1, windows=1, ppl_length=1024, continuation=128,
+             ruler_tasks=("niah_single",))
+
+_SHIPPED_PROFILES = {"smollm2-135m": "smollm2-135m-instruct"}
+
+
+def default_profile(model_name: str):
+    """The profile shipped for a model of ``rdkv_hf.models`` (None, with a warning, if absent)."""
+    from .profiles import RDKVProfile, shipped_profiles
+
+    name = _SHIPPED_PROFILES.get(model_name)
+    if name is None or name not in shipped_profiles():
+        logger.warning("no shipped profile for %s: rdkv+profile and ratequant are skipped", model_name)
+        return None
+    return RDKVProfile.from_pretrained(name)

@@ -1,0 +1,287 @@
+"""Kernels against their torch references: the C++ CPU decode partials, and the Triton quantize+pack
+and decode partials (run by Triton's CPU interpreter, so sizes stay tiny)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from rdkv_hf import quant
+from rdkv_hf.attention import attend, head_partials_reference
+from rdkv_hf.cache import Segment
+from rdkv_hf.storage import G_BITS, pack_segment
+
+from conftest import TOL
+
+WIDTH_MIXES = {
+    "rdkv": [0, 2, 4, 8, 16],  # RDKV's default widths
+    "any": [0, 1, 2, 3, 4, 5, 6, 7, 8, 16],  # RateQuant-style widths and raw tokens
+    "uniform3": [3],  # one odd width everywhere, nothing evicted
+}
+KEEP = {"rdkv": torch.float16, "any": torch.bfloat16, "uniform3": torch.float32}
+
+
+def _segment(R, T, D, mix, seed):
+    """R ragged heads of up to T tokens: random widths from `mix`, head 1 keeps fewer tokens."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(R, T, D, generator=g) * torch.rand(D, generator=g) * 3
+    v = torch.randn(R, T, D, generator=g)
+    widths = torch.tensor(WIDTH_MIXES[mix])
+    v_bits = widths[torch.randint(0, len(widths), (R, T), generator=g)]
+    k_bits = widths[torch.randint(0, len(widths), (R, D), generator=g)]
+    if R > 1 and T > 1:
+        v_bits[1, T // 2 :] = 0  # ragged: fewer kept tokens
+    return pack_segment(k, v, v_bits, k_bits, KEEP[mix])
+
+
+def _assert_partials_close(got, ref, heads):
+    """Compare (max, sum, acc) as the normalized output and the log-sum-exp (partials are only
+    defined up to a common rescale); empty heads must be exactly (-inf, 0, 0)."""
+    m, l, acc = got
+    for r, head in enumerate(heads):
+        rm, rl, racc = ref[r]
+        if head.n == 0:
+            assert torch.isinf(m[r]).all() and (m[r] < 0).all() and (l[r] == 0).all() and (acc[r] == 0).all()
+            continue
+        assert torch.isfinite(acc[r]).all() and torch.isfinite(l[r]).all()
+        torch.testing.assert_close(acc[r] / l[r][:, None], racc / rl[:, None], **TOL[torch.float32])
+        torch.testing.assert_close(m[r] + l[r].log(), rm + rl.log(), **TOL[torch.float32])
+
+
+def _poisoned(R, G, D):
+    return torch.full((R, G), float("nan")), torch.full((R, G), float("nan")), torch.full((R, G, D), float("nan"))
+
+
+# -- the C++ CPU kernel ---------------------------------------------------------------------------
+
+cpu_decode = pytest.importorskip("rdkv_hf.kernels.cpu_decode")
+needs_cpu_kernel = pytest.mark.skipif(not cpu_decode.available(), reason=f"C++ kernel unavailable: {cpu_decode.unavailable_reason()}")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("T", [1, 63, 127, 1000])
+@pytest.mark.parametrize("D", [16, 64, 128])
+@pytest.mark.parametrize("group,q_len", [(1, 1), (3, 3)])
+@pytest.mark.parametrize("mix", list(WIDTH_MIXES))
+def test_cpu_partials_match_reference(T, D, group, q_len, mix):
+    R, G = 3, group * q_len
+    heads, buffers = _segment(R, T, D, mix, seed=T * 7 + D + G)
+    q = torch.randn(R, G, D, generator=torch.Generator().manual_seed(T + D)) * D**-0.5
+    out = _poisoned(R, G, D)
+    # chunk 480: T = 1000 spans three split-K tasks per head, merged inside the kernel
+    got = cpu_decode.segment_partials(buffers, q, chunk=480, out=out)
+    assert all(a is b for a, b in zip(got, out))
+    _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(heads)], heads)
+
+
+@needs_cpu_kernel
+def test_cpu_partials_after_beam_select_share_buffers():
+    heads, buffers = _segment(4, 63, 16, "rdkv", seed=5)
+    seg = Segment(heads, 2, 2, torch.tensor([63, 63]), buffers)
+    sel = seg.select(torch.tensor([1, 1, 0]))
+    assert sel.buffers.words is buffers.words and sel.heads[0] is heads[2]
+    q = torch.randn(6, 3, 16)
+    got = cpu_decode.segment_partials(sel.buffers, q, out=_poisoned(6, 3, 16))
+    _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(sel.heads)], sel.heads)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_attend_cpu_backend_matches_torch(q_len):
+    B, Hkv, g, D = 2, 2, 3, 64
+    heads, buffers = _segment(B * Hkv, 127, D, "any", seed=11)
+    seg = Segment(heads, B, Hkv, torch.tensor([127, 127]), buffers)
+    tail_k, tail_v = torch.randn(B, Hkv, 5, D), torch.randn(B, Hkv, 5, D)
+    query = torch.randn(B, Hkv * g, q_len, D)
+    ref = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend="torch")
+    got = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend="cpu")
+    torch.testing.assert_close(got[0], ref[0], **TOL[torch.float32])
+    torch.testing.assert_close(got[1], ref[1], **TOL[torch.float32])
+
+
+@needs_cpu_kernel
+def test_cpu_launcher_validates_inputs():
+    heads, buffers = _segment(3, 10, 16, "rdkv", seed=1)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_decode.segment_partials(buffers, torch.randn(3, 1, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="3 heads"):
+        cpu_decode.segment_partials(buffers, torch.randn(2, 1, 16))
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_decode.segment_partials(buffers, torch.randn(3, 16, 2).transpose(1, 2))
+    with pytest.raises(ValueError, match="multiple of 480"):
+        cpu_decode.segment_partials(buffers, torch.randn(3, 1, 16), chunk=500)
+
+
+def test_segment_words_equal_quant_pack_exactly():
+    """Every packed group of a segment is quant.pack of quant.quantize of its rows."""
+    g = torch.Generator().manual_seed(3)
+    T, D = 127, 64
+    k, v = torch.randn(2, T, D, generator=g), torch.randn(2, T, D, generator=g)
+    widths = torch.tensor(WIDTH_MIXES["any"])
+    v_bits = widths[torch.randint(0, 10, (2, T), generator=g)]
+    k_bits = widths[torch.randint(0, 10, (2, D), generator=g)]
+    heads, buffers = pack_segment(k, v, v_bits, k_bits, torch.float16)
+    for r, head in enumerate(heads):
+        kept = torch.cat([(v_bits[r] == b).nonzero().squeeze(1) for b in sorted(set(v_bits[r].tolist()) - {0}, reverse=True)])
+        assert head.n == len(kept)
+        for grp, rows in zip(head.v_groups, torch.split(v[r, kept], [x.count for x in head.v_groups])):
+            if grp.bits < 16:
+                codes, scale, minimum = quant.quantize(rows, grp.bits, -1)
+                assert torch.equal(grp.data, quant.pack(codes, grp.bits))
+                assert torch.equal(grp.scale, scale.reshape(-1)) and torch.equal(grp.minimum, minimum.reshape(-1))
+        chans = head.channel_order()
+        c0 = 0
+        for grp in head.k_groups:
+            rows = k[r, kept][:, chans[c0 : c0 + grp.count]].T
+            c0 += grp.count
+            if grp.bits < 16:
+                codes, scale, minimum = quant.quantize(rows, grp.bits, -1)
+                assert torch.equal(grp.data, quant.pack(codes, grp.bits))
+    assert sum(h.nbytes for h in heads) == buffers.nbytes
+    assert set(buffers.groups[:, G_BITS].tolist()) <= set(WIDTH_MIXES["any"])
+
+
+# -- Triton (CPU interpreter) ---------------------------------------------------------------------
+#
+# Triton picks interpreter or compiler when it is imported, and conftest's transformers import
+# already imports it. So without CUDA the Triton tests run in a child pytest started with
+# TRITON_INTERPRET=1 (test_interpreter_child_runs_the_triton_tests), and are skipped in this process.
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON or not (INTERPRETED or torch.cuda.is_available()),
+    reason="triton is not installed" if not HAS_TRITON else "runs in the TRITON_INTERPRET=1 child process",
+)
+
+
+@pytest.fixture
+def interpret():
+    """The device Triton runs on here: CUDA, or the CPU under the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the Triton tests run in this process")
+def test_interpreter_child_runs_the_triton_tests():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.strip().splitlines()[-1], proc.stdout[-2000:]
+
+
+@needs_triton
+@pytest.mark.parametrize("T,D,bits,dim", [(5, 16, 2, -1), (7, 24, 3, -1), (9, 16, 8, 0), (33, 8, 1, 0), (6, 20, 5, 0)])
+def test_triton_quantize_pack_is_exact(interpret, T, D, bits, dim):
+    from rdkv_hf.kernels.quantize_pack import quantize_pack
+
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T * D)) * 4 + 1
+    x[1] = 0.75  # a constant row (scale falls back to 1)
+    words, scale, minimum = quantize_pack(x.to(interpret), bits, dim)
+    codes, ref_scale, ref_min = quant.quantize(x, bits, dim)
+    assert torch.equal(words.cpu(), quant.pack(codes if dim == -1 else codes.T, bits))
+    assert torch.equal(scale.cpu(), ref_scale.reshape(-1)) and torch.equal(minimum.cpu(), ref_min.reshape(-1))
+
+
+@needs_triton
+def test_triton_quantize_pack_validates(interpret):
+    from rdkv_hf.kernels.quantize_pack import quantize_pack
+
+    with pytest.raises(ValueError, match="bits"):
+        quantize_pack(torch.randn(4, 8, device=interpret), 9)
+    with pytest.raises(ValueError, match="contiguous"):
+        quantize_pack(torch.randn(8, 4, device=interpret).T, 4)
+    with pytest.raises(TypeError, match="float32"):
+        quantize_pack(torch.ones(4, 8, dtype=torch.int32, device=interpret), 4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    from rdkv_hf.kernels.quantize_pack import quantize_pack
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        quantize_pack(torch.randn(4, 8), 4)
+
+
+@needs_triton
+@pytest.mark.parametrize("T,D,group,q_len,mix", [(1, 16, 1, 1, "rdkv"), (63, 16, 3, 1, "any"), (40, 32, 1, 3, "uniform3")])
+def test_triton_decode_partials_match_reference(interpret, T, D, group, q_len, mix):
+    from rdkv_hf.kernels.decode_partials import segment_partials
+
+    R, G = 3, group * q_len
+    heads, buffers = _segment(R, T, D, mix, seed=T + D)
+    q = torch.randn(R, G, D, generator=torch.Generator().manual_seed(T)) * D**-0.5
+    out = _poisoned(R, G, D)
+    got = segment_partials(buffers, q, block_t=32, out=out)
+    assert all(a is b for a, b in zip(got, out))
+    _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(heads)], heads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_triton_decode_partials_at_1000_tokens():
+    from rdkv_hf.kernels.decode_partials import segment_partials
+    from rdkv_hf.storage import SegmentBuffers
+
+    heads, buffers = _segment(3, 1000, 64, "rdkv", seed=2)
+    cuda = SegmentBuffers(*(t.cuda() for t in (buffers.words, buffers.meta, buffers.raw, buffers.perm, buffers.heads, buffers.groups)), buffers.head_dim)
+    q = torch.randn(3, 3, 64) * 0.125
+    got = segment_partials(cuda, q.cuda())
+    _assert_partials_close([t.cpu() for t in got], [head_partials_reference(h, q[r]) for r, h in enumerate(heads)], heads)
+
+
+def test_import_rdkv_hf_does_not_import_triton_or_build_kernels():
+    import subprocess
+    import sys
+
+    code = "import sys, rdkv_hf; print('triton' in sys.modules, 'rdkv_hf.kernels.cpu_decode' in sys.modules)"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+# -- prefill: the fast Lagrangian allocation ------------------------------------------------------
+
+
+def _dense_lagrangian(w, costs, eps, budget, steps=48):
+    """The plain bisection (every unit, every option, every step), which allocate.py speeds up."""
+    w, costs, eps, budget = w.double(), costs.double(), eps.double(), budget.double()
+
+    def choose(lam):
+        opt = (w[:, :, None] * eps + lam[:, None, None] * costs[:, None, :]).argmin(-1)
+        opt = torch.where(w > 0, opt, torch.zeros_like(opt))
+        return opt, torch.gather(costs, 1, opt).sum(1)
+
+    gain = (eps[0] - eps)[None, :] / costs.clamp(min=1e-12)
+    hi = (w.amax(1, keepdim=True) * gain[:, 1:]).amax(1) * 1.01 + 1e-30
+    lo = torch.zeros_like(hi)
+    opt0, spent0 = choose(lo)
+    done = spent0 <= budget
+    best = torch.where(done[:, None], opt0, torch.zeros_like(opt0))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        opt, spent = choose(mid)
+        ok = spent <= budget
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+        best = torch.where((ok & ~done)[:, None], opt, best)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_lagrangian_matches_dense_bisection(seed):
+    from rdkv_hf.allocate import lagrangian_widths, unit_costs
+
+    g = torch.Generator().manual_seed(seed)
+    widths = torch.tensor(WIDTH_MIXES["any"] if seed % 2 else WIDTH_MIXES["rdkv"])
+    eps = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.014, 0.004, 0.001, 3e-4, 5e-5, 0.0]) if seed % 2 else torch.tensor([1.0, 0.312, 0.0138, 4.8e-5, 0.0])
+    R, U = 3, 1000 + 97 * seed
+    w = torch.rand(R, U, generator=g) ** (1 + seed)
+    w[:, ::7] = 0  # padding / unused units
+    costs = unit_costs(widths, torch.tensor([64, 17, 0]))  # a row with nothing to spend on
+    budget = torch.rand(R, generator=g).double() * 5 * U * 64
+    assert torch.equal(lagrangian_widths(w, costs, eps, budget), _dense_lagrangian(w, costs, eps, budget))
