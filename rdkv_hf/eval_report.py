@@ -105,7 +105,7 @@ def markdown(rows: list[dict], settings, skipped=(), records_by_task=None) -> st
         out += ["", "Skipped: " + "; ".join(skipped) + "."]
     tf = [r for r in rows if r["task"] in ("ppl", "distortion")]
     if tf:
-        out += ["", f"## Perplexity and attention distortion", "",
+        out += ["", "## Perplexity and attention distortion", "",
                 f"Prompt {settings.ppl_length} tokens (compressed), {settings.continuation} teacher-forced continuation "
                 f"tokens scored through the cache (not compressed), {settings.windows} window(s) of held-out text. "
                 "Distortion: ||o - o_full|| / ||o_full|| of each attention module's output on the continuation, "
@@ -173,7 +173,7 @@ def _matched_section(rows, methods, labels) -> list[str]:
     ref = next((m for m in ("rdkv+profile", "rdkv") if m in methods and any(r["method"] == m for r in rows)), None)
     if ref is None:
         return []
-    out = ["", f"## At matched bytes", "",
+    out = ["", "## At matched bytes", "",
            f"Each method's quality at the measured bits of {labels[ref]}'s points, read off its own measured "
            "curve (linear between its two nearest points, in log PPL; a single-point method only where it "
            "lies within 3%; blank: outside its measured range)."]

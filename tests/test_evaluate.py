@@ -9,7 +9,7 @@ from transformers import DynamicCache, QuantizedCache
 
 import rdkv_hf
 from rdkv_hf import RDKVCache, evaluate as ev
-from rdkv_hf.baselines import SnapKVPlanner
+from rdkv_hf.baselines import BASELINES, SnapKVPlanner
 from rdkv_hf.calibrate import calibrate
 from rdkv_hf.cli import main
 
@@ -193,14 +193,12 @@ def test_ruler_cells_score_greedy_answers(tmp_path):
 def test_methods_registry_builds_every_method_below_full_bytes(model, profile):
     assert list(ev.METHODS) == ["full", "rdkv", "rdkv+profile", "ratequant", "uniform-2", "uniform-4",
                                 "quanto-2", "quanto-4", "snapkv", "adakv", "streamingllm"]
-    assert {m.name for m in ev.METHODS.values() if m.kind == "eviction"} == set(ev.BASELINES)
+    assert {m.name for m in ev.METHODS.values() if m.kind == "eviction"} == set(BASELINES)
     pre = ev.prefill(model, windows(1)[0][:, :PROMPT])
-    full = None
     for name, method in ev.METHODS.items():
         cache = ev.build_cache(model, pre, method, 2.5 if method.budgeted else None, profile)
         nbytes = ev.cache_nbytes(cache)
         if name == "full":
-            full = nbytes
             assert nbytes == 2 * pre.bf16_bytes  # float32
         else:
             assert 0 < nbytes < pre.bf16_bytes / 2, name
@@ -235,3 +233,19 @@ def test_a_patched_model_is_refused(model, tmp_path):
             ev.evaluate(model, None, settings(), tmp_path, window_ids=windows(), progress=False)
     finally:
         rdkv_hf.unpatch(model)
+
+
+def test_variant_options_protect_tokens_and_floor_head_budgets(profile):
+    g = torch.Generator().manual_seed(0)
+    w_tok, w_ch = torch.rand(1, 2, 40, generator=g) ** 8, torch.rand(1, 2, 16, generator=g)
+    real = torch.ones(1, 40, dtype=torch.bool)
+    plain = ev.rdkv_planner(ev.parse_method("rdkv"), 2.0).widths(0, w_tok, w_ch, real)[0]
+    v_bits = ev.rdkv_planner(ev.parse_method("rdkv:sinks=2,recent=3"), 2.0).widths(0, w_tok, w_ch, real)[0]
+    assert (v_bits[..., :2] == 16).all() and (v_bits[..., -3:] == 16).all()
+    assert not (plain[..., :2] == 16).all()  # the protection is what kept them
+    base = ev.rdkv_planner(ev.parse_method("rdkv+profile"), 1.0, profile)._head_bits
+    floored = ev.rdkv_planner(ev.parse_method("rdkv+profile:head_floor=0.5"), 1.0, profile)._head_bits
+    both, ref = torch.stack(floored), torch.stack(base).double()
+    assert both.min() >= 0.5 - 1e-9 and both.mean() == pytest.approx(ref.mean())
+    with pytest.raises(ValueError, match="rdkv\\+profile"):
+        ev.rdkv_planner(ev.parse_method("rdkv:head_floor=0.5"), 1.0)

@@ -87,6 +87,20 @@ def test_cpu_partials_after_beam_select_share_buffers():
 
 
 @needs_cpu_kernel
+def test_cpu_kernel_from_several_python_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    heads, buffers = _segment(3, 1000, 64, "rdkv", seed=9)
+    q = torch.randn(3, 3, 64)
+    ref = cpu_decode.segment_partials(buffers, q, chunk=480, threads=1)
+    with ThreadPoolExecutor(3) as ex:
+        outs = list(ex.map(lambda _: cpu_decode.segment_partials(buffers, q, chunk=480, threads=2), range(12)))
+    for out in outs:
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_attend_cpu_backend_matches_torch(q_len):
     B, Hkv, g, D = 2, 2, 3, 64

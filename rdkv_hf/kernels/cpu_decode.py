@@ -6,7 +6,7 @@ unpacked in registers one tile of words at a time, and the tokens of each head a
 chunks (split-K tasks) whose partials are merged by log-sum-exp. The calling thread works through
 the tasks with helper threads that join only if they wake up in time, so a busy machine costs
 parallelism rather than stalls at a barrier (OpenMP's end-of-region barrier waits for every
-thread: on a shared 2-core machine that made 2 threads 5x slower than 1).
+thread: on a shared 2-core machine that made 2 threads 3-4x slower than 1).
 
 The library has no Python or torch headers, so it builds in about 5 s of CPU
 (``g++ -O3 -march=native -pthread``) and is cached under ``$RDKV_HF_CACHE/kernels`` (default
