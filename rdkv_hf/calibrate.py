@@ -142,10 +142,9 @@ def _calibration_ids(texts, tokenizer, n_seqs: int, seq_len: int, seed: int) -> 
             f"the texts hold {len(ids)} tokens, fewer than n_seqs x seq_len = {n_seqs} x {seq_len}; "
             "give more text or lower `n_seqs` / `seq_len`"
         )
-    gen = torch.Generator().manual_seed(seed)
-    gaps = torch.randint(0, slack + 1, (n_seqs,), generator=gen).sort().values
-    starts = gaps + torch.arange(n_seqs) * seq_len
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()]), f"texts ({len(texts)} strings)"
+    from .text import random_chunks
+
+    return random_chunks(ids, n_seqs, seq_len, seed), f"texts ({len(texts)} strings)"
 
 
 class _Stats:

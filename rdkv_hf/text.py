@@ -68,12 +68,19 @@ def token_chunks(
     if n_chunks < 1 or n_tokens < 1:
         raise ValueError(f"`n_chunks` and `n_tokens` must be >= 1, got {n_chunks} and {n_tokens}")
     ids = encode_text(tokenizer, split)
-    slack = len(ids) - n_chunks * n_tokens
-    if slack < 0:
+    if len(ids) < n_chunks * n_tokens:
         raise ValueError(
             f"{n_chunks} x {n_tokens} tokens do not fit in the {len(ids)} tokens of split {split!r}; "
             "ask for fewer or shorter chunks"
         )
+    return random_chunks(ids, n_chunks, n_tokens, seed)
+
+
+def random_chunks(ids: torch.Tensor, n_chunks: int, n_tokens: int, seed: int = 0) -> torch.Tensor:
+    """``[n_chunks, n_tokens]`` non-overlapping windows of ``ids [N]`` at seeded random places, in
+    text order (starts drawn uniformly among all non-overlapping placements)."""
+    slack = len(ids) - n_chunks * n_tokens
+    assert slack >= 0, "callers check that the chunks fit"
     gen = torch.Generator().manual_seed(seed)
     # Sorted gaps before each chunk: chunk i starts after i whole chunks plus gap i.
     gaps = torch.randint(0, slack + 1, (n_chunks,), generator=gen).sort().values
