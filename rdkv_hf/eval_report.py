@@ -116,14 +116,11 @@ def markdown(rows: list[dict], settings, skipped=(), records_by_task=None) -> st
             ppl = next((r for r in tf if r["task"] == "ppl" and r["method"] == m and r["budget"] == b), None)
             dis = next((r for r in tf if r["task"] == "distortion" and r["method"] == m and r["budget"] == b), None)
             base = ppl or dis
+            value = f"{ppl['value']:.3f}" if ppl else ""
             rel = f"{100 * (ppl['value'] / full_ppl - 1):+.1f}%" if ppl and full_ppl else ""
-            err = ""
-            if dis:
-                err = f"{dis['value']:.3f} ({dis.get('max_layer', dis['value']):.3f})"
+            err = f"{dis['value']:.3f} ({dis.get('max_layer', dis['value']):.3f})" if dis else ""
             out.append(f"| {labels[m]} | {_fmt_budget(b)} | {base['nbytes'] / 2**20:.2f} MiB | {base['pct_bf16']:.1f}% | "
-                       f"{base['bits_per_element']:.2f} | {ppl['value']:.3f} | {rel} | {err} |" if ppl else
-                       f"| {labels[m]} | {_fmt_budget(b)} | {base['nbytes'] / 2**20:.2f} MiB | {base['pct_bf16']:.1f}% | "
-                       f"{base['bits_per_element']:.2f} | | | {err} |")
+                       f"{base['bits_per_element']:.2f} | {value} | {rel} | {err} |")
     ru = [r for r in rows if r["task"] == "ruler"]
     if ru:
         lengths = sorted({r["length"] for r in ru})
@@ -208,11 +205,11 @@ def plot(rows: list[dict], path: Path, settings) -> Path | None:
         return None
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 5.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         full = curve(rows, kind, "full")
         # Perplexity: keep the axis on the useful range; worse points sit on the top edge as triangles.
-        top = 4 * full[0][1] if kind == "ppl" and full else math.inf
+        top = 1.5 * full[0][1] if kind == "ppl" and full else math.inf
         for m in settings.methods:
             pts = curve(rows, kind, m)
             if not pts:
@@ -241,9 +238,11 @@ def plot(rows: list[dict], path: Path, settings) -> Path | None:
             title += " (▲: off scale)"
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    # One legend for all panels (same methods, same colours), below them.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     fig.suptitle(settings.model_name)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
