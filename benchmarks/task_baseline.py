@@ -141,16 +141,20 @@ def main(argv=None) -> None:
             result = run_sample(model, tokenizer, sample, chat)
             results.append(result)
             if args.verbose:
-                print(f"{result['task']} {result['length']} {haystack} seed={result['seed']} "
-                      f"score={result['score']:.2f} {result['answers']} -> {result['output']!r}")
+                print(
+                    f"{result['task']} {result['length']} {haystack} seed={result['seed']} "
+                    f"score={result['score']:.2f} {result['answers']} -> {result['output']!r}"
+                )
     rows = summarize(results)
-    print(f"model={args.model} chat={chat} threads={args.threads} machine={platform.machine()} "
-          f"cpus={os.cpu_count()} torch={torch.__version__}")
+    print(
+        f"model={args.model} chat={chat} threads={args.threads} machine={platform.machine()} "
+        f"cpus={os.cpu_count()} torch={torch.__version__}"
+    )
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"text_file": str(args.text_file),
-                                         "json": str(args.json)}, "rows": rows,
-                                         "samples": results}, indent=1))
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        report = {"args": settings, "rows": rows, "samples": results}
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
