@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate every method at measured bytes; resumable (finished cells are kept in OUT/results.jsonl).")
     e.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or gemma3-270m")
     e.add_argument("--tasks", type=_csv(str), help="comma list of ppl, ruler, distortion (default: all)")
-    e.add_argument("--methods", type=_csv(str), help="comma list of methods, optionally name:key=value (default: all; "
+    e.add_argument("--methods", type=_csv(str), help="comma list of methods, each optionally with options name:key=value:key=value (default: all; "
                    "full, rdkv, rdkv+profile, ratequant, uniform-2, uniform-4, quanto-2, quanto-4, snapkv, adakv, streamingllm)")
     e.add_argument("--budgets", type=_csv(float), help="bits per element for the budgeted methods (default 1,1.5,2.5,4)")
     e.add_argument("--lengths", type=_csv(int), help="RULER prompt lengths (default 1024,2048,3072)")

@@ -2,7 +2,7 @@
 
 * :data:`METHODS`: the registry (full cache, RDKV and its profile modes, uniform KIVI-style widths,
   Transformers' QuantizedCache with quanto, the eviction baselines); :func:`parse_method` reads
-  ``"name"`` or ``"name:key=value,..."``.
+  ``"name"`` or ``"name:key=value:key=value"``.
 * :func:`prefill`: one full-precision forward of the prompt that keeps every layer's post-RoPE K/V
   and last queries (:class:`Prefill`).
 * :func:`build_cache`: a method's cache after that prompt, compressed exactly as its attention
@@ -52,18 +52,19 @@ class Method:
     mode: str | None = None
     width: int | None = None
     needs_profile: bool = False
-    options: tuple = ()  # (key, value) pairs from "name:key=value,..."
+    options: tuple = ()  # sorted (key, value) pairs from "name:key=value:key=value"
 
     @property
     def spec(self) -> str:
         """The name with its options, as given on the command line (the key in results)."""
-        if not self.options:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+        return ":".join([self.name] + [f"{k}={_format_value(v)}" for k, v in self.options])
 
     @property
     def display(self) -> str:
-        return self.label + (" [" + ", ".join(f"{k}={v}" for k, v in self.options) + "]" if self.options else "")
+        """The label with its options, for tables and plots."""
+        if not self.options:
+            return self.label
+        return self.label + " [" + ", ".join(f"{k}={_format_value(v)}" for k, v in self.options) + "]"
 
 
 METHODS: dict[str, Method] = {
@@ -83,7 +84,7 @@ METHODS: dict[str, Method] = {
     )
 }
 
-# Options a method spec may carry ("rdkv:window=64,pool_kernel=7"), by kind. RDKV kinds take
+# Options a method spec may carry ("rdkv:window=64:pool_kernel=7"), by kind. RDKV kinds take
 # RDKVConfig knobs plus the evaluation-only variants `sinks`, `recent` and `head_floor`
 # (see _VariantPlanner).
 _RDKV_OPTIONS = ("window", "pool_kernel", "k_share", "widths", "high_precision_dtype", "backend", "sinks", "recent",
@@ -94,6 +95,10 @@ _OPTIONS = {
     "eviction": ("window", "high_precision_dtype"),
     "quanto": ("q_group_size", "residual_length", "axis_key", "axis_value"),
 }
+
+
+def _format_value(value) -> str:
+    return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _parse_value(text: str):
@@ -111,19 +116,20 @@ def _parse_value(text: str):
 
 
 def parse_method(spec: str) -> Method:
-    """A :class:`Method` from ``"name"`` or ``"name:key=value,key=value"``.
+    """A :class:`Method` from ``"name"`` or ``"name:key=value:key=value"`` (colons, so that a
+    comma-separated list of methods stays unambiguous; tuples as ``widths=0/4/16``).
 
     Raises:
         ValueError: naming the unknown method or option and listing the valid ones.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a method must be a non-empty string, got {spec!r}; valid methods: {', '.join(METHODS)}")
-    name, _, rest = spec.strip().partition(":")
+    name, *items = spec.strip().split(":")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     method = METHODS[name]
     options = []
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, items):
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in _OPTIONS[method.kind]:

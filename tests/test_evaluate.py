@@ -209,6 +209,8 @@ def test_bad_method_names_list_the_valid_ones():
         ev.parse_method("kivi")
     with pytest.raises(ValueError, match=r"bad option 'colour=red' for method 'snapkv'.*window"):
         ev.parse_method("snapkv:colour=red")
+    spec = "rdkv:widths=0/4/16:window=64"
+    assert ev.parse_method(spec).spec == spec and dict(ev.parse_method(spec).options)["widths"] == (0, 4, 16)
     with pytest.raises(ValueError, match="valid tasks: ppl, ruler, distortion"):
         ev.EvalSettings("tiny", tasks=("mmlu",))
     with pytest.raises(ValueError, match="valid ones: niah_single"):
@@ -240,7 +242,7 @@ def test_variant_options_protect_tokens_and_floor_head_budgets(profile):
     w_tok, w_ch = torch.rand(1, 2, 40, generator=g) ** 8, torch.rand(1, 2, 16, generator=g)
     real = torch.ones(1, 40, dtype=torch.bool)
     plain = ev.rdkv_planner(ev.parse_method("rdkv"), 2.0).widths(0, w_tok, w_ch, real)[0]
-    v_bits = ev.rdkv_planner(ev.parse_method("rdkv:sinks=2,recent=3"), 2.0).widths(0, w_tok, w_ch, real)[0]
+    v_bits = ev.rdkv_planner(ev.parse_method("rdkv:sinks=2:recent=3"), 2.0).widths(0, w_tok, w_ch, real)[0]
     assert (v_bits[..., :2] == 16).all() and (v_bits[..., -3:] == 16).all()
     assert not (plain[..., :2] == 16).all()  # the protection is what kept them
     base = ev.rdkv_planner(ev.parse_method("rdkv+profile"), 1.0, profile)._head_bits
