@@ -41,7 +41,7 @@ class CacheSummary:
             if not getattr(layer, "is_initialized", False):
                 continue
             B, H, _, D = layer.keys.shape
-            seen = layer.get_seq_length() if isinstance(layer, RDKVLayer) else layer.get_seq_length()
+            seen = layer.get_seq_length()
             out.bf16_bytes += B * H * seen * D * 2 * 2
             if not isinstance(layer, RDKVLayer):
                 continue
