@@ -71,8 +71,11 @@ class RDKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-2] > 1:
             self.pending = key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.keys.shape[-2] == 0:  # the usual prompt case: no copy of a whole layer's K/V
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
         return self.keys, self.values
 
