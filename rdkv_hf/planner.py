@@ -1,7 +1,8 @@
 """From prompt statistics to widths: which mode decides each head's budget.
 
 ``rdkv``: every KV head gets the same budget, RDKV spends it on V tokens then K channels.
-``rdkv+profile``: a profile's RateQuant allocation gives each head its own K and V budgets.
+``rdkv+profile``: a profile's RateQuant allocation gives each head its own K and V budgets (each at
+least ``head_floor`` of the mean).
 ``ratequant``: one width per head for K and one for V from the profile, nothing evicted.
 ``uniform``: one width everywhere, nothing evicted.
 """
@@ -78,7 +79,8 @@ def profile_head_bits(config: RDKVConfig, profile) -> tuple[torch.Tensor, torch.
     codes get ``budget`` less the scales' share (``16 / head_dim`` for V's per-token scale and
     minimum, averaged over K and V; K's per-channel share is below 0.02 bit past 1K tokens).
     ``rdkv+profile``: real-valued budgets (closed form) averaging ``budget``, which RDKV then spends
-    inside each head, scales included.
+    inside each head, scales included; every budget is then raised to at least
+    ``head_floor * budget`` (:func:`floor_head_bits`), the mean unchanged.
     """
     if profile is None:
         raise ValueError(f"mode={config.mode!r} needs a profile: patch(model, budget=..., profile=repo_id_or_dir)")
@@ -98,4 +100,24 @@ def profile_head_bits(config: RDKVConfig, profile) -> tuple[torch.Tensor, torch.
     if not 1 <= config.budget <= 8:
         raise ValueError(f"mode='rdkv+profile' needs `budget` in [1, 8] bits, got {config.budget}; use mode='rdkv' outside it")
     lo, hi = 0, min(16, int(config.budget * 4))  # integer bounds; eviction makes low budgets meaningful
-    return profile.head_bits(config.budget, integer=False, bounds=(lo, hi))
+    k_bits, v_bits = profile.head_bits(config.budget, integer=False, bounds=(lo, hi))
+    return floor_head_bits(k_bits, v_bits, config.head_floor * config.budget)
+
+
+def floor_head_bits(k_bits: torch.Tensor, v_bits: torch.Tensor, floor_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raise every K and V budget to at least `floor_bits`, keeping the mean (RDKVConfig.head_floor).
+
+    Budgets below the floor are lifted to it; what each budget holds above the floor is then scaled
+    by one factor so that the mean is unchanged. The factor is at most 1, so no budget grows past
+    the closed form's upper bound, and the order of the heads is kept. ``floor_bits <= 0``, or an
+    allocation already above the floor, is returned as is.
+    """
+    both = torch.stack([k_bits, v_bits]).double()
+    mean = both.mean()
+    if floor_bits <= 0 or both.min() >= floor_bits:
+        return k_bits, v_bits
+    if floor_bits >= mean:
+        raise ValueError(f"a head floor of {floor_bits:.3g} bits is not below the mean budget {mean.item():.3g}; lower `head_floor`")
+    above = both.clamp(min=floor_bits) - floor_bits
+    both = floor_bits + above * ((mean - floor_bits) / above.mean())
+    return both[0], both[1]

@@ -1,0 +1,85 @@
+"""RDKVConfig.head_floor and the head budgets of mode 'rdkv+profile' (planner.profile_head_bits)."""
+
+import pytest
+import torch
+
+from rdkv_hf import RDKVProfile
+from rdkv_hf.config import RDKVConfig
+from rdkv_hf.planner import Planner, floor_head_bits, profile_head_bits
+
+
+@pytest.fixture(scope="module")
+def prof():
+    # The shipped SmolLM2 profile: 30 layers x 3 KV heads, with heads the closed form starves to 0 bits.
+    return RDKVProfile.from_pretrained("smollm2-135m-instruct")
+
+
+def cfg(budget, **kw):
+    return RDKVConfig(budget=budget, mode="rdkv+profile", profile="smollm2-135m-instruct", **kw)
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.5, 1.6, 2.5, 4.0])
+@pytest.mark.parametrize("floor", [0.1, 0.25, 0.5, 0.9])
+def test_floor_is_respected_and_the_mean_kept(prof, budget, floor):
+    kb, vb = profile_head_bits(cfg(budget, head_floor=floor), prof)
+    both = torch.stack([kb, vb])
+    assert both.min() >= floor * budget - 1e-12
+    assert abs(both.mean().item() - budget) < 1e-9  # the total is exactly 2N * budget
+    hi = min(16, int(budget * 4))  # the closed form's upper bound still holds
+    assert both.max() <= hi + 1e-12
+
+
+@pytest.mark.parametrize("budget", [1.0, 2.5])
+def test_zero_floor_reproduces_the_profile_allocation(prof, budget):
+    kb, vb = profile_head_bits(cfg(budget, head_floor=0), prof)
+    k0, v0 = prof.head_bits(budget, integer=False, bounds=(0, min(16, int(budget * 4))))
+    assert torch.equal(kb, k0) and torch.equal(vb, v0)
+    if budget == 1.0:
+        assert (torch.stack([k0, v0]) == 0).any()  # the shipped profile does evict whole heads without it
+
+
+def test_default_floor_lifts_starved_heads_and_keeps_the_order(prof):
+    assert RDKVConfig().head_floor == 0.25
+    k0, v0 = profile_head_bits(cfg(1.0, head_floor=0), prof)
+    kb, vb = profile_head_bits(cfg(1.0), prof)
+    old, new = torch.stack([k0, v0]).flatten(), torch.stack([kb, vb]).flatten()
+    assert new.min() == pytest.approx(0.25) and old.min() == 0
+    above = old > 0.25
+    # Above the floor the allocation is the profile's, scaled by one factor: order kept.
+    assert torch.equal(torch.argsort(old[above]), torch.argsort(new[above]))
+    assert Planner(cfg(1.0), prof)._head_bits[1].min() >= 0.25 - 1e-12
+
+
+def test_floor_head_bits_edge_cases():
+    k, v = torch.tensor([[0.0, 2.0]], dtype=torch.float64), torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    assert floor_head_bits(k, v, 0.0) == (k, v)  # off
+    kf, vf = floor_head_bits(k, v, 0.5)
+    both = torch.stack([kf, vf])
+    assert both.min() == pytest.approx(0.5) and both.mean().item() == pytest.approx(1.0)
+    assert kf[0, 1] > vf[0, 0] > kf[0, 0]  # order kept
+    same = torch.ones(1, 2, dtype=torch.float64)
+    assert floor_head_bits(same, same, 0.5) == (same, same)  # already above the floor
+    with pytest.raises(ValueError, match="head_floor"):
+        floor_head_bits(k, v, 1.0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, True, "0.25"])
+def test_head_floor_validation_names_the_value_and_the_fix(bad):
+    with pytest.raises(ValueError, match=r"`head_floor`.*\[0, 1\).*got " + repr(bad).replace(".", r"\.") + r".*0 turns the floor off"):
+        RDKVConfig(head_floor=bad)
+
+
+def test_head_floor_round_trips_and_other_modes_ignore_it():
+    c = RDKVConfig(head_floor=0.1)
+    d = c.to_dict()
+    assert d["head_floor"] == 0.1 and RDKVConfig.from_dict(d) == c
+    assert RDKVConfig(head_floor=0).head_floor == 0.0 and isinstance(RDKVConfig(head_floor=0).head_floor, float)
+    # An old saved config without the key takes the default.
+    d.pop("head_floor")
+    assert RDKVConfig.from_dict(d).head_floor == 0.25
+    # Plain rdkv has equal head budgets: the floor changes nothing there.
+    w_tok, w_ch = torch.rand(1, 2, 40, generator=torch.Generator().manual_seed(0)), torch.rand(1, 2, 16)
+    real = torch.ones(1, 40, dtype=torch.bool)
+    a = Planner(RDKVConfig(budget=2.0, head_floor=0.0)).widths(0, w_tok, w_ch, real)
+    b = Planner(RDKVConfig(budget=2.0, head_floor=0.5)).widths(0, w_tok, w_ch, real)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
