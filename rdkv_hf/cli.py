@@ -30,12 +30,12 @@ def _csv(cast):
 def _eval(args) -> int:
     import torch
 
-    from .evaluate import QUICK, EvalSettings, default_profile, evaluate
+    from .evaluate import MODEL_DEFAULTS, QUICK, EvalSettings, default_profile, evaluate
     from .models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = QUICK if args.quick else {}
+    preset = {**MODEL_DEFAULTS.get(args.model, {}), **(QUICK if args.quick else {})}
     given = {k: getattr(args, k) for k in ("tasks", "methods", "budgets", "lengths", "samples", "windows",
                                            "ppl_length", "continuation", "ruler_tasks", "haystack", "seed")}
     settings = EvalSettings(args.model, **{**preset, **{k: v for k, v in given.items() if v is not None}})
@@ -117,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=_csv(str), help="comma list of ppl, ruler, distortion (default: all)")
     e.add_argument("--methods", type=_csv(str), help="comma list of methods, each optionally with options name:key=value:key=value (default: all; "
                    "full, rdkv, rdkv+profile, ratequant, uniform-2, uniform-4, quanto-2, quanto-4, snapkv, adakv, streamingllm)")
-    e.add_argument("--budgets", type=_csv(float), help="bits per element for the budgeted methods (default 1,1.5,2.5,4)")
-    e.add_argument("--lengths", type=_csv(int), help="RULER prompt lengths (default 1024,2048,3072)")
+    e.add_argument("--budgets", type=_csv(float), help="bits per element for the budgeted methods (default 1,1.5,2.5,4; gemma3-270m: 0.4,1.6,2.5)")
+    e.add_argument("--lengths", type=_csv(int), help="RULER prompt lengths (default 1024,2048,3072; gemma3-270m: 4096,8192,16384)")
     e.add_argument("--samples", type=int, help="RULER samples per task and length (default 2)")
-    e.add_argument("--windows", type=int, help="text windows for ppl/distortion (default 4)")
-    e.add_argument("--ppl-length", type=int, help="prompt tokens of a ppl window (default 2048)")
+    e.add_argument("--windows", type=int, help="text windows for ppl/distortion (default 4; gemma3-270m: 2)")
+    e.add_argument("--ppl-length", type=int, help="prompt tokens of a ppl window (default 2048; gemma3-270m: 8192)")
     e.add_argument("--continuation", type=int, help="continuation tokens scored (default 256)")
     e.add_argument("--ruler-tasks", type=_csv(str), help="RULER tasks (default niah_single,niah_multikey: the ones SmolLM2-135M answers with the full cache)")
-    e.add_argument("--haystack", choices=("noise", "text"), help="RULER haystack (default noise)")
+    e.add_argument("--haystack", choices=("noise", "text"), help="RULER haystack (default noise; gemma3-270m: text)")
     e.add_argument("--seed", type=int, help="first seed of windows and samples (default 0)")
     e.add_argument("--profile", default=None, help="profile dir or name (default: the shipped one for the model, if any)")
     e.add_argument("--no-profile", action="store_true", help="skip the methods that need a profile")

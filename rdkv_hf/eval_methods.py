@@ -8,7 +8,10 @@
 * :func:`build_cache`: a method's cache after that prompt, compressed exactly as its attention
   would have compressed it (RDKV and the baselines compress each layer right after the layer's
   full-precision prompt attention; ``QuantizedCache`` attends the prompt unquantized).
-* :func:`cache_nbytes`: the bytes a cache holds, measured from its stored tensors.
+* :func:`cache_nbytes`: the bytes a cache holds, measured from its stored tensors;
+  :func:`layer_nbytes` per layer, and :func:`global_layers` says which layers are full-attention
+  (the ones RDKV and the baselines compress; a sliding-window layer keeps Transformers' bounded
+  cache in every method).
 """
 
 from __future__ import annotations
@@ -85,10 +88,10 @@ METHODS: dict[str, Method] = {
 }
 
 # Options a method spec may carry ("rdkv:window=64:pool_kernel=7"), by kind. RDKV kinds take
-# RDKVConfig knobs plus the evaluation-only variants `sinks`, `recent` and `head_floor`
-# (see _VariantPlanner).
-_RDKV_OPTIONS = ("window", "pool_kernel", "k_share", "widths", "high_precision_dtype", "backend", "sinks", "recent",
-                 "head_floor")
+# RDKVConfig knobs (`head_floor` for rdkv+profile only, e.g. "rdkv+profile:head_floor=0" for the
+# profile's allocation as is) plus the evaluation-only variants `sinks` and `recent` (see _VariantPlanner).
+_RDKV_OPTIONS = ("window", "pool_kernel", "k_share", "head_floor", "widths", "high_precision_dtype", "backend", "sinks",
+                 "recent")
 _OPTIONS = {
     "full": (),
     "rdkv": _RDKV_OPTIONS,
@@ -149,7 +152,9 @@ class Prefill:
 
     ``keys`` / ``values``: ``[B, kv_heads, T, D]`` post-RoPE, as the attention received them;
     ``queries``: the last ``window`` post-RoPE queries ``[B, heads, window, D]``; ``logits``: ``[vocab]``
-    at the last prompt token; ``bf16_bytes``: what a bf16 DynamicCache of the prompt holds.
+    at the last prompt token; ``bf16_bytes``: what a bf16 DynamicCache of the prompt holds (every
+    layer, sliding-window layers at their bounded size); ``global_bf16_bytes``: the same for the
+    full-attention layers only (``global_layers``), the ones the compressed methods compress.
     """
 
     keys: list
@@ -160,20 +165,58 @@ class Prefill:
     tokens: int
     bf16_bytes: int
     seconds: float
+    global_layers: tuple = ()
+    global_bf16_bytes: int = 0
 
 
 _captured: dict | None = None  # layer_idx -> (query window, key, value, scaling) during a capture
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """sdpa, plus a copy of what RDKV's prompt step reads: the last queries, K and V."""
+    """sdpa, plus a copy of what RDKV's prompt step reads: the last queries, K and V.
+
+    A sliding-window layer's prompt attention (batch 1, no cache) is computed in blocks of
+    queries against only the keys their window reaches (:func:`_sliding_prompt_attention`): the
+    same attention as sdpa under the sliding mask, without the masked-out products that sdpa
+    computes anyway (at 16K tokens and window 512, 16 times fewer).
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _captured is not None:
         window = _captured["window"]
         s = scaling if scaling is not None else query.shape[-1] ** -0.5
         _captured[module.layer_idx] = (query[:, :, -window:].clone(), key, value, s)
+    sliding = kwargs.get("sliding_window")
+    T = query.shape[2]
+    if sliding and T > sliding and query.shape[0] == 1 and key.shape[2] == T and not dropout:
+        s = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _sliding_prompt_attention(query, key, value, sliding, s), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _sliding_prompt_attention(query, key, value, window: int, scaling: float) -> torch.Tensor:
+    """Causal sliding-window attention of a whole prompt: token i attends to tokens
+    ``i - window < j <= i`` (Transformers' sliding mask), computed per block of `window` queries
+    against the at most ``2 * window - 1`` keys that block can see.
+
+    Args:
+        query: ``[1, heads, T, D]``; key, value: ``[1, kv_heads, T, D]`` (GQA groups repeated here).
+    Returns:
+        ``[1, T, heads, D]``, the layout the attention interface returns.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    T = query.shape[2]
+    out = torch.empty_like(query)
+    for start in range(0, T, window):
+        end, lo = min(T, start + window), max(0, start - window + 1)
+        i = torch.arange(start, end)[:, None]
+        j = torch.arange(lo, end)[None, :]
+        mask = (j <= i) & (j > i - window)
+        out[:, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, lo:end], value[:, :, lo:end], attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
 
 
 def _register_capture() -> None:
@@ -204,9 +247,21 @@ def prefill(model, input_ids: torch.Tensor, window: int = 32) -> Prefill:
         raise RuntimeError(f"the prompt forward reached the attention of layers {layers} only")
     q, k, v, s = zip(*(got[i] for i in layers))
     full = _full_cache(model, k, v)
-    bf16 = sum(layer.keys.numel() * 2 + layer.values.numel() * 2 for layer in full.layers)
-    return Prefill(list(k), list(v), list(q), list(s), out.logits[0, -1].float(), input_ids.shape[1], bf16,
-                   time.perf_counter() - start)
+    bf16 = [layer.keys.numel() * 2 + layer.values.numel() * 2 for layer in full.layers]
+    glob = global_layers(model)
+    return Prefill(list(k), list(v), list(q), list(s), out.logits[0, -1].float(), input_ids.shape[1], sum(bf16),
+                   time.perf_counter() - start, glob, sum(bf16[i] for i in glob))
+
+
+def global_layers(model_or_config) -> tuple:
+    """Indices of the full-attention layers of a model (or its config): the layers RDKV and the
+    eviction baselines compress. Sliding-window layers (Gemma 3: five of every six) keep
+    Transformers' own cache, bounded by the window, in every method."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = getattr(model_or_config, "config", model_or_config)
+    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
 def _full_cache(model, keys, values):
@@ -226,25 +281,14 @@ class _VariantPlanner(Planner):
     """Evaluation-only variants of RDKV, to measure cheap fixes without changing the defaults:
 
     * ``sinks`` / ``recent``: the first / last that many prompt tokens of every head are kept at
-      16 bits (their weight is raised above every other token's), paid from the same budget;
-    * ``head_floor`` (``rdkv+profile``): every head's K and V budget is at least that share of the
-      mean budget; the rest of the profile's allocation is scaled down so the mean is unchanged.
+      16 bits (their weight is raised above every other token's), paid from the same budget.
+
+    (The head floor of ``rdkv+profile``, first measured here, is now ``RDKVConfig.head_floor``.)
     """
 
-    def __init__(self, config, profile, sinks: int = 0, recent: int = 0, head_floor: float = 0.0):
+    def __init__(self, config, profile, sinks: int = 0, recent: int = 0):
         super().__init__(config, profile)
         self.sinks, self.recent = int(sinks), int(recent)
-        if head_floor:
-            if self._head_bits is None or config.mode != "rdkv+profile":
-                raise ValueError("`head_floor` applies to method 'rdkv+profile' only")
-            if not 0 < head_floor < 1:
-                raise ValueError(f"`head_floor` must be in (0, 1), got {head_floor}")
-            kb, vb = (b.double() for b in self._head_bits)
-            both = torch.stack([kb, vb])
-            mean, low = both.mean(), head_floor * config.budget
-            raised = both.clamp(min=low)
-            both = low + (raised - low) * (mean - low) / (raised - low).mean()
-            self._head_bits = (both[0], both[1])
 
     def widths(self, layer_idx, w_tok, w_ch, real):
         if self.sinks or self.recent:
@@ -294,7 +338,9 @@ def rdkv_planner(method: Method, budget: float, profile=None) -> Planner:
     Only the profile methods get the profile: plain ``rdkv`` keeps RDKVConfig's default tables.
     """
     opts = dict(method.options)
-    variant = {k: opts.pop(k) for k in ("sinks", "recent", "head_floor") if k in opts}
+    variant = {k: opts.pop(k) for k in ("sinks", "recent") if k in opts}
+    if "head_floor" in opts and method.mode != "rdkv+profile":
+        raise ValueError(f"`head_floor` applies to method 'rdkv+profile' only, not {method.name!r}")
     profile_id = None
     if method.needs_profile:
         if profile is None:
@@ -306,8 +352,15 @@ def rdkv_planner(method: Method, budget: float, profile=None) -> Planner:
     return _VariantPlanner(cfg, profile, **variant) if variant else Planner(cfg, profile)
 
 
-def check_cell(method: Method, budget, profile=None) -> str | None:
-    """Why `method` cannot run at `budget` (e.g. RateQuant below its cheapest width), or None."""
+def check_cell(method: Method, budget, profile=None, model=None) -> str | None:
+    """Why `method` cannot run at `budget` (e.g. RateQuant below its cheapest width), or None.
+
+    With `model`, also why it cannot run on that model (Transformers' QuantizedCache refuses models
+    with sliding-window layers, such as Gemma 3)."""
+    if method.kind == "quanto" and model is not None:
+        n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        if len(global_layers(model)) < n_layers:
+            return "Transformers' QuantizedCache supports only models whose layers are all full attention"
     if method.kind != "rdkv" or method.mode == "uniform":
         return None
     try:
@@ -341,15 +394,22 @@ def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes a cache holds: RDKVCache.nbytes, or every stored tensor of a Transformers cache
-    (QuantizedCache: packed codes, scales and shifts, plus its full-precision residual)."""
-    if isinstance(cache, RDKVCache):
-        return cache.nbytes
-    n = 0
+def layer_nbytes(cache) -> list[int]:
+    """Bytes each layer of a cache holds: RDKVLayer.nbytes, or every stored tensor of a
+    Transformers layer (QuantizedCache: packed codes, scales and shifts, plus its full-precision
+    residual; a sliding-window layer: the last ``window - 1`` tokens it keeps)."""
+    out = []
     for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False):
-            continue
-        n += _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
-        n += _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)
-    return n
+        if isinstance(layer, RDKVLayer):
+            out.append(layer.nbytes)
+        elif not getattr(layer, "is_initialized", False):
+            out.append(0)
+        else:
+            n = _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
+            out.append(n + _tensor_bytes(layer.keys) + _tensor_bytes(layer.values))
+    return out
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a cache holds, all layers (see :func:`layer_nbytes`)."""
+    return sum(layer_nbytes(cache))

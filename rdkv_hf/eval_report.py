@@ -8,6 +8,10 @@ Every number is aggregated over the cells of one ``(task, method, budget, length
 * ``ruler``: the mean RULER score in percent over tasks and samples.
 
 Bytes are the mean measured bytes after the prompt, as a share of a bf16 cache of the same tokens.
+On a model with sliding-window layers (Gemma 3) the methods compress only the full-attention
+("global") layers: the share they are compared at is that of the global layers
+(``pct_global_bf16``, ``bits_per_element``), and the tables also give the sliding layers' bytes and
+the total over all layers.
 """
 
 from __future__ import annotations
@@ -41,13 +45,19 @@ def summarize(records: list[dict]) -> list[dict]:
             value = 100.0 * sum(r["value"] for r in rs) / len(rs)
         else:
             value = sum(r["value"] for r in rs) / len(rs)
+        bits = sum(r["bits_per_element"] for r in rs) / len(rs)
         rows.append({
             "task": kind, "method": method, "label": rs[0]["label"], "budget": budget, "length": length,
             "cells": len(rs), "value": value,
             "pct_bf16": sum(r["pct_bf16"] for r in rs) / len(rs),
-            "bits_per_element": sum(r["bits_per_element"] for r in rs) / len(rs),
+            "bits_per_element": bits, "pct_global_bf16": 100.0 * bits / 16,
             "nbytes": sum(r["nbytes"] for r in rs) / len(rs),
+            # Cells written before the global/sliding split came from models without sliding layers.
+            "sliding_nbytes": sum(r.get("sliding_nbytes", 0) for r in rs) / len(rs),
+            "global_nbytes": sum(r.get("global_nbytes", r["nbytes"]) for r in rs) / len(rs),
         })
+        if kind == "ruler" and all("chat" in r for r in rs):
+            rows[-1]["chat"] = rs[0]["chat"]
     return sorted(rows, key=lambda r: (r["task"], r["length"], r["method"], -1 if r["budget"] is None else r["budget"]))
 
 
@@ -89,18 +99,41 @@ def _order(rows, methods) -> list[tuple[str, object]]:
     return seen
 
 
-def markdown(rows: list[dict], settings, skipped=(), records_by_task=None) -> str:
+def _has_sliding(rows) -> bool:
+    return any(r.get("sliding_nbytes", 0) > 0 for r in rows)
+
+
+def _layers_note(layers: dict | None) -> list[str]:
+    """What the byte shares cover on a model with sliding-window layers."""
+    if not layers:
+        return []
+    glob, n = layers["global_layers"], layers["n_layers"]
+    return ["", f"Layers: {len(glob)} of the {n} layers are full-attention (\"global\": layers {', '.join(map(str, glob))}); "
+            f"the other {n - len(glob)} are sliding-window layers, which keep Transformers' bounded cache (the last "
+            "window - 1 tokens, in the model's float32) in **every** method, the full cache included. Only the global "
+            "layers are compressed, so `% of global bf16` = bytes of the global layers / a bf16 cache of the same tokens "
+            "in those layers, and `bits` = 16 x that share; `sliding` = bytes of the sliding layers; `total` = bytes of "
+            "all layers and their share of a bf16 cache of all layers (sliding layers at their bounded size)."]
+
+
+def markdown(rows: list[dict], settings, skipped=(), records_by_task=None, layers=None, samples=None) -> str:
     """The report as markdown: one table per task kind, then quality at matched bytes.
 
-    `records_by_task`: rows of :func:`summarize_ruler_tasks` for the per-task RULER table."""
+    `records_by_task`: rows of :func:`summarize_ruler_tasks` for the per-task RULER table.
+    `layers`: ``{"global_layers": [...], "n_layers": n}`` of a model with sliding-window layers
+    (the tables then give global-layer shares, sliding and total bytes). `samples`: of
+    :func:`ruler_samples`, for the RULER section's text."""
     methods = list(settings.methods)
     labels = {r["method"]: r["label"] for r in rows}
+    sliding = _has_sliding(rows)
+    pct_name = "% of global bf16" if sliding else "% of bf16"
     out = [f"# KV-cache evaluation: {settings.model_name}", ""]
     out.append(
         "Bytes are measured after the prompt (codes, scales, indices, full-precision parts) and given as a "
         "share of a bf16 cache of the same tokens; `bits` = 16 x that share (the model runs in float32, so "
         "the full cache holds 200%). Budget = the nominal setting in bits per element; fixed methods have none."
     )
+    out += _layers_note(layers if sliding else None)
     if skipped:
         out += ["", "Skipped: " + "; ".join(skipped) + "."]
     tf = [r for r in rows if r["task"] in ("ppl", "distortion")]
@@ -111,7 +144,11 @@ def markdown(rows: list[dict], settings, skipped=(), records_by_task=None) -> st
                 "Distortion: ||o - o_full|| / ||o_full|| of each attention module's output on the continuation, "
                 "mean over layers (max layer in brackets).", ""]
         full_ppl = next((r["value"] for r in tf if r["task"] == "ppl" and r["method"] == "full"), None)
-        out += ["| method | budget | KV bytes | % of bf16 | bits | PPL | vs full | attn. error |", "|---|---|---|---|---|---|---|---|"]
+        if sliding:
+            out += ["| method | budget | global KV bytes | % of global bf16 | bits | sliding | total (% of bf16) | PPL | vs full | attn. error |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
+        else:
+            out += ["| method | budget | KV bytes | % of bf16 | bits | PPL | vs full | attn. error |", "|---|---|---|---|---|---|---|---|"]
         for m, b in _order(tf, methods):
             ppl = next((r for r in tf if r["task"] == "ppl" and r["method"] == m and r["budget"] == b), None)
             dis = next((r for r in tf if r["task"] == "distortion" and r["method"] == m and r["budget"] == b), None)
@@ -119,28 +156,64 @@ def markdown(rows: list[dict], settings, skipped=(), records_by_task=None) -> st
             value = f"{ppl['value']:.3f}" if ppl else ""
             rel = f"{100 * (ppl['value'] / full_ppl - 1):+.1f}%" if ppl and full_ppl else ""
             err = f"{dis['value']:.3f} ({dis.get('max_layer', dis['value']):.3f})" if dis else ""
-            out.append(f"| {labels[m]} | {_fmt_budget(b)} | {base['nbytes'] / 2**20:.2f} MiB | {base['pct_bf16']:.1f}% | "
-                       f"{base['bits_per_element']:.2f} | {value} | {rel} | {err} |")
+            if sliding:
+                out.append(f"| {labels[m]} | {_fmt_budget(b)} | {base['global_nbytes'] / 2**20:.2f} MiB | {base['pct_global_bf16']:.1f}% | "
+                           f"{base['bits_per_element']:.2f} | {base['sliding_nbytes'] / 2**20:.2f} MiB | "
+                           f"{base['nbytes'] / 2**20:.2f} MiB ({base['pct_bf16']:.1f}%) | {value} | {rel} | {err} |")
+            else:
+                out.append(f"| {labels[m]} | {_fmt_budget(b)} | {base['nbytes'] / 2**20:.2f} MiB | {base['pct_bf16']:.1f}% | "
+                           f"{base['bits_per_element']:.2f} | {value} | {rel} | {err} |")
     ru = [r for r in rows if r["task"] == "ruler"]
     if ru:
         lengths = sorted({r["length"] for r in ru})
         out += ["", "## RULER-style tasks", "",
-                f"Tasks {', '.join(settings.ruler_tasks)}; {settings.samples} sample(s) per task and length, "
-                f"{settings.haystack} haystack, greedy decoding, RULER string match (score in %).", ""]
-        head = "| method | budget | % of bf16 | " + " | ".join(f"{n}" for n in lengths) + " | mean | vs full |"
-        out += [head, "|" + "---|" * (5 + len(lengths))]
+                f"Tasks {', '.join(settings.ruler_tasks)}; {_samples_text(samples, settings)}, "
+                f"{settings.haystack} haystack, greedy decoding, RULER string match (score in %)."
+                + (f" Prompts: {prompt_style(rows)}." if prompt_style(rows) else "")
+                + (" Byte shares are means over the lengths; `total` is all layers' share of an all-layer bf16 cache "
+                   "(the sliding layers' share shrinks as the prompt grows)." if sliding else ""), ""]
+        head = f"| method | budget | {pct_name} | " + ("total % of bf16 | " if sliding else "") + " | ".join(f"{n}" for n in lengths) + " | mean | vs full |"
+        out += [head, "|" + "---|" * (5 + len(lengths) + sliding)]
         full = [r["value"] for r in ru if r["method"] == "full"]
         full_mean = sum(full) / len(full) if full else None
         for m, b in _order(ru, methods):
             cells = {r["length"]: r for r in ru if r["method"] == m and r["budget"] == b}
             mean = sum(c["value"] for c in cells.values()) / len(cells)
-            pct = sum(c["pct_bf16"] for c in cells.values()) / len(cells)
+            pct = sum(c["pct_global_bf16"] for c in cells.values()) / len(cells)
+            total = f"{sum(c['pct_bf16'] for c in cells.values()) / len(cells):.1f}% | " if sliding else ""
             vs = f"{100 * mean / full_mean:.1f}%" if full_mean else ""
             vals = " | ".join(f"{cells[n]['value']:.1f}" if n in cells else "" for n in lengths)
-            out.append(f"| {labels[m]} | {_fmt_budget(b)} | {pct:.1f}% | {vals} | {mean:.1f} | {vs} |")
+            out.append(f"| {labels[m]} | {_fmt_budget(b)} | {pct:.1f}% | {total}{vals} | {mean:.1f} | {vs} |")
         out += _ruler_by_task(records_by_task, methods, labels)
-    out += _matched_section(rows, methods, labels)
+    out += _matched_section(rows, methods, labels, pct_name)
     return "\n".join(out) + "\n"
+
+
+def ruler_samples(records: list[dict]) -> dict:
+    """``{(task, length): number of samples}`` of the RULER cells (distinct seeds)."""
+    seeds = defaultdict(set)
+    for r in records:
+        if _kind(r["task"]) == "ruler":
+            seeds[(r["task"].partition("/")[2], r["length"])].add(r["seed"])
+    return {k: len(v) for k, v in sorted(seeds.items())}
+
+
+def _samples_text(samples, settings) -> str:
+    """"2 sample(s) per task and length", or each task's count at each length when they differ
+    (the mean of a row then weighs each task by its samples)."""
+    if not samples or set(samples.values()) == {settings.samples}:
+        return f"{settings.samples} sample(s) per task and length"
+    by_task = defaultdict(list)
+    for (task, n), c in samples.items():
+        by_task[task].append(f"{c} at {n}")
+    return ("samples: " + "; ".join(f"{t} {', '.join(v)}" for t, v in by_task.items())
+            + " (a row's score pools the samples, so tasks with more samples weigh more; see the per-task table)")
+
+
+def prompt_style(rows) -> str:
+    """How the RULER prompts were rendered ("chat template" / "raw text"), from the rows' cells."""
+    styles = {r["chat"] for r in rows if "chat" in r}
+    return ", ".join("chat template" if c else "raw text (no chat template)" for c in sorted(styles))
 
 
 def summarize_ruler_tasks(records: list[dict]) -> list[dict]:
@@ -165,7 +238,7 @@ def _ruler_by_task(rows, methods, labels) -> list[str]:
     return out
 
 
-def _matched_section(rows, methods, labels) -> list[str]:
+def _matched_section(rows, methods, labels, pct_name="% of bf16") -> list[str]:
     """Quality of every method interpolated at the measured bytes of the reference method's points."""
     ref = next((m for m in ("rdkv+profile", "rdkv") if m in methods and any(r["method"] == m for r in rows)), None)
     if ref is None:
@@ -180,7 +253,7 @@ def _matched_section(rows, methods, labels) -> list[str]:
             continue
         others = [m for m in methods if m != "full" and any(r["method"] == m and r["task"] == task for r in rows)]
         out += ["", f"{_METRIC_NAMES[task]}:", "",
-                "| bits (% of bf16) | " + " | ".join(labels[m] for m in others) + " |", "|---|" + "---|" * len(others)]
+                f"| bits ({pct_name}) | " + " | ".join(labels[m] for m in others) + " |", "|---|" + "---|" * len(others)]
         for bits, _ in ref_pts:
             vals = []
             for m in others:
@@ -224,11 +297,11 @@ def plot(rows: list[dict], path: Path, settings) -> Path | None:
             if off:
                 ax.plot(*zip(*off), linestyle="none", marker="^", markersize=9, color=line.get_color())
         ax.set_xscale("log")
-        ticks = [t for t in (4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 100)]
+        ticks = [t for t in (1, 2, 2.5, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 100)]
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("KV cache bytes, % of a bf16 cache (log)")
+        ax.set_xlabel("KV cache bytes of the global layers, % of bf16 (log)" if _has_sliding(rows) else "KV cache bytes, % of a bf16 cache (log)")
         ax.set_ylabel(_METRIC_NAMES[kind])
         if kind == "distortion":
             ax.set_yscale("log")
@@ -270,7 +343,9 @@ def write_reports(records: list[dict], out_dir, settings, skipped=()) -> dict:
     by_task = summarize_ruler_tasks(records)
     data["ruler_by_task"] = by_task
     paths["json"].write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    paths["table"].write_text(markdown(rows, settings, skipped, by_task), encoding="utf-8")
+    split = next((r for r in records if r.get("sliding_nbytes", 0) > 0), None)
+    layers = {"global_layers": split["global_layers"], "n_layers": split["n_layers"]} if split else None
+    paths["table"].write_text(markdown(rows, settings, skipped, by_task, layers, ruler_samples(records)), encoding="utf-8")
     png = plot(rows, out_dir / "rate_distortion.png", settings)
     if png is not None:
         paths["png"] = png

@@ -14,7 +14,11 @@ Tasks:
 * ``ruler``: RULER-style samples from :mod:`rdkv_hf.tasks`, greedy decoding, RULER string match.
 
 Every method is compared at its *measured* bytes: the bytes its cache holds right after the prompt,
-also given as a share of a bf16 cache of the same tokens.
+also given as a share of a bf16 cache of the same tokens. On a model with sliding-window layers
+(Gemma 3) only the full-attention ("global") layers are compressed; every method keeps the same
+bounded cache in the sliding layers. Each cell then records the bytes of the global layers and their
+share of those layers' bf16 bytes (``pct_global_bf16``, the share the methods are matched at), the
+sliding layers' bytes, and the total over all layers (``nbytes``, ``pct_bf16``).
 
 The prompt's forward is the same for every method: RDKV and the eviction baselines compress each
 layer right after that layer's (full-precision) prompt attention, and ``QuantizedCache`` attends the
@@ -48,6 +52,8 @@ from .eval_methods import (
     build_cache,
     cache_nbytes,
     check_cell,
+    global_layers,
+    layer_nbytes,
     parse_method,
     prefill,
     rdkv_planner,
@@ -58,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS", "Method", "Prefill", "EvalSettings", "ResultStore", "build_cache", "cache_nbytes", "cell_key",
-    "check_cell", "default_profile", "evaluate", "greedy_decode", "parse_method", "prefill", "rdkv_planner",
+    "MODEL_DEFAULTS", "check_cell", "default_profile", "evaluate", "global_layers", "greedy_decode", "layer_nbytes", "parse_method", "prefill", "rdkv_planner",
     "relative_errors", "teacher_forced", "uniform_budget",
 ]
 
@@ -226,28 +232,42 @@ def _budgets(method: Method, budgets) -> list:
     return list(budgets) if method.budgeted else [None]
 
 
-def _record(settings, task, method, budget, length, seed, pre, nbytes, seconds, **values) -> dict:
+def _record(settings, task, method, budget, length, seed, pre, layer_bytes, seconds, **values) -> dict:
+    """One cell's line. `layer_bytes`: the bytes each layer of the method's cache holds.
+
+    ``bits_per_element`` is 16 x the global layers' bytes over their bf16 bytes: the bits per
+    element of the layers the methods compress (on a model without sliding layers, of all layers)."""
+    nbytes = sum(layer_bytes)
+    glob = sum(layer_bytes[i] for i in pre.global_layers)
     return {
         "key": cell_key(settings.model_name, task, method.spec, budget, length, seed),
         "model": settings.model_name, "task": task, "method": method.spec, "label": method.display,
         "budget": budget, "length": length, "seed": seed, "prompt_tokens": pre.tokens,
         "nbytes": nbytes, "bf16_bytes": pre.bf16_bytes, "pct_bf16": 100.0 * nbytes / pre.bf16_bytes,
-        "bits_per_element": 16.0 * nbytes / pre.bf16_bytes, "seconds": round(seconds, 3), **values,
+        "global_layers": list(pre.global_layers), "n_layers": len(layer_bytes),
+        "global_nbytes": glob, "global_bf16_bytes": pre.global_bf16_bytes, "sliding_nbytes": nbytes - glob,
+        "pct_global_bf16": 100.0 * glob / pre.global_bf16_bytes,
+        "bits_per_element": 16.0 * glob / pre.global_bf16_bytes, "seconds": round(seconds, 3), **values,
     }
 
 
 def _window_ids(tokenizer, settings: EvalSettings, cache: dict) -> list:
-    """The ``ppl`` windows: ``ppl_length + continuation + 1`` eval tokens, one seeded start each
-    (drawn per seed, so window i does not depend on how many windows are asked for)."""
+    """The ``ppl`` windows: ``ppl_length + continuation + 1`` tokens, one seeded start each in the
+    eval text (drawn per seed, so window i does not depend on how many windows are asked for).
+
+    A window starts with the special tokens the tokenizer puts before any text (Gemma's BOS, which
+    the model needs; none for SmolLM2), followed by eval tokens up to the window's length."""
     if "ids" not in cache:
         from .text import encode_text
 
         cache["ids"] = encode_text(tokenizer, "eval")
-    ids, n = cache["ids"], settings.ppl_length + settings.continuation + 1
+        cache["lead"] = torch.tensor(tokenizer("", return_attention_mask=False).input_ids, dtype=torch.long)
+    ids, lead = cache["ids"], cache["lead"]
+    n = settings.ppl_length + settings.continuation + 1 - len(lead)
     if len(ids) < n:
         raise ValueError(f"the eval text has {len(ids)} tokens, fewer than the {n} a window needs; lower `ppl_length`")
     starts = [random.Random(f"ppl:{settings.seed + i}").randrange(len(ids) - n + 1) for i in range(settings.windows)]
-    return [ids[s : s + n][None] for s in starts]
+    return [torch.cat([lead, ids[s : s + n]])[None] for s in starts]
 
 
 def evaluate(model, tokenizer, settings: EvalSettings, out_dir, profile=None, progress: bool = True,
@@ -281,12 +301,13 @@ def evaluate(model, tokenizer, settings: EvalSettings, out_dir, profile=None, pr
     grid = []
     for m in methods:
         for b in _budgets(m, settings.budgets):
-            why = check_cell(m, b, profile)
+            why = check_cell(m, b, profile, model)
             if why is None:
                 grid.append((m, b))
             else:
-                logger.warning("skipping %s at budget %g: %s", m.spec, b, why)
-                skipped.append(f"{m.spec} at {b:g} bits ({why})")
+                where = "" if b is None else f" at {b:g} bits"
+                logger.warning("skipping %s%s: %s", m.spec, where, why)
+                skipped.append(f"{m.spec}{where} ({why})")
     # The prompt forward keeps as many last queries as the widest scoring window asks for.
     capture = max([32] + [dict(m.options).get("window", 32) for m in methods])
     patch(model, budget=16)  # the "rdkv" attention serves every RDKVCache; other caches fall back to sdpa
@@ -348,15 +369,15 @@ def _run_teacher_forced(model, tokenizer, settings, grid, store, profile, window
                 bar.set_postfix_str(f"window {seed} {m.spec} {'' if b is None else b}")
                 start = time.perf_counter()
                 cache = build_cache(model, pre, m, b, profile)
-                nbytes = cache_nbytes(cache)
+                layer_bytes = layer_nbytes(cache)
                 nll, count, outputs = teacher_forced(model, cache, inputs, targets, modules)
                 seconds = time.perf_counter() - start
                 if "ppl" in kinds:
-                    store.add(_record(settings, "ppl", m, b, n, seed, pre, nbytes, seconds, metric="ppl",
+                    store.add(_record(settings, "ppl", m, b, n, seed, pre, layer_bytes, seconds, metric="ppl",
                                       value=math.exp(nll / count), nll_sum=nll, n_targets=count))
                 if "distortion" in kinds:
                     errs = relative_errors(outputs, reference)
-                    store.add(_record(settings, "distortion", m, b, n, seed, pre, nbytes, seconds,
+                    store.add(_record(settings, "distortion", m, b, n, seed, pre, layer_bytes, seconds,
                                       metric="attn_rel_error", value=sum(errs) / len(errs), per_layer=errs))
                 bar.update()
 
@@ -383,11 +404,11 @@ def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progres
                 bar.set_postfix_str(f"{task} {length} #{seed} {m.spec} {'' if b is None else b}")
                 start = time.perf_counter()
                 cache = build_cache(model, pre, m, b, profile)
-                nbytes = cache_nbytes(cache)
+                layer_bytes = layer_nbytes(cache)
                 tokens = greedy_decode(model, cache, pre.logits, sample.max_new_tokens, eos)
                 answer = tokenizer.decode(tokens, skip_special_tokens=True)
-                store.add(_record(settings, f"ruler/{task}", m, b, length, seed, pre, nbytes, time.perf_counter() - start,
-                                  metric="ruler_score", value=ruler.score(sample, answer), output=answer,
+                store.add(_record(settings, f"ruler/{task}", m, b, length, seed, pre, layer_bytes, time.perf_counter() - start,
+                                  metric="ruler_score", value=ruler.score(sample, answer), output=answer, chat=chat,
                                   answers=sample.answers, new_tokens=len(tokens)))
                 bar.update()
 
@@ -395,6 +416,17 @@ def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progres
 # A small grid for a smoke run of the real model (a few minutes on two cores).
 QUICK = dict(budgets=(1.5, 2.5), lengths=(1024,), samples=1, windows=1, ppl_length=1024, continuation=128,
              ruler_tasks=("niah_single",))
+
+# `rdkv-hf eval --model NAME` defaults where they differ from EvalSettings' (which suit SmolLM2).
+# Gemma-3-270m (base, 32K positions) is evaluated at long contexts: RULER-style tasks at 4K-16K and
+# perplexity after an 8K prompt. Budgets 0.4 and 1.6 bits are 2.5% and 10% of the global layers'
+# bf16 bytes. With the full cache at 4K (raw prompts, 2 samples each) it scored niah_single 100,
+# niah_multikey 50, niah_multivalue 25, niah_multiquery 12.5 in KJV text (runs/gemma3-baseline/text)
+# and 50, 0, 62.5, 25 with vt, cwe 0 and fwe 33 in the noise haystack (runs/gemma3-baseline/noise).
+MODEL_DEFAULTS = {
+    "gemma3-270m": dict(budgets=(0.4, 1.6, 2.5), lengths=(4096, 8192, 16384), windows=2, ppl_length=8192,
+                        ruler_tasks=("niah_single", "niah_multikey"), haystack="text"),
+}
 
 _SHIPPED_PROFILES = {"smollm2-135m": "smollm2-135m-instruct"}
 

@@ -88,15 +88,21 @@ def render(sample: Sample, tokenizer, chat: bool) -> torch.Tensor:
 
 
 def _render_ids(sample: Sample, tokenizer, chat: bool) -> list[int]:
+    return render_prompt(sample.prompt, sample.answer_prefix, tokenizer, chat)
+
+
+def render_prompt(prompt: str, answer_prefix: str, tokenizer, chat: bool) -> list[int]:
+    """Token ids of a user message `prompt` followed by `answer_prefix`, as :func:`render` does
+    for a sample (also used by :func:`rdkv_hf.text.recall_prompt` for base models)."""
     if chat:
         if tokenizer.chat_template is None:
             raise ValueError("`chat=True` needs a tokenizer with a chat template; pass chat=False")
         text = tokenizer.apply_chat_template(
-            sample.prompt_messages, add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
         # The template already holds its special tokens (BOS, role markers) as text.
-        return tokenizer(text + sample.answer_prefix, add_special_tokens=False).input_ids
-    return tokenizer(sample.prompt + " " + sample.answer_prefix).input_ids
+        return tokenizer(text + answer_prefix, add_special_tokens=False).input_ids
+    return tokenizer(prompt + " " + answer_prefix).input_ids
 
 
 def score(sample: Sample, generated_text: str) -> float:

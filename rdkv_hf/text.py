@@ -3,7 +3,9 @@
 - ``load_text(split)``: the calibration or the held-out evaluation text (``rdkv_hf/data/``).
 - ``token_chunks(...)``: random, non-overlapping token windows, e.g. for calibration or perplexity.
 - ``recall_prompt(...)``: a five-digit code hidden in a haystack of evaluation text, with the question
-  in the same user message, rendered with the tokenizer's chat template.
+  in the same user message, rendered with the tokenizer's chat template; for a base model (no chat
+  template, e.g. Gemma-3-270m) as raw text ending in an answer prefix, the way
+  :func:`rdkv_hf.tasks.render` renders RULER prompts with ``chat=False``.
 
 The two splits hold different books (see ``data/README.md``), so nothing calibrated on ``"calib"``
 has seen the ``"eval"`` text. The text has no digits, so the hidden code is the only number in a
@@ -32,6 +34,8 @@ RECALL_INTRO = (
     "the question: {question}"
 )
 RECALL_OUTRO = "{question} Answer with the five-digit number."
+# Raw prompts (base models) end with this, so that the next tokens are the code.
+RECALL_ANSWER_PREFIX = "Answer: The secret code of the blue door is"
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,8 +92,10 @@ def random_chunks(ids: torch.Tensor, n_chunks: int, n_tokens: int, seed: int = 0
     return torch.stack([ids[s : s + n_tokens] for s in starts.tolist()])
 
 
-def _render(tokenizer, haystack: str) -> list[int]:
-    """Token ids of the whole chat prompt around `haystack`, ready for the assistant's answer."""
+def _render(tokenizer, haystack: str, chat: bool = True) -> list[int]:
+    """Token ids of the whole prompt around `haystack`: the chat prompt, ready for the assistant's
+    answer, or (``chat=False``) the raw text, a space and ``RECALL_ANSWER_PREFIX`` with the
+    tokenizer's special tokens, as ``tasks.render_prompt`` renders a RULER prompt."""
     question = RECALL_QUESTION
     content = (
         RECALL_INTRO.format(question=question)
@@ -98,6 +104,10 @@ def _render(tokenizer, haystack: str) -> list[int]:
         + "\n\n"
         + RECALL_OUTRO.format(question=question)
     )
+    if not chat:
+        from .tasks import render_prompt
+
+        return list(render_prompt(content, RECALL_ANSWER_PREFIX, tokenizer, chat=False))
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
@@ -130,19 +140,22 @@ def _insert(haystack: str, fact: str, depth: float) -> str:
 
 
 def recall_prompt(
-    tokenizer, n_tokens: int = 2500, seed: int = 0, depth: float | None = None
+    tokenizer, n_tokens: int = 2500, seed: int = 0, depth: float | None = None, chat: bool | None = None
 ) -> tuple[torch.Tensor, str]:
     """A needle-in-a-haystack prompt: a random five-digit code hidden in held-out text.
 
     The fact "The secret code of the blue door is NNNNN." sits at `depth` of a haystack of "eval"
     text; the question comes in the same user message; the chat template adds the assistant turn.
-    Check an answer with ``answer in generated_text``.
+    Without the chat template (base models) the prompt is raw text ending in
+    ``RECALL_ANSWER_PREFIX`` ("Answer: The secret code of the blue door is"), after the tokenizer's
+    BOS if it adds one. Check an answer with ``answer in generated_text``.
 
     Args:
-        tokenizer: a tokenizer with a chat template.
+        tokenizer: a tokenizer (with a chat template unless ``chat=False``).
         n_tokens: total prompt length to aim for (the result is within a few tokens of it).
         seed: picks the code, the haystack's place in the text and, if `depth` is None, the depth.
         depth: where the fact goes, 0 (start of the haystack) to 1 (end); None draws it from `seed`.
+        chat: use the chat template; None: if the tokenizer has one (instruct models), else raw text.
     Returns:
         ``(input_ids [1, T], answer)``, ``answer`` the code as a string of five digits.
     """
@@ -150,10 +163,13 @@ def recall_prompt(
         raise ValueError(f"`n_tokens` must be at least 200 to hold the question and a haystack, got {n_tokens}")
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"`depth` must be in [0, 1] or None, got {depth}")
-    if getattr(tokenizer, "chat_template", None) is None:
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat is None:
+        chat = has_template
+    elif chat and not has_template:
         raise ValueError(
-            "`tokenizer` has no chat template; recall_prompt needs an instruct model's tokenizer "
-            "(e.g. load_model('smollm2-135m'))"
+            "`chat=True` but `tokenizer` has no chat template; pass chat=False (or None) for a base "
+            "model's raw-text prompt, or use an instruct model's tokenizer (e.g. load_model('smollm2-135m'))"
         )
     rng = random.Random(seed)
     code = str(rng.randint(10000, 99999))
@@ -166,10 +182,10 @@ def recall_prompt(
     usable = [s for s in paragraph_starts if s < len(text) - 8 * n_tokens]
     start = rng.choice(usable)
 
-    want = n_tokens - len(_render(tokenizer, fact))
+    want = n_tokens - len(_render(tokenizer, fact, chat))
     best = None
     for _ in range(3):  # the cut at a clause end and the joins shift the count; correct twice
-        ids = _render(tokenizer, _insert(_haystack(tokenizer, want, start), fact, depth))
+        ids = _render(tokenizer, _insert(_haystack(tokenizer, want, start), fact, depth), chat)
         if best is None or abs(len(ids) - n_tokens) < abs(len(best) - n_tokens):
             best = ids
         if len(ids) == n_tokens:

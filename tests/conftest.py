@@ -46,6 +46,36 @@ def tiny_model(arch: str, **overrides):
     return model.eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops are dominated by thread start-up, and on a shared CPU two threads can be 5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_tokenizer(corpus: list[str], vocab_size: int = 400, special_tokens=("<s>", "</s>"), chat_template=None,
+                   add_bos: bool = False):
+    """A byte-level BPE tokenizer trained on `corpus` in about a second; the first two special
+    tokens are BOS and EOS. `add_bos`: prepend BOS like a base model's (Gemma) tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(special_tokens))
+    backend.train_from_iterator(corpus, trainer)
+    bos, eos = special_tokens[:2]
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos)
+    tok.chat_template = chat_template
+    return tok
+
+
 @pytest.fixture(params=["llama", "qwen3", "mistral", "gemma3"])
 def arch(request):
     return request.param

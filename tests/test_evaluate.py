@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 from transformers import DynamicCache, QuantizedCache
 
 import rdkv_hf
@@ -16,13 +16,7 @@ from rdkv_hf.cli import main
 PROMPT, CONT = 96, 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops are dominated by thread start-up, and on a shared CPU two threads can be 5x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -164,19 +158,9 @@ def test_reports_are_written(model, tmp_path):
 
 
 def test_ruler_cells_score_greedy_answers(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from rdkv_hf import tasks
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<s>", "</s>"])
-    backend.train_from_iterator([tasks.NOISE] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tok = tiny_tokenizer([tasks.NOISE] * 20, chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     model = tiny_model("llama", vocab_size=len(tok))
     s = ev.EvalSettings("tiny", tasks=("ruler",), methods=("full", "rdkv"), budgets=(2.5,), lengths=(400,),
                         ruler_tasks=("niah_single",))
@@ -245,9 +229,12 @@ def test_variant_options_protect_tokens_and_floor_head_budgets(profile):
     v_bits = ev.rdkv_planner(ev.parse_method("rdkv:sinks=2:recent=3"), 2.0).widths(0, w_tok, w_ch, real)[0]
     assert (v_bits[..., :2] == 16).all() and (v_bits[..., -3:] == 16).all()
     assert not (plain[..., :2] == 16).all()  # the protection is what kept them
-    base = ev.rdkv_planner(ev.parse_method("rdkv+profile"), 1.0, profile)._head_bits
-    floored = ev.rdkv_planner(ev.parse_method("rdkv+profile:head_floor=0.5"), 1.0, profile)._head_bits
-    both, ref = torch.stack(floored), torch.stack(base).double()
+    # head_floor is an RDKVConfig knob passed through the method spec (0: the profile's allocation as is).
+    base = ev.rdkv_planner(ev.parse_method("rdkv+profile:head_floor=0"), 1.0, profile)
+    floored = ev.rdkv_planner(ev.parse_method("rdkv+profile:head_floor=0.5"), 1.0, profile)
+    assert base.config.head_floor == 0.0 and floored.config.head_floor == 0.5
+    both, ref = torch.stack(floored._head_bits), torch.stack(base._head_bits).double()
     assert both.min() >= 0.5 - 1e-9 and both.mean() == pytest.approx(ref.mean())
+    assert ev.rdkv_planner(ev.parse_method("rdkv+profile"), 1.0, profile).config.head_floor == 0.25
     with pytest.raises(ValueError, match="rdkv\\+profile"):
         ev.rdkv_planner(ev.parse_method("rdkv:head_floor=0.5"), 1.0)

@@ -10,6 +10,8 @@ import types
 import pytest
 import torch
 
+from conftest import tiny_tokenizer
+
 from rdkv_hf import models, text
 
 
@@ -136,8 +138,36 @@ def test_recall_prompt_rejects_bad_arguments():
         text.recall_prompt(tok, 1000, depth=1.5)
     with pytest.raises(ValueError, match="n_tokens"):
         text.recall_prompt(tok, 50)
-    with pytest.raises(ValueError, match="chat template"):
-        text.recall_prompt(types.SimpleNamespace(chat_template=None), 1000)
+    with pytest.raises(ValueError, match="chat=True.*no chat template.*chat=False"):
+        text.recall_prompt(types.SimpleNamespace(chat_template=None), 1000, chat=True)
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    """A byte-level BPE tokenizer (vocab 600) that adds a BOS and has no chat template, like a base
+    model's (Gemma-3-270m), trained here on the eval text in about a second."""
+    return tiny_tokenizer([text.load_text("eval")[:200_000]], vocab_size=600, special_tokens=("<bos>", "<eos>"), add_bos=True)
+
+
+@pytest.mark.parametrize("n_tokens,seed", [(400, 0), (2000, 3)])
+def test_raw_recall_prompt_for_a_base_model(base_tokenizer, n_tokens, seed):
+    tok = base_tokenizer
+    assert tok.chat_template is None
+    ids, answer = text.recall_prompt(tok, n_tokens, seed=seed)  # chat=None: raw, as the tokenizer has no template
+    assert torch.equal(ids, text.recall_prompt(tok, n_tokens, seed=seed, chat=False)[0])
+    assert abs(ids.shape[1] - n_tokens) <= 0.05 * n_tokens
+    assert ids[0, 0].item() == tok.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 1
+    prompt = tok.decode(ids[0], skip_special_tokens=True)
+    assert re.findall(r"\d+", prompt) == [answer]
+    assert prompt.startswith(text.RECALL_INTRO.format(question=text.RECALL_QUESTION))
+    # The fact, then the question, then the answer prefix last: the next tokens are the code.
+    assert prompt.endswith(text.RECALL_OUTRO.format(question=text.RECALL_QUESTION) + " " + text.RECALL_ANSWER_PREFIX)
+    assert prompt.index(f"The secret code of the blue door is {answer}.") < prompt.rindex(text.RECALL_QUESTION)
+    # The same rendering as a RULER prompt of a base model (tasks.render with chat=False).
+    from rdkv_hf import tasks
+
+    body = prompt[: -len(" " + text.RECALL_ANSWER_PREFIX)]
+    assert ids[0].tolist() == tasks.render_prompt(body, text.RECALL_ANSWER_PREFIX, tok, chat=False)
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_tokenizer
+
 from rdkv_hf import tasks
 
 ALL_TASKS = list(tasks.TASKS)
@@ -42,22 +44,9 @@ TEXT = make_text()
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE tokenizer (vocab 3000) with a tiny chat template, trained on local text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=3000,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>"],
-    )
     numbered = " ".join(f"{i + 1}. {w}" for i, w in enumerate(tasks.word_list() * 4))
-    backend.train_from_iterator([tasks.NOISE] * 20 + [TEXT, numbered], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return tiny_tokenizer([tasks.NOISE] * 20 + [TEXT, numbered], vocab_size=3000,
+                          special_tokens=("<s>", "</s>", "<|user|>", "<|assistant|>"), chat_template=CHAT_TEMPLATE)
 
 
 def main_part(sample: tasks.Sample, marker: str) -> str:
