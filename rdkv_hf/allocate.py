@@ -18,7 +18,7 @@ from .quant import META_BITS, per_word
 _BISECT_STEPS = 48
 
 
-def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
+def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int = 5, pool: str = "avg") -> torch.Tensor:
     """RDKV's V-token weight: window attention summed over queries and the GQA group.
 
     Args:
@@ -26,8 +26,11 @@ def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int =
         visible: ``[B, window, T]`` bool, which window query sees which token.
     Returns:
         ``[B, kv_heads, T]`` weights, normalized by how many window queries see each token and
-        average-pooled along the tokens.
+        pooled along the tokens (``pool="avg"`` averages `pool_kernel` neighbours; ``"max"`` gives
+        each token the largest weight within ``pool_kernel // 2`` of it).
     """
+    if pool not in ("avg", "max"):
+        raise ValueError(f"`pool` must be 'avg' or 'max', got {pool!r}")
     seen_by = visible.sum(1).clamp(min=1).to(probs.dtype)  # [B, T]
     w = probs.sum((2, 3)) / seen_by[:, None, :]
     T = w.shape[-1]
@@ -35,7 +38,8 @@ def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int =
         pad = pool_kernel // 2
         mode = "reflect" if T > pad else "replicate"
         B, H, _ = w.shape
-        w = F.avg_pool1d(F.pad(w.reshape(B * H, 1, T), (pad, pad), mode=mode), pool_kernel, stride=1)
+        pool_fn = F.max_pool1d if pool == "max" else F.avg_pool1d
+        w = pool_fn(F.pad(w.reshape(B * H, 1, T), (pad, pad), mode=mode), pool_kernel, stride=1)
         w = w.reshape(B, H, T)
     return w
 

@@ -47,7 +47,7 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
     if q_len > 1 and (not layer.segments or cfg.compress_followups):
-        w_tok, w_ch, real = prompt_weights(query, key, attention_mask, scaling, q_len, cfg.window, cfg.pool_kernel, lse)
+        w_tok, w_ch, real = prompt_weights(query, key, attention_mask, scaling, q_len, cfg.window, cfg.pool_kernel, lse, cfg.pool)
         layer.compress_tail(q_len, w_tok, w_ch, real)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
@@ -63,7 +63,7 @@ def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device)
     return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)
 
 
-def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=None):
+def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=None, pool="avg"):
     """RDKV weights of the last `n_new` tail tokens from the attention of the last `window` queries.
 
     Args:
@@ -97,7 +97,7 @@ def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=No
     else:
         norm = lse[:, :, q - W :].reshape(B, Hkv, g, W, 1).float()
     probs = torch.exp(logits - norm).nan_to_num_(0.0)[..., kv - n_new :]
-    w_tok = token_weights(probs, vis[:, :, kv - n_new :], pool_kernel)
+    w_tok = token_weights(probs, vis[:, :, kv - n_new :], pool_kernel, pool)
     w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new :].float(), real)
     return w_tok, w_ch, real
 

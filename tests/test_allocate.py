@@ -89,3 +89,25 @@ def test_token_weights_normalize_by_visible_queries():
     visible = torch.tensor([[[1, 1, 0], [1, 1, 1]]], dtype=torch.bool)
     w = token_weights(probs, visible, pool_kernel=1)
     assert torch.allclose(w, torch.tensor([[[0.35, 0.35, 0.6]]]))
+
+
+def test_token_weights_pooling_avg_and_max():
+    # one query attends to token 4 of 9 only: avg spreads a fifth of it over +-2 tokens, max copies it
+    probs = torch.zeros(1, 1, 1, 1, 9)
+    probs[..., 4] = 1.0
+    visible = torch.ones(1, 1, 9, dtype=torch.bool)
+    avg = token_weights(probs, visible, pool_kernel=5)
+    mx = token_weights(probs, visible, pool_kernel=5, pool="max")
+    assert torch.allclose(avg[0, 0, 2:7], torch.full((5,), 0.2)) and avg[0, 0, :2].abs().sum() == 0
+    assert torch.equal(mx[0, 0], torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 0, 0]))
+
+
+def test_pool_is_validated():
+    import pytest
+
+    from rdkv_hf.config import RDKVConfig
+
+    with pytest.raises(ValueError, match="`pool` must be 'avg' or 'max', got 'min'"):
+        RDKVConfig(budget=2.5, pool="min")
+    with pytest.raises(ValueError, match="`pool`"):
+        token_weights(torch.zeros(1, 1, 1, 1, 3), torch.ones(1, 1, 3, dtype=torch.bool), pool="median")
