@@ -156,6 +156,15 @@ class RDKVLayer(CacheLayerMixin):
         return n
 
 
+def global_layers(model_or_config) -> tuple:
+    """Indices of the full-attention layers of a model (or its config): the layers RDKV and the
+    eviction baselines compress. Sliding-window layers (Gemma 3: five of every six) keep
+    Transformers' own cache, bounded by the window."""
+    config = getattr(model_or_config, "config", model_or_config)
+    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return tuple(i for i, t in enumerate(types) if t == "full_attention")
+
+
 class RDKVCache(DynamicCache):
     """A `DynamicCache` whose full-attention layers store the prompt packed by RDKV.
 
@@ -182,12 +191,11 @@ class RDKVCache(DynamicCache):
             raise ValueError("RDKVCache(config, rdkv_config): give an RDKVConfig, or pass a patched model")
         super().__init__(config=config)
         self.rdkv_config = rdkv_config
+        compressed = global_layers(config)
         # A custom planner (e.g. an eviction baseline) decides the widths instead of the config's mode.
-        self.planner = planner if planner is not None else Planner(rdkv_config, profile)
-        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        for i, kind in enumerate(layer_types):
-            if kind == "full_attention":
-                self.layers[i] = RDKVLayer(i, self.planner)
+        self.planner = planner if planner is not None else Planner(rdkv_config, profile, layers=compressed)
+        for i in compressed:
+            self.layers[i] = RDKVLayer(i, self.planner)
 
     @property
     def rdkv_layers(self) -> list[int]:

@@ -25,7 +25,7 @@ import torch
 
 from .attention import prompt_weights
 from .baselines import BASELINES
-from .cache import RDKVCache, RDKVLayer
+from .cache import RDKVCache, RDKVLayer, global_layers
 from .config import RDKVConfig
 from .planner import Planner
 
@@ -253,17 +253,6 @@ def prefill(model, input_ids: torch.Tensor, window: int = 32) -> Prefill:
                    time.perf_counter() - start, glob, sum(bf16[i] for i in glob))
 
 
-def global_layers(model_or_config) -> tuple:
-    """Indices of the full-attention layers of a model (or its config): the layers RDKV and the
-    eviction baselines compress. Sliding-window layers (Gemma 3: five of every six) keep
-    Transformers' own cache, bounded by the window, in every method."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    config = getattr(model_or_config, "config", model_or_config)
-    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return tuple(i for i, t in enumerate(types) if t == "full_attention")
-
-
 def _full_cache(model, keys, values):
     from transformers import DynamicCache
 
@@ -286,8 +275,8 @@ class _VariantPlanner(Planner):
     (The head floor of ``rdkv+profile``, first measured here, is now ``RDKVConfig.head_floor``.)
     """
 
-    def __init__(self, config, profile, sinks: int = 0, recent: int = 0):
-        super().__init__(config, profile)
+    def __init__(self, config, profile, layers=None, sinks: int = 0, recent: int = 0):
+        super().__init__(config, profile, layers)
         self.sinks, self.recent = int(sinks), int(recent)
 
     def widths(self, layer_idx, w_tok, w_ch, real):
@@ -326,13 +315,13 @@ def build_cache(model, pre: Prefill, method: Method, budget: float | None, profi
     else:
         if method.mode == "uniform":
             budget = uniform_budget(method.width, pre.keys[0].shape[-1], pre.tokens)
-        planner = rdkv_planner(method, budget, profile)
+        planner = rdkv_planner(method, budget, profile, layers=global_layers(model))
         cache = RDKVCache(model.config, planner.config, planner=planner)
     _fill_rdkv(cache, pre)
     return cache
 
 
-def rdkv_planner(method: Method, budget: float, profile=None) -> Planner:
+def rdkv_planner(method: Method, budget: float, profile=None, layers=None) -> Planner:
     """The planner of an ``"rdkv"``-kind method; raises ``ValueError`` if the budget does not suit it.
 
     Only the profile methods get the profile: plain ``rdkv`` keeps RDKVConfig's default tables.
@@ -349,7 +338,7 @@ def rdkv_planner(method: Method, budget: float, profile=None) -> Planner:
     else:
         profile = None
     cfg = RDKVConfig(budget=budget, mode=method.mode, profile=profile_id, compress_followups=False, **opts)
-    return _VariantPlanner(cfg, profile, **variant) if variant else Planner(cfg, profile)
+    return _VariantPlanner(cfg, profile, layers, **variant) if variant else Planner(cfg, profile, layers)
 
 
 def check_cell(method: Method, budget, profile=None, model=None) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .cache import RDKVCache, RDKVLayer
+from .cache import RDKVCache, RDKVLayer, global_layers
 from .config import RDKVConfig
 from .model_patches import patcher_for
 from .planner import Planner
@@ -109,7 +109,8 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     patcher = patcher_for(model)
     cfg = _resolve_config(budget, tokens, profile, mode, config, options)
     prof = _load_profile(profile if profile is not None else cfg.profile, model)
-    Planner(cfg, prof)  # validates the mode against the profile before anything changes
+    # Validates the mode against the profile before anything changes (RDKVCache builds the real one).
+    Planner(cfg, prof, layers=global_layers(model))
     notes = patcher.check(model)
     modules = patcher.attention_modules(model)
     if getattr(model, _STATE, None) is not None:

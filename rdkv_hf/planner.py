@@ -22,12 +22,14 @@ class Planner:
     Subclasses override :meth:`widths` to implement other policies on the same packed cache.
     """
 
-    def __init__(self, config: RDKVConfig, profile=None):
+    def __init__(self, config: RDKVConfig, profile=None, layers=None):
+        """`layers`: indices of the layers this planner compresses (None: all); a profile's head
+        budgets are shared among those layers only (Gemma 3: its full-attention layers)."""
         self.config = config
         self.profile = profile
         self._head_bits = None  # (k_bits [L, H], v_bits [L, H]) from the profile, for its modes
         if config.mode in ("rdkv+profile", "ratequant"):
-            self._head_bits = profile_head_bits(config, profile)
+            self._head_bits = profile_head_bits(config, profile, layers)
 
     def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return self.config.keep_dtype(model_dtype)
@@ -72,7 +74,7 @@ def uniform_width(budget: float, head_dim: int, tokens: int) -> int:
     raise ValueError(f"budget {budget} bits is below the cheapest uniform width (1 bit plus scales); raise `budget`")
 
 
-def profile_head_bits(config: RDKVConfig, profile) -> tuple[torch.Tensor, torch.Tensor]:
+def profile_head_bits(config: RDKVConfig, profile, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head K and V budgets from a profile's RateQuant allocation.
 
     ``ratequant``: integer widths (greedy) whose codes plus float16 scales fit ``budget``: the
@@ -81,6 +83,8 @@ def profile_head_bits(config: RDKVConfig, profile) -> tuple[torch.Tensor, torch.
     ``rdkv+profile``: real-valued budgets (closed form) averaging ``budget``, which RDKV then spends
     inside each head, scales included; every budget is then raised to at least
     ``head_floor * budget`` (:func:`floor_head_bits`), the mean unchanged.
+
+    With `layers`, only those layers' heads share the budget (the others get 0: not compressed).
     """
     if profile is None:
         raise ValueError(f"mode={config.mode!r} needs a profile: patch(model, budget=..., profile=repo_id_or_dir)")
@@ -96,12 +100,28 @@ def profile_head_bits(config: RDKVConfig, profile) -> tuple[torch.Tensor, torch.
                 f"mode='ratequant' needs `budget` between {1 + 16 / head_dim:.2f} and {8 + 16 / head_dim:.2f} "
                 f"bits (codes of 1..8 bits plus scales), got {config.budget}"
             )
-        return profile.head_bits(code_bits, integer=True)
+        return _on_layers(lambda p: p.head_bits(code_bits, integer=True), profile, layers)
     if not 1 <= config.budget <= 8:
         raise ValueError(f"mode='rdkv+profile' needs `budget` in [1, 8] bits, got {config.budget}; use mode='rdkv' outside it")
     lo, hi = 0, min(16, int(config.budget * 4))  # integer bounds; eviction makes low budgets meaningful
-    k_bits, v_bits = profile.head_bits(config.budget, integer=False, bounds=(lo, hi))
-    return floor_head_bits(k_bits, v_bits, config.head_floor * config.budget)
+    return _on_layers(
+        lambda p: floor_head_bits(*p.head_bits(config.budget, integer=False, bounds=(lo, hi)), config.head_floor * config.budget),
+        profile, layers,
+    )
+
+
+def _on_layers(allocate, profile, layers):
+    """Run ``allocate(profile)`` on the profile restricted to `layers`; rows of the other layers are 0."""
+    n = int(profile.fingerprint["num_layers"])
+    if layers is None or sorted(layers) == list(range(n)):
+        return allocate(profile)
+    layers = sorted(int(i) for i in layers)
+    if not layers or layers[0] < 0 or layers[-1] >= n:
+        raise ValueError(f"`layers` must be indices of the profile's {n} layers, got {layers}")
+    k_sub, v_sub = allocate(profile.select_layers(layers))
+    k_bits, v_bits = (torch.zeros((n,) + tuple(t.shape[1:]), dtype=t.dtype) for t in (k_sub, v_sub))
+    k_bits[layers], v_bits[layers] = k_sub, v_sub
+    return k_bits, v_bits
 
 
 def floor_head_bits(k_bits: torch.Tensor, v_bits: torch.Tensor, floor_bits: float) -> tuple[torch.Tensor, torch.Tensor]:

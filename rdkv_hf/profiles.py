@@ -186,6 +186,13 @@ class RDKVProfile:
             if (getattr(self, name) < 0).any():
                 raise ValueError(f"{where}: `{name}` must be >= 0 everywhere")
 
+    def select_layers(self, layers) -> "RDKVProfile":
+        """The profile of only `layers` (e.g. the full-attention layers a cache compresses): every
+        per-layer tensor indexed by them, ``fingerprint["num_layers"]`` set to their number."""
+        index = torch.as_tensor(list(layers), dtype=torch.long)
+        per_layer = {name: t.index_select(0, index) for name, t in self.tensors().items() if not name.endswith("_global")}
+        return dataclasses.replace(self, fingerprint={**self.fingerprint, "num_layers": len(index)}, **per_layer)
+
     # -- what the cache needs -------------------------------------------------------------------
 
     def head_bits(self, budget: float, *, integer: bool = True, bounds: tuple | None = None):

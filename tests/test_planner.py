@@ -83,3 +83,37 @@ def test_head_floor_round_trips_and_other_modes_ignore_it():
     a = Planner(RDKVConfig(budget=2.0, head_floor=0.0)).widths(0, w_tok, w_ch, real)
     b = Planner(RDKVConfig(budget=2.0, head_floor=0.5)).widths(0, w_tok, w_ch, real)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode,budget", [("rdkv+profile", 1.6), ("rdkv+profile", 2.5), ("ratequant", 3.0)])
+def test_profile_budgets_are_shared_by_the_compressed_layers_only(prof, mode, budget):
+    # As for a model whose other layers are sliding-window ones (Gemma 3): those layers get 0 bits
+    # and the compressed ones hold the whole budget, exactly what a profile of only them gives.
+    layers = [5, 11, 17, 23, 29]
+    c = RDKVConfig(budget=budget, mode=mode, profile="x")
+    kb, vb = Planner(c, prof, layers=layers)._head_bits
+    others = [i for i in range(30) if i not in layers]
+    assert kb[others].abs().sum() == 0 and vb[others].abs().sum() == 0
+    k_sub, v_sub = profile_head_bits(c, prof.select_layers(layers))
+    assert torch.equal(kb[layers], k_sub) and torch.equal(vb[layers], v_sub)
+    if mode == "rdkv+profile":
+        assert torch.stack([kb[layers], vb[layers]]).double().mean().item() == pytest.approx(budget, abs=1e-9)
+    full_k, _ = profile_head_bits(c, prof)
+    assert not torch.equal(kb[layers], full_k[layers])  # not the all-layer allocation cut down
+
+
+def test_rdkv_cache_of_a_sliding_window_model_plans_its_global_layers():
+    from conftest import tiny_model
+
+    from rdkv_hf import RDKVCache
+    from rdkv_hf.calibrate import calibrate
+
+    model = tiny_model("gemma3")  # layers: sliding, sliding, full
+    profile = calibrate(model, torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(0)), progress=False)
+    cache = RDKVCache(model.config, RDKVConfig(budget=2.0, mode="rdkv+profile", profile="x"), profile=profile)
+    kb, vb = cache.planner._head_bits
+    assert cache.rdkv_layers == [2]
+    assert kb[:2].abs().sum() == 0 and vb[:2].abs().sum() == 0
+    assert torch.stack([kb[2], vb[2]]).mean().item() == pytest.approx(2.0, abs=1e-9)
+    with pytest.raises(ValueError, match="`layers` must be indices"):
+        Planner(cache.rdkv_config, profile, layers=[7])
