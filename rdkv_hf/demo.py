@@ -82,6 +82,9 @@ def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int
 
     runs = [timed_generate(model, tokenizer, input_ids, answer, "full cache", DynamicCache(config=model.config), max_new_tokens)]
     prof = _default_profile(model_name) if profile == "default" else profile
+    if profile == "default" and prof is not None and not 1 <= budget <= 8:
+        print(f"(the shipped profile serves budgets of 1 to 8 bits; at {budget:g} bits the demo runs plain RDKV)\n")
+        prof = None
     patch(model, budget=budget, profile=prof)
     label = f"RDKV {budget:g} bits" + (" + profile" if prof else "")
     try:
@@ -93,10 +96,11 @@ def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int
 
 
 def _default_profile(model_name: str) -> str | None:
-    from pathlib import Path
+    from .models import SHIPPED_PROFILES
+    from .profiles import shipped_profiles
 
-    shipped = Path(__file__).parent / "profiles" / {"smollm2-135m": "smollm2-135m-instruct"}.get(model_name, "-")
-    return str(shipped) if (shipped / "profile.safetensors").exists() else None
+    name = SHIPPED_PROFILES.get(model_name)
+    return name if name in shipped_profiles() else None
 
 
 def _print(runs: list[Run]) -> None:

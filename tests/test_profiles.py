@@ -264,3 +264,16 @@ def test_shipped_smollm2_profile_matches_the_real_model():
     kb, vb = prof.head_bits(2.5)
     assert kb.shape == vb.shape == (30, 3)
     assert int(kb.sum() + vb.sum()) == 450
+
+
+def test_every_model_of_rdkv_hf_models_has_its_shipped_profile():
+    from rdkv_hf.evaluate import default_profile
+    from rdkv_hf.models import MODELS, SHIPPED_PROFILES
+    from rdkv_hf.profiles import shipped_profiles
+
+    assert set(SHIPPED_PROFILES) == set(MODELS)
+    assert sorted(SHIPPED_PROFILES.values()) == shipped_profiles()
+    kinds = {"smollm2-135m": ("llama", 30), "gemma3-270m": ("gemma3_text", 18)}
+    for model_name, (model_type, layers) in kinds.items():
+        prof = default_profile(model_name)
+        assert (prof.fingerprint["model_type"], prof.num_layers) == (model_type, layers)
