@@ -202,7 +202,7 @@ class RDKVProfile:
         or a real mean of exactly `budget` (closed form). Scales and minima are not counted.
 
         Args:
-            budget: mean code bits per element: 1..8 for integer widths, (0, 8] for real ones.
+            budget: mean code bits per element, 1..8.
             integer: greedy integers, else closed-form reals.
             bounds: ``(b_min, b_max)``; default RateQuant's table (2.5 -> [2, 4], 3 -> [2, 5], 3.5 -> [3, 6]).
         Returns:
@@ -210,11 +210,8 @@ class RDKVProfile:
         """
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(f"`budget` must be a number of bits, got {type(budget).__name__}")
-        # Integer widths start at 1 bit; real budgets (rdkv+profile, where RDKV may evict) at any > 0.
-        if not ((budget >= 1 if integer else budget > 0) and budget <= 8):
-            raise ValueError(
-                f"`budget` must be in {'[1, 8]' if integer else '(0, 8]'} code bits per element for per-head widths, got {budget}"
-            )
+        if not 1 <= budget <= 8:
+            raise ValueError(f"`budget` must be in [1, 8] code bits per element for per-head widths, got {budget}")
         if bounds is not None:
             b_min, b_max = bounds
             if not b_min <= budget <= b_max:
