@@ -30,6 +30,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from rdkv_hf.eval_report import format_targets
+
 EVICTION = ("snapkv", "adakv", "streamingllm")
 LENGTH = 8192
 TARGETS = ((0.4, 2.5, 0.978), (1.6, 10.0, 0.99))  # (budget, % of global bf16, share of full's score)
@@ -158,10 +160,8 @@ def main(argv=None) -> int:
         run(args)
     data = json.loads((Path(args.out) / "results.json").read_text())
     print((Path(args.out) / "table.md").read_text())
-    print(f"\nTargets of the Gemma 3 evaluation issue (RULER-style score at {LENGTH} tokens):")
-    for name, met, detail in check_targets(data["cells"]):
-        mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[met]
-        print(f"  {mark} {name}: {detail}")
+    print(format_targets(f"Targets of the Gemma 3 evaluation issue (RULER-style score at {LENGTH} tokens)",
+                         check_targets(data["cells"])))
     return 0
 
 

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from rdkv_hf.eval_report import curve, interpolate
+from rdkv_hf.eval_report import curve, format_targets, interpolate
 
 EVICTION = ("snapkv", "adakv", "streamingllm")
 REF = "rdkv+profile"
@@ -91,10 +91,7 @@ def main(argv=None) -> int:
         if code:
             return code
     data = json.loads((Path(args.out) / "results.json").read_text())
-    print("\nTargets of the evaluation issue:")
-    for name, met, detail in check_targets(data["summary"]):
-        mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[met]
-        print(f"  {mark} {name}: {detail}")
+    print(format_targets("Targets of the evaluation issue", check_targets(data["summary"])))
     return 0
 
 

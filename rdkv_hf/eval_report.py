@@ -216,6 +216,13 @@ def prompt_style(rows) -> str:
     return ", ".join("chat template" if c else "raw text (no chat template)" for c in sorted(styles))
 
 
+def format_targets(title: str, checks) -> str:
+    """A benchmark's target checks, one line each: ``checks`` holds ``(target, met, detail)`` with
+    `met` True, False or None (the run lacks the cells)."""
+    marks = {True: "MET   ", False: "MISSED", None: "n/a   "}
+    return "\n".join([f"\n{title}:"] + [f"  {marks[met]} {name}: {detail}" for name, met, detail in checks])
+
+
 def summarize_ruler_tasks(records: list[dict]) -> list[dict]:
     """Mean RULER score (%) per ``(task, method, budget)``, lengths and samples pooled."""
     groups = defaultdict(list)

@@ -428,6 +428,7 @@ MODEL_DEFAULTS = {
                         ruler_tasks=("niah_single", "niah_multikey"), haystack="text"),
 }
 
+
 def default_profile(model_name: str):
     """The profile shipped for a model of ``rdkv_hf.models`` (None, with a warning, if absent)."""
     from .models import SHIPPED_PROFILES
