@@ -156,6 +156,32 @@ class RDKVLayer(CacheLayerMixin):
         return n
 
 
+def _tensor_bytes(t) -> int:
+    """Bytes of a tensor, or of every inner tensor of a tensor subclass (quanto's packed tensors)."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def layer_nbytes(cache) -> list[int]:
+    """Bytes each layer of a cache holds: RDKVLayer.nbytes, or every stored tensor of a
+    Transformers layer (QuantizedCache: packed codes, scales and shifts, plus its full-precision
+    residual; a sliding-window layer: the last ``window - 1`` tokens it keeps)."""
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, RDKVLayer):
+            out.append(layer.nbytes)
+        elif not getattr(layer, "is_initialized", False):
+            out.append(0)
+        else:
+            n = _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
+            out.append(n + _tensor_bytes(layer.keys) + _tensor_bytes(layer.values))
+    return out
+
+
 def global_layers(model_or_config) -> tuple:
     """Indices of the full-attention layers of a model (or its config): the layers RDKV and the
     eviction baselines compress. Sliding-window layers (Gemma 3: five of every six) keep
@@ -205,13 +231,7 @@ class RDKVCache(DynamicCache):
     def nbytes(self) -> int:
         """Bytes held by the cache: packed codes, scales, minima, channel orders, raw zones and
         the full-precision tail of every layer (sliding-window layers included)."""
-        n = 0
-        for layer in self.layers:
-            if isinstance(layer, RDKVLayer):
-                n += layer.nbytes
-            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                n += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        return n
+        return sum(layer_nbytes(self))
 
     def summary(self) -> "CacheSummary":
         from .summary import CacheSummary

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from .cache import RDKVCache, global_layers
-from .eval_methods import layer_nbytes
+from .cache import RDKVCache, global_layers, layer_nbytes
 from .patch import patch, unpatch
 
 

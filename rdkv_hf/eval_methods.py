@@ -8,8 +8,8 @@
 * :func:`build_cache`: a method's cache after that prompt, compressed exactly as its attention
   would have compressed it (RDKV and the baselines compress each layer right after the layer's
   full-precision prompt attention; ``QuantizedCache`` attends the prompt unquantized).
-* :func:`cache_nbytes`: the bytes a cache holds, measured from its stored tensors;
-  :func:`layer_nbytes` per layer, and :func:`global_layers` says which layers are full-attention
+* :func:`cache_nbytes`: the bytes a cache holds, measured from its stored tensors
+  (:func:`rdkv_hf.cache.layer_nbytes` per layer); :func:`global_layers` says which layers are full-attention
   (the ones RDKV and the baselines compress; a sliding-window layer keeps Transformers' bounded
   cache in every method).
 """
@@ -25,7 +25,7 @@ import torch
 
 from .attention import prompt_weights
 from .baselines import BASELINES
-from .cache import RDKVCache, RDKVLayer, global_layers
+from .cache import RDKVCache, RDKVLayer, global_layers, layer_nbytes
 from .config import RDKVConfig
 from .planner import Planner
 
@@ -372,32 +372,6 @@ def _fill_rdkv(cache: RDKVCache, pre: Prefill) -> None:
         w_tok, w_ch, real = prompt_weights(pre.queries[i], layer.keys, None, pre.scalings[i], k.shape[-2], cfg.window, cfg.pool_kernel,
                                             pool=cfg.pool)
         layer.compress_tail(k.shape[-2], w_tok, w_ch, real)
-
-
-def _tensor_bytes(t) -> int:
-    """Bytes of a tensor, or of every inner tensor of a tensor subclass (quanto's packed tensors)."""
-    if t is None:
-        return 0
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def layer_nbytes(cache) -> list[int]:
-    """Bytes each layer of a cache holds: RDKVLayer.nbytes, or every stored tensor of a
-    Transformers layer (QuantizedCache: packed codes, scales and shifts, plus its full-precision
-    residual; a sliding-window layer: the last ``window - 1`` tokens it keeps)."""
-    out = []
-    for layer in cache.layers:
-        if isinstance(layer, RDKVLayer):
-            out.append(layer.nbytes)
-        elif not getattr(layer, "is_initialized", False):
-            out.append(0)
-        else:
-            n = _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
-            out.append(n + _tensor_bytes(layer.keys) + _tensor_bytes(layer.values))
-    return out
 
 
 def cache_nbytes(cache) -> int:
