@@ -19,10 +19,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .allocate import channel_weights, token_weights
-from .cache import PackedHead, RDKVLayer, Segment
+from .cache import ATTN_NAME, PackedHead, RDKVLayer, Segment  # noqa: F401 (ATTN_NAME re-exported)
 from . import quant
 
-ATTN_NAME = "rdkv"
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,8 @@ from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack
 
 logger = logging.getLogger(__name__)
 
+ATTN_NAME = "rdkv"  # the attention implementation patch() registers; the only reader of packed segments
+
 
 class RDKVLayer(CacheLayerMixin):
     """A full-attention layer whose prompt tokens are stored packed (see the module docstring).
@@ -46,10 +48,13 @@ class RDKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, planner: Planner):
+    def __init__(self, layer_idx: int, planner: Planner, text_config=None):
+        """`text_config`: the model's (text) config, to check that its attention reads the packed
+        segments (an unpatched attention would attend to the full-precision tail only)."""
         super().__init__()
         self.layer_idx = layer_idx
         self.planner = planner
+        self.text_config = text_config
         self.segments: list[Segment] = []
         self.seen = 0
         self.pending = 0  # tokens of a multi-token forward that the attention has yet to compress
@@ -67,6 +72,14 @@ class RDKVLayer(CacheLayerMixin):
                 "the last multi-token forward through this RDKVCache was not compressed: the model is "
                 "not using RDKV attention; call rdkv_hf.patch(model, ...) before using RDKVCache"
             )
+        if self.segments and self.text_config is not None:
+            attn = getattr(self.text_config, "_attn_implementation", None)
+            if attn != ATTN_NAME:
+                raise RuntimeError(
+                    f"this RDKVCache holds compressed tokens that only RDKV attention reads, but the model "
+                    f"attends with {attn!r} (it would see the uncompressed tail only); call "
+                    "rdkv_hf.patch(model, ...) before using RDKVCache, and do not unpatch while a cache is in use"
+                )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-2] > 1:
@@ -220,8 +233,9 @@ class RDKVCache(DynamicCache):
         compressed = global_layers(config)
         # A custom planner (e.g. an eviction baseline) decides the widths instead of the config's mode.
         self.planner = planner if planner is not None else Planner(rdkv_config, profile, layers=compressed)
+        text_config = config.get_text_config(decoder=True)
         for i in compressed:
-            self.layers[i] = RDKVLayer(i, self.planner)
+            self.layers[i] = RDKVLayer(i, self.planner, text_config)
 
     @property
     def rdkv_layers(self) -> list[int]:

@@ -123,6 +123,18 @@ def test_rdkv_cache_on_an_unpatched_model_is_an_error():
         model(torch.randint(0, 128, (1, 1)), past_key_values=cache)
 
 
+def test_compressed_cache_read_by_an_unpatched_attention_is_an_error():
+    """A cache filled while patched, then decoded by plain sdpa, would see only its tail: refused."""
+    model = tiny_model("llama")
+    rdkv_hf.patch(model, budget=2.5)
+    cache = RDKVCache(model)
+    model(torch.randint(0, 128, (1, 10)), past_key_values=cache)
+    assert cache.layers[0].segments
+    rdkv_hf.unpatch(model)
+    with pytest.raises(RuntimeError, match="only RDKV attention reads.*'sdpa'"):
+        model(torch.randint(0, 128, (1, 1)), past_key_values=cache)
+
+
 def test_token_budget_matches_bits():
     cfg = RDKVConfig(tokens=64)
     assert cfg.budget is None and cfg.budget_bits(1024) == 1.0 and cfg.budget_bits(32) == 16.0
