@@ -47,6 +47,9 @@ def calibrate(
 ):
     """Calibrate `model` and return its :class:`~rdkv_hf.profiles.RDKVProfile`.
 
+    Every layer is measured; the profile's ``compressed_layers`` records the full-attention layers,
+    the ones a cache compresses (all of them unless the model has sliding-window layers).
+
     Args:
         model: a Transformers causal LM (Llama, Qwen3, Mistral, ...), float32 preferred; it is not
             modified (parameters get ``requires_grad=False`` for the run and are restored).
@@ -61,6 +64,7 @@ def calibrate(
         model_id: Hub id of the model, recorded in the profile's model card.
         progress: show a tqdm bar.
     """
+    from .cache import global_layers
     from .profiles import RDKVProfile, fingerprint, weight_norms
 
     widths = sorted({int(b) for b in widths})
@@ -114,6 +118,7 @@ def calibrate(
         quantizer=dict(RDKVProfile.DEFAULT_QUANTIZER),
         calibration=calibration,
         weight_norms=weight_norms(model),
+        compressed_layers=list(global_layers(model)),  # Gemma 3: the full-attention layers only
         **fits,
     )
 

@@ -90,9 +90,9 @@ def _profile_show(args) -> int:
     from .profiles import RDKVProfile
 
     profile = RDKVProfile.from_pretrained(args.profile, local_files_only=args.offline)
-    print(profile.show(args.budget))
+    print(profile.show(args.budget, layers=args.layers))
     if args.png:
-        print(f"heat map: {profile.plot(args.budget, args.png)}")
+        print(f"heat map: {profile.plot(args.budget, args.png, layers=args.layers)}")
     return 0
 
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("profile", help="a profile folder, shipped name or Hub repo id")
     sh.add_argument("--budget", type=float, default=2.5)
     sh.add_argument("--png", default=None, help="write a heat map of K and V bits here")
+    sh.add_argument("--layers", type=_csv(int), default=None,
+                    help="comma list of the layers sharing the budget (default: the ones the cache compresses, stored in the profile)")
     sh.add_argument("--offline", action="store_true", help="only use the local Hub cache")
     sh.set_defaults(func=_profile_show)
     return p

@@ -2,7 +2,8 @@
 
 A profile directory (or Hub repo) holds three files:
 
-- ``config.json``: schema version, the model fingerprint, the quantizer and the calibration setup;
+- ``config.json``: schema version, the model fingerprint, the quantizer, the calibration setup and
+  ``compressed_layers``, the layers a cache compresses (absent in older profiles: all layers);
 - ``profile.safetensors``: the measured tensors (below); nothing is ever unpickled;
 - ``README.md``: a generated model card.
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .head_budgets import allocate_heads, default_bounds
+from .planner import _on_layers
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,9 @@ class RDKVProfile:
 
     Build one with :func:`rdkv_hf.calibrate`, load one with :meth:`from_pretrained`. Tensor shapes
     are in the module docstring (``[layers, kv_heads]`` for everything per head).
+    ``compressed_layers``: the layers a cache compresses, sorted (``None``: all; Gemma 3: its
+    full-attention layers, the sliding-window ones keep Transformers' cache); :meth:`show`,
+    :meth:`plot` and the model card share the budget among them, as the cache does.
 
     The allocation weighs absolute errors: the K (or V) component of a head has sensitivity
     ``sens`` and distortion ``power * alpha * beta**(-b)`` (``alpha`` is fitted on relative MSE).
@@ -145,10 +150,12 @@ class RDKVProfile:
     eps_k_global: torch.Tensor
     eps_v_global: torch.Tensor
     weight_norms: torch.Tensor
+    compressed_layers: list[int] | None = None
     name_or_path: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         self._check(where="RDKVProfile")
+        self.compressed_layers = _layer_list(self.compressed_layers, self.num_layers, where="RDKVProfile")
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -188,10 +195,16 @@ class RDKVProfile:
 
     def select_layers(self, layers) -> "RDKVProfile":
         """The profile of only `layers` (e.g. the full-attention layers a cache compresses): every
-        per-layer tensor indexed by them, ``fingerprint["num_layers"]`` set to their number."""
-        index = torch.as_tensor(list(layers), dtype=torch.long)
+        per-layer tensor indexed by them, ``fingerprint["num_layers"]`` set to their number, and
+        ``compressed_layers`` the new indices of those of `layers` that were compressed."""
+        layers = [int(i) for i in layers]
+        index = torch.as_tensor(layers, dtype=torch.long)
         per_layer = {name: t.index_select(0, index) for name, t in self.tensors().items() if not name.endswith("_global")}
-        return dataclasses.replace(self, fingerprint={**self.fingerprint, "num_layers": len(index)}, **per_layer)
+        compressed = set(self.compressed_layers)
+        return dataclasses.replace(
+            self, fingerprint={**self.fingerprint, "num_layers": len(index)},
+            compressed_layers=[j for j, i in enumerate(layers) if i in compressed], **per_layer,
+        )
 
     # -- what the cache needs -------------------------------------------------------------------
 
@@ -291,6 +304,7 @@ class RDKVProfile:
             "fingerprint": self.fingerprint,
             "quantizer": self.quantizer,
             "calibration": self.calibration,
+            "compressed_layers": self.compressed_layers,
             "eps_widths": list(EPS_WIDTHS),
             "tensors": {k: list(v.shape) for k, v in tensors.items()},
         }
@@ -338,17 +352,20 @@ class RDKVProfile:
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise ValueError(f"{config_path} has schema_version {version!r}; this rdkv_hf reads up to {SCHEMA_VERSION}: upgrade rdkv_hf")
         tensors = _read_safetensors(weights_path)
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("fingerprint", "quantizer", "calibration", "name_or_path")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("fingerprint", "quantizer", "calibration", "compressed_layers", "name_or_path")]
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"{weights_path} lacks the tensors {missing}; save the profile again with this rdkv_hf")
         try:
-            return cls(
+            profile = cls(
                 fingerprint=config["fingerprint"], quantizer=config["quantizer"], calibration=config["calibration"],
                 name_or_path=name_or_path, **{n: tensors[n] for n in names},
             )
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"{weights_path} does not fit {config_path}: {err}") from err
+        # Profiles saved before the field existed compress every layer.
+        profile.compressed_layers = _layer_list(config.get("compressed_layers"), profile.num_layers, where=str(config_path))
+        return profile
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False, commit_message: str = "Upload RDKV profile"):
         """Create (or reuse) the Hub model repo `repo_id` and upload this profile to it."""
@@ -362,20 +379,48 @@ class RDKVProfile:
 
     # -- looking at it --------------------------------------------------------------------------
 
-    def show(self, budget: float = 2.5, *, integer: bool = True, bounds: tuple | None = None) -> str:
-        """A readable table: per layer and KV head, K and V bits at `budget`, beta, R^2, sensitivity."""
-        kb, vb = self.head_bits(budget, integer=integer, bounds=bounds)
+    def _layer_bits(self, budget, integer, bounds, layers):
+        """``(layers, k_bits, v_bits)``: the budget shared by `layers` (None: ``compressed_layers``),
+        as the cache's planner does; rows of the other layers are 0."""
+        layers = self.compressed_layers if layers is None else sorted({int(i) for i in layers})
+        if not layers:  # every layer has a sliding window (Mistral 7B v0.1): the cache compresses none
+            self.head_bits(budget, integer=integer, bounds=bounds)  # still check the arguments
+            zeros = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.long if integer else torch.float64)
+            return layers, zeros, zeros
+        kb, vb = _on_layers(lambda p: p.head_bits(budget, integer=integer, bounds=bounds), self, layers)
+        return layers, kb, vb
+
+    def _shared_by(self, layers) -> str:
+        if not layers:
+            return f"none of the {self.num_layers} layers"
+        if len(layers) == self.num_layers:
+            return f"all {self.num_layers} layers"
+        return f"layers {', '.join(map(str, layers))} of {self.num_layers}"
+
+    def show(self, budget: float = 2.5, *, integer: bool = True, bounds: tuple | None = None, layers=None) -> str:
+        """A readable table: per layer and KV head, K and V bits at `budget`, beta, R^2, sensitivity.
+
+        `layers`: the layers sharing the budget (default ``compressed_layers``, as the cache); the
+        others get one line, without bits.
+        """
+        default = layers is None
+        layers, kb, vb = self._layer_bits(budget, integer, bounds, layers)
         lo, hi = bounds or default_bounds(budget)
         fmt = "{:d}" if integer else "{:.2f}"
         fp = self.fingerprint
         lines = [
             f"RDKV profile {self.name_or_path or ''} ({fp['architecture']}, {self.num_layers} layers x "
             f"{self.num_kv_heads} KV heads, head_dim {fp['head_dim']}, weights {fp['weights_sha256']})".replace("  ", " "),
-            f"budget {budget} bits ({'greedy' if integer else 'closed form'}, bounds [{lo}, {hi}]): "
-            f"mean K {kb.double().mean():.3f}, mean V {vb.double().mean():.3f}",
+            f"budget {budget} bits ({'greedy' if integer else 'closed form'}, bounds [{lo}, {hi}]) shared by "
+            f"{self._shared_by(layers)}: mean K {kb[layers].double().mean():.3f}, mean V {vb[layers].double().mean():.3f}"
+            if layers else f"budget {budget} bits: no layer is compressed",
             f"{'layer':>5} {'head':>4} {'K bits':>6} {'V bits':>6} {'beta_K':>7} {'beta_V':>7} {'R2_K':>6} {'R2_V':>6} {'sens_K':>9} {'sens_V':>9}",
         ]
+        why = "not compressed (sliding window)" if default else "not compressed (not in `layers`)"
         for layer in range(self.num_layers):
+            if layer not in layers:
+                lines.append(f"{layer:>5} {'-':>4} {why}")
+                continue
             for h in range(self.num_kv_heads):
                 i = (layer, h)
                 lines.append(
@@ -385,29 +430,43 @@ class RDKVProfile:
                 )
         return "\n".join(lines)
 
-    def plot(self, budget: float, path, *, integer: bool = True, bounds: tuple | None = None) -> Path:
-        """Save a PNG heat map (layers x KV heads) of the K and V bits at `budget`, side by side."""
+    def plot(self, budget: float, path, *, integer: bool = True, bounds: tuple | None = None, layers=None) -> Path:
+        """Save a PNG heat map (layers x KV heads) of the K and V bits at `budget`, side by side.
+
+        `layers`: as in :meth:`show`; the other layers are grey.
+        """
         try:
             # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+            import matplotlib
             from matplotlib.figure import Figure
         except ImportError as err:
             raise ImportError("RDKVProfile.plot needs matplotlib: `pip install matplotlib`") from err
-        kb, vb = self.head_bits(budget, integer=integer, bounds=bounds)
+        import numpy as np
+
+        layers, kb, vb = self._layer_bits(budget, integer, bounds, layers)
         lo, hi = bounds or default_bounds(budget)
+        off = np.array([layer not in layers for layer in range(self.num_layers)])
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.8")
         fig = Figure(figsize=(3.5 + 1.2 * self.num_kv_heads, 2.0 + 0.25 * self.num_layers), layout="constrained")
         axes = fig.subplots(1, 2, squeeze=False)
         for ax, bits, title in zip(axes[0], (kb, vb), ("K bits", "V bits")):
-            im = ax.imshow(bits.double().numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-            ax.set_title(f"{title}, mean {bits.double().mean():.2f}", fontsize=10)
+            grid = np.ma.masked_array(bits.double().numpy(), mask=np.repeat(off[:, None], self.num_kv_heads, 1))
+            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"{title}, mean {bits[layers].double().mean():.2f}", fontsize=10)
             ax.set_xlabel("KV head")
             ax.set_ylabel("layer")
             ax.set_xticks(range(self.num_kv_heads))
-            if self.num_layers * self.num_kv_heads <= 400:
-                for (layer, h), b in zip(((a, c) for a in range(self.num_layers) for c in range(self.num_kv_heads)), bits.flatten().tolist()):
-                    color = "w" if b < (lo + hi) / 2 else "k"
-                    ax.text(h, layer, f"{b:g}" if integer else f"{b:.1f}", ha="center", va="center", fontsize=7, color=color)
+            if len(layers) * self.num_kv_heads <= 400:
+                for layer in layers:
+                    for h in range(self.num_kv_heads):
+                        b = bits[layer, h].item()
+                        color = "w" if b < (lo + hi) / 2 else "k"
+                        ax.text(h, layer, f"{b:g}" if integer else f"{b:.1f}", ha="center", va="center", fontsize=7, color=color)
         fig.colorbar(im, ax=axes[0].tolist(), label="bits")
-        fig.suptitle(f"{self.fingerprint['architecture']}: RateQuant widths at {budget} bits", fontsize=10)
+        title = f"{self.fingerprint['architecture']}: RateQuant widths at {budget} bits"
+        if off.any():
+            title += f"\nshared by {self._shared_by(layers)}; grey: not compressed"
+        fig.suptitle(title, fontsize=10)
         path = Path(path)
         fig.savefig(path, dpi=120, format="png")
         return path
@@ -476,16 +535,25 @@ def model_card(profile: RDKVProfile, repo_id: str) -> str:
     if base:
         front.append(f"base_model: {base}")
     front.append("---")
-    kb, vb = profile.head_bits(2.5)
+    layers, kb, vb = profile._layer_bits(2.5, True, None, None)
     ek, ev = profile.eps_tables()
     r2 = torch.cat([profile.r2_k.flatten(), profile.r2_v.flatten()])
     rows = []
     for layer in range(profile.num_layers):
+        bits = (" ".join(str(int(b)) for b in t[layer]) if layer in layers else "-" for t in (kb, vb))
         rows.append(
             f"| {layer} | {profile.beta_k[layer].mean():.2f} | {profile.beta_v[layer].mean():.2f} "
             f"| {profile.r2_k[layer].min():.3f} | {profile.r2_v[layer].min():.3f} "
             f"| {_fmt(profile.sens_k[layer].mean().item())} | {_fmt(profile.sens_v[layer].mean().item())} "
-            f"| {' '.join(str(int(b)) for b in kb[layer])} | {' '.join(str(int(b)) for b in vb[layer])} |"
+            f"| {' | '.join(bits)} |"
+        )
+    compressed = ""
+    if not layers:
+        compressed = "\nEvery layer has a sliding window: the cache keeps them all uncompressed.\n"
+    elif len(layers) < profile.num_layers:
+        compressed = (
+            f"\nThe cache compresses layers {', '.join(map(str, layers))} only ({len(layers)} of {profile.num_layers}, "
+            "full attention) and shares\nthe budget among them; the other layers keep the model's sliding-window cache, uncompressed.\n"
         )
     body = f"""
 # RDKV profile: {base or fp['architecture']}
@@ -496,7 +564,7 @@ K/V weights sha256 `{fp['weights_sha256']}`). It holds per KV head RateQuant sen
 (mean squared loss gradient at K and V) and distortion fits `D(b) = alpha * beta^-b` of the
 `{profile.quantizer.get('name')}` quantizer (K per {profile.quantizer.get('k_axis')}, V per {profile.quantizer.get('v_axis')}),
 and RDKV epsilon tables per layer.{' Weights: ' + cal['weights'] + '.' if cal.get('weights') else ''}
-
+{compressed}
 ## Usage
 
 ```python
@@ -518,12 +586,26 @@ eps_K = {ek[2]:.4g}, {ek[4]:.4g}, {ek[8]:.3g}; eps_V = {ev[2]:.4g}, {ev[4]:.4g},
 ## Fits per layer
 
 Means over the KV heads of a layer (R^2: the worst head); the bits are the greedy RateQuant widths
-per head at a mean of 2.5 code bits.
+per head at a mean of 2.5 code bits over the compressed layers ("-": not compressed).
 
 | layer | beta_K | beta_V | R^2 K | R^2 V | sens K | sens V | K bits @2.5 | V bits @2.5 |
 |---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n"
     return "\n".join(front) + "\n" + body
+
+
+def _layer_list(layers, n: int, where: str) -> list[int]:
+    """`layers` checked as sorted, distinct indices of `n` layers (``None``: all of them)."""
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)):
+        raise ValueError(f"{where}: `compressed_layers` must be a list of layer indices, got {layers!r}")
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise ValueError(f"{where}: `compressed_layers` holds {i!r}, not a layer index in [0, {n}): {list(layers)}")
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"{where}: `compressed_layers` must be sorted with no repeats, got {list(layers)}")
+    return list(layers)
 
 
 def _fmt(x: float) -> str:

@@ -122,6 +122,12 @@ def test_other_architectures(arch):
     assert int(kb.sum() + vb.sum()) == round(2.5 * 2 * 2 * 2)
 
 
+@pytest.mark.parametrize("arch,layers", [("llama", [0, 1]), ("gemma3", [2]), ("mistral-sliding", [])])
+def test_compressed_layers_are_the_full_attention_ones(arch, layers):
+    prof = calibrate(tiny_model(arch), calib_ids(n=1, T=24), progress=False)
+    assert prof.compressed_layers == layers
+
+
 def test_batching_does_not_change_the_result(llama_profile):
     model, prof = llama_profile
     again = calibrate(model, calib_ids(), batch_size=4, progress=False)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 import sys
@@ -8,7 +9,8 @@ from conftest import tiny_model
 
 from rdkv_hf.calibrate import calibrate
 from rdkv_hf.config import RDKVConfig
-from rdkv_hf.profiles import RDKVProfile, fingerprint, shipped_profiles
+from rdkv_hf.planner import Planner, _on_layers
+from rdkv_hf.profiles import SHIPPED_DIR, RDKVProfile, fingerprint, model_card, shipped_profiles
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -220,11 +222,107 @@ def test_show(model_and_profile):
     assert "bounds [2, 4]" in text
 
 
+def layer_one_only(prof):
+    """`prof` as for a model whose layer 0 has a sliding window: the cache compresses layer 1 only."""
+    return dataclasses.replace(prof, compressed_layers=[1])
+
+
+def test_show_shares_the_budget_among_the_compressed_layers(model_and_profile):
+    _, prof = model_and_profile
+    one = layer_one_only(prof)
+    lines = one.show(2.5).splitlines()
+    assert "shared by layers 1 of 2" in lines[1]
+    assert lines[3].split()[:2] == ["0", "-"] and lines[3].endswith("not compressed (sliding window)")
+    assert len(lines) == 3 + 1 + 2  # layer 0: one line, no bits; layer 1: one line per head
+    kb, vb = _on_layers(lambda p: p.head_bits(2.5), prof, [1])
+    assert int(kb[1].sum() + vb[1].sum()) == round(2.5 * 4)  # layer 1 holds the whole budget
+    for h in range(2):
+        assert lines[4 + h].split()[:4] == ["1", str(h), str(int(kb[1, h])), str(int(vb[1, h]))]
+    # The planner of a cache compressing layer 1 gives the same widths (ratequant: codes = budget - 16/head_dim).
+    c = RDKVConfig(budget=2.5 + 16 / prof.fingerprint["head_dim"], mode="ratequant", profile="x")
+    pk, pv = Planner(c, prof, layers=[1])._head_bits
+    assert torch.equal(pk[1], kb[1]) and torch.equal(pv[1], vb[1])
+    # `layers=` overrides the profile's; all layers give the plain table.
+    assert one.show(2.5, layers=[0, 1]).splitlines()[3:] == prof.show(2.5).splitlines()[3:]
+    assert "not compressed (not in `layers`)" in prof.show(2.5, layers=[0]).splitlines()[-1]
+    with pytest.raises(ValueError, match="`layers` must be indices"):
+        one.show(2.5, layers=[2])
+
+
+def test_compressed_layers_round_trip_and_old_configs_mean_all_layers(model_and_profile, tmp_path):
+    _, prof = model_and_profile
+    assert prof.compressed_layers == [0, 1]  # tiny llama: no sliding window
+    folder = layer_one_only(prof).save_pretrained(tmp_path / "one")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["compressed_layers"] == [1]
+    assert RDKVProfile.from_pretrained(folder).compressed_layers == [1]
+    assert "compresses layers 1 only (1 of 2" in (folder / "README.md").read_text()
+    del config["compressed_layers"]  # as written before the field existed
+    (folder / "config.json").write_text(json.dumps(config))
+    assert RDKVProfile.from_pretrained(folder).compressed_layers == [0, 1]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([2], r"holds 2, not a layer index in \[0, 2\)"),
+    ([-1], "holds -1"),
+    ([1, 0], r"must be sorted with no repeats, got \[1, 0\]"),
+    ([1, 1], r"must be sorted with no repeats, got \[1, 1\]"),
+    ([True], "holds True"),
+    (["1"], "holds '1'"),
+    ("0,1", "must be a list of layer indices, got '0,1'"),
+])
+def test_bad_compressed_layers_are_refused(model_and_profile, tmp_path, bad, match):
+    _, prof = model_and_profile
+    folder = prof.save_pretrained(tmp_path / "bad")
+    config = json.loads((folder / "config.json").read_text())
+    config["compressed_layers"] = bad
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: `compressed_layers` " + match):
+        RDKVProfile.from_pretrained(folder)
+    with pytest.raises(ValueError, match="RDKVProfile: `compressed_layers` " + match):
+        dataclasses.replace(prof, compressed_layers=bad)
+
+
+def test_select_layers_reindexes_the_compressed_layers(model_and_profile):
+    _, prof = model_and_profile
+    one = layer_one_only(prof)
+    assert one.select_layers([1]).compressed_layers == [0]
+    assert one.select_layers([0, 1]).compressed_layers == [1]
+    assert one.select_layers([0]).compressed_layers == []
+    assert prof.select_layers([1]).compressed_layers == [0]
+
+
+def test_a_profile_that_compresses_no_layer_still_shows_and_saves(model_and_profile, tmp_path):
+    _, prof = model_and_profile
+    none = dataclasses.replace(prof, compressed_layers=[])  # every layer has a sliding window
+    lines = none.show(2.5).splitlines()
+    assert "no layer is compressed" in lines[1] and all("not compressed" in line for line in lines[3:])
+    assert "the cache keeps them all uncompressed" in (none.save_pretrained(tmp_path / "none") / "README.md").read_text()
+
+
 def test_plot(model_and_profile, tmp_path):
     pytest.importorskip("matplotlib")
     _, prof = model_and_profile
     path = prof.plot(2.5, tmp_path / "bits.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_masks_the_layers_not_compressed(model_and_profile, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    _, prof = model_and_profile
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: (figures.append(self), savefig(self, *a, **kw))[1])
+    path = layer_one_only(prof).plot(2.5, tmp_path / "bits.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig, = figures
+    kb, vb = _on_layers(lambda p: p.head_bits(2.5), prof, [1])
+    for ax, bits in zip(fig.axes[:2], (kb, vb)):
+        grid = ax.get_images()[0].get_array()
+        assert grid.mask[0].all() and not grid.mask[1].any()
+        assert grid[1].tolist() == bits[1].tolist()
+    assert "grey: not compressed" in fig.get_suptitle() and "layers 1 of 2" in fig.get_suptitle()
 
 
 def test_plot_without_matplotlib(model_and_profile, tmp_path, monkeypatch):
@@ -242,6 +340,23 @@ def test_invalid_tensors_are_refused(model_and_profile):
         RDKVProfile(**(fields | {"alpha_k": -prof.alpha_k}))
     with pytest.raises(ValueError, match="non-finite"):
         RDKVProfile(**(fields | {"sens_v": prof.sens_v * float("nan")}))
+
+
+def test_shipped_gemma_profile_compresses_its_full_attention_layers():
+    from transformers import Gemma3TextConfig
+
+    from rdkv_hf.cache import global_layers
+
+    prof = RDKVProfile.from_pretrained("gemma3-270m")
+    assert prof.compressed_layers == list(global_layers(Gemma3TextConfig(num_hidden_layers=18))) == [5, 11, 17]
+    kb, vb = prof._layer_bits(2.5, True, None, None)[1:]
+    assert int(kb.sum() + vb.sum()) == round(2.5 * 2 * 3) and kb[[0, 1, 2, 3, 4]].sum() == 0
+    text = prof.show(2.5)
+    assert "shared by layers 5, 11, 17 of 18" in text and text.count("not compressed (sliding window)") == 15
+    card = (SHIPPED_DIR / "gemma3-270m" / "README.md").read_text()
+    assert card == model_card(prof, "gemma3-270m")  # the shipped card is the generated one
+    # The SmolLM2 config predates the field: all layers.
+    assert RDKVProfile.from_pretrained("smollm2-135m-instruct").compressed_layers == list(range(30))
 
 
 @pytest.mark.parametrize("name", shipped_profiles())
