@@ -244,7 +244,7 @@ def make_cache(method: str, budget, model, seed, ctx: int):
             k, v = tile(seed["k"][i], ctx, gen), tile(seed["v"][i], ctx, gen)
             layer.update(k, v)
             q = seed["q"][i]
-            w_tok, w_ch, real = prompt_weights(q, k, None, q.shape[-1] ** -0.5, ctx, cfg.window, cfg.pool_kernel)
+            w_tok, w_ch, real = prompt_weights(q, k, None, q.shape[-1] ** -0.5, ctx, cfg)
             layer.compress_tail(ctx, w_tok, w_ch, real)
             del k, v
         return cache, cache.nbytes

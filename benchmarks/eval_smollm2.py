@@ -5,7 +5,8 @@ Runs (or resumes) `rdkv-hf eval` with the given settings, then checks:
 1. at 2.5 bits, RDKV + profile perplexity within 3% of the full cache;
 2. ... and lower than uniform KIVI-2 and RateQuant-only at the same bytes;
 3. at <= 10% of the bf16 cache bytes, RULER-style score >= 97.8% of the full cache's and >= 9 points
-   above the best eviction-only baseline (SnapKV, AdaKV, StreamingLLM) at the same bytes.
+   above the best eviction-only baseline (SnapKV, AdaKV, StreamingLLM) at the same bytes (checked for
+   RDKV and RDKV + profile at each of their budgets at or below 10%).
 
 "At the same bytes" reads each method's quality off its own measured curve at the other's measured
 bits (rdkv_hf.eval_report.interpolate: linear between its two nearest points, no extrapolation).
@@ -62,20 +63,21 @@ def check_targets(summary: list[dict]) -> list[tuple[str, bool | None, str]]:
             out.append((f"PPL below {name} at matched bytes", all(checks) if checks else None, detail))
     ruler = lambda m: curve(summary, "ruler", m)  # noqa: E731
     full_r = ruler("full")
-    low = [(x, y) for x, y in ruler(REF) if 100 * x / 16 <= 10.0]
-    if not full_r or not low:
+    ours = {m: [(x, y) for x, y in ruler(m) if 100 * x / 16 <= 10.0] for m in ("rdkv", REF)}
+    if not full_r or not any(ours.values()):
         out.append(("RULER at <=10% bytes: >=97.8% of full, >=9 points over eviction", None, "needs ruler cells at <=10%"))
         return out
-    for x, y in low:
-        evict = {m: interpolate(ruler(m), x) for m in EVICTION}
-        known = {m: v for m, v in evict.items() if v is not None}
-        best = max(known.values()) if known else None
-        rel = y / full_r[0][1] if full_r[0][1] else float("nan")
-        met = rel >= 0.978 and best is not None and y - best >= 9
-        detail = (f"RDKV+profile {y:.1f} at {x:.2f} bits ({100 * x / 16:.1f}%) = {100 * rel:.1f}% of full "
-                  f"({full_r[0][1]:.1f}); eviction at these bytes: "
-                  + ", ".join(f"{m} {'n/a' if v is None else f'{v:.1f}'}" for m, v in evict.items()))
-        out.append((f"RULER at {100 * x / 16:.1f}% of bf16 bytes", met, detail))
+    for method, low in ours.items():
+        for x, y in low:
+            evict = {m: interpolate(ruler(m), x) for m in EVICTION}
+            known = {m: v for m, v in evict.items() if v is not None}
+            best = max(known.values()) if known else None
+            rel = y / full_r[0][1] if full_r[0][1] else float("nan")
+            met = rel >= 0.978 and best is not None and y - best >= 9
+            detail = (f"{method} {y:.1f} at {x:.2f} bits ({100 * x / 16:.1f}%) = {100 * rel:.1f}% of full "
+                      f"({full_r[0][1]:.1f}); eviction at these bytes: "
+                      + ", ".join(f"{m} {'n/a' if v is None else f'{v:.1f}'}" for m, v in evict.items()))
+            out.append((f"RULER at {100 * x / 16:.1f}% of bf16 bytes ({method})", met, detail))
     return out
 
 

@@ -10,6 +10,8 @@ budget is never exceeded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +20,7 @@ from .quant import META_BITS, per_word
 _BISECT_STEPS = 48
 
 
-def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int = 5, pool: str = "avg") -> torch.Tensor:
+def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int = 5, pool: str = "avg", carry: float = 0.0) -> torch.Tensor:
     """RDKV's V-token weight: window attention summed over queries and the GQA group.
 
     Args:
@@ -27,7 +29,8 @@ def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int =
     Returns:
         ``[B, kv_heads, T]`` weights, normalized by how many window queries see each token and
         pooled along the tokens (``pool="avg"`` averages `pool_kernel` neighbours; ``"max"`` gives
-        each token the largest weight within ``pool_kernel // 2`` of it).
+        each token the largest weight within ``pool_kernel // 2`` of it), then carried forward
+        (:func:`carry_forward`) when ``carry > 0``.
     """
     if pool not in ("avg", "max"):
         raise ValueError(f"`pool` must be 'avg' or 'max', got {pool!r}")
@@ -41,7 +44,24 @@ def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int =
         pool_fn = F.max_pool1d if pool == "max" else F.avg_pool1d
         w = pool_fn(F.pad(w.reshape(B * H, 1, T), (pad, pad), mode=mode), pool_kernel, stride=1)
         w = w.reshape(B, H, T)
-    return w
+    return carry_forward(w, carry)
+
+
+def carry_forward(w: torch.Tensor, rho: float) -> torch.Tensor:
+    """``w'[t] = max(w[t], rho * w'[t-1])`` along the last dim: a token weighs at least `rho`
+    times the token before it (after pooling), so the tokens that follow an attended one decay
+    instead of dropping. Decoding copies a span token after token (a number's digits), while the
+    window queries attend mostly to its start. ``rho = 0`` returns `w` unchanged.
+
+    Computed as ``rho**t * cummax(w[s] * rho**-s)``, in log space (float64).
+    """
+    if rho <= 0 or w.shape[-1] < 2:
+        return w
+    t = torch.arange(w.shape[-1], dtype=torch.float64, device=w.device)
+    log_rho = math.log(rho)
+    logw = w.double().clamp(min=1e-300).log()
+    carried = (torch.cummax(logw - t * log_rho, dim=-1).values + t * log_rho).exp()
+    return torch.maximum(w, carried.to(w.dtype))
 
 
 def channel_weights(q: torch.Tensor, q_real: torch.Tensor, k: torch.Tensor, k_real: torch.Tensor) -> torch.Tensor:

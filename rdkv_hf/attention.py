@@ -46,7 +46,7 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
     if q_len > 1 and (not layer.segments or cfg.compress_followups):
-        w_tok, w_ch, real = prompt_weights(query, key, attention_mask, scaling, q_len, cfg.window, cfg.pool_kernel, lse, cfg.pool)
+        w_tok, w_ch, real = prompt_weights(query, key, attention_mask, scaling, q_len, cfg, lse)
         layer.compress_tail(q_len, w_tok, w_ch, real)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
@@ -62,11 +62,13 @@ def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device)
     return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)
 
 
-def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=None, pool="avg"):
-    """RDKV weights of the last `n_new` tail tokens from the attention of the last `window` queries.
+def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None):
+    """RDKV weights of the last `n_new` tail tokens from the attention of the last ``cfg.window``
+    queries (pooled and carried as :func:`~rdkv_hf.allocate.token_weights` with `cfg`'s settings).
 
     Args:
         query: ``[B, Hq, q, D]``; key: ``[B, Hkv, kv, D]`` (tail incl. the new tokens).
+        cfg: the :class:`~rdkv_hf.RDKVConfig` (``window``, ``pool_kernel``, ``pool``, ``carry``).
         lse: ``[B, Hq, q]`` log-sum-exp of the queries over all cached tokens, when compressed
             segments exist (their mass is part of the softmax); None: the tail is everything.
     Returns:
@@ -75,7 +77,7 @@ def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=No
     B, Hq, q, D = query.shape
     Hkv, kv = key.shape[1], key.shape[2]
     g = Hq // Hkv
-    W = min(window, q)
+    W = min(cfg.window, q)
     if mask is None:
         # Causal without padding: every new token is real; build only the window's rows (the full
         # [q, kv] visibility is q * kv bools, 64 MiB at 8K tokens, for nothing).
@@ -96,7 +98,7 @@ def prompt_weights(query, key, mask, scaling, n_new, window, pool_kernel, lse=No
     else:
         norm = lse[:, :, q - W :].reshape(B, Hkv, g, W, 1).float()
     probs = torch.exp(logits - norm).nan_to_num_(0.0)[..., kv - n_new :]
-    w_tok = token_weights(probs, vis[:, :, kv - n_new :], pool_kernel, pool)
+    w_tok = token_weights(probs, vis[:, :, kv - n_new :], cfg.pool_kernel, cfg.pool, cfg.carry)
     w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new :].float(), real)
     return w_tok, w_ch, real
 

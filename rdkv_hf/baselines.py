@@ -28,7 +28,8 @@ class EvictionPlanner(Planner):
     name = "eviction"
 
     def __init__(self, budget: float, window: int = 32, high_precision_dtype: str | None = None):
-        super().__init__(RDKVConfig(budget=budget, window=window, high_precision_dtype=high_precision_dtype))
+        # kvpress's definitions: average pooling, no carry (RDKV's own addition).
+        super().__init__(RDKVConfig(budget=budget, window=window, carry=0.0, high_precision_dtype=high_precision_dtype))
         self.budget = budget
 
     def n_keep(self, real: torch.Tensor) -> torch.Tensor:

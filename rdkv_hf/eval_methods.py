@@ -90,7 +90,7 @@ METHODS: dict[str, Method] = {
 # Options a method spec may carry ("rdkv:window=64:pool_kernel=7"), by kind. RDKV kinds take
 # RDKVConfig knobs (`head_floor` for rdkv+profile only, e.g. "rdkv+profile:head_floor=0" for the
 # profile's allocation as is) plus the evaluation-only variants `sinks` and `recent` (see _VariantPlanner).
-_RDKV_OPTIONS = ("window", "pool_kernel", "pool", "k_share", "head_floor", "widths", "high_precision_dtype", "backend", "sinks",
+_RDKV_OPTIONS = ("window", "pool_kernel", "pool", "carry", "k_share", "head_floor", "widths", "high_precision_dtype", "backend", "sinks",
                  "recent")
 _OPTIONS = {
     "full": (),
@@ -369,8 +369,7 @@ def _fill_rdkv(cache: RDKVCache, pre: Prefill) -> None:
         cfg = layer.planner.config
         if cfg.window > pre.queries[i].shape[2]:
             raise ValueError(f"`window`={cfg.window} exceeds the {pre.queries[i].shape[2]} queries the prefill kept; raise its window")
-        w_tok, w_ch, real = prompt_weights(pre.queries[i], layer.keys, None, pre.scalings[i], k.shape[-2], cfg.window, cfg.pool_kernel,
-                                            pool=cfg.pool)
+        w_tok, w_ch, real = prompt_weights(pre.queries[i], layer.keys, None, pre.scalings[i], k.shape[-2], cfg)
         layer.compress_tail(k.shape[-2], w_tok, w_ch, real)
 
 

@@ -1,7 +1,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from rdkv_hf.allocate import allocate_rdkv, lagrangian_widths, token_weights, unit_costs
+from rdkv_hf.allocate import allocate_rdkv, carry_forward, lagrangian_widths, token_weights, unit_costs
 from rdkv_hf.config import DEFAULT_EPS_K, DEFAULT_EPS_V, DEFAULT_WIDTHS
 
 WIDTHS = torch.tensor(DEFAULT_WIDTHS)
@@ -102,6 +102,27 @@ def test_token_weights_pooling_avg_and_max():
     assert torch.equal(mx[0, 0], torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 0, 0]))
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.sampled_from([0.3, 0.8, 0.95]), st.integers(0, 2**16))
+def test_carry_forward_is_the_recurrence(T, rho, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(2, 3, T, generator=g) * (torch.rand(2, 3, T, generator=g) < 0.3)  # mostly zeros
+    ref = w.clone()
+    for t in range(1, T):
+        ref[..., t] = torch.maximum(ref[..., t], rho * ref[..., t - 1])
+    assert torch.allclose(carry_forward(w, rho), ref, rtol=1e-5, atol=1e-30)
+
+
+def test_carry_keeps_the_tokens_after_an_attended_one():
+    # the window attends to the first digit of a span (token 3); the next ones fade by 0.8 each
+    probs = torch.zeros(1, 1, 1, 1, 8)
+    probs[..., 3] = 1.0
+    visible = torch.ones(1, 1, 8, dtype=torch.bool)
+    w = token_weights(probs, visible, pool_kernel=1, carry=0.8)
+    assert torch.allclose(w[0, 0], torch.tensor([0, 0, 0, 1, 0.8, 0.64, 0.512, 0.4096]))
+    assert torch.equal(token_weights(probs, visible, pool_kernel=1, carry=0.0)[0, 0], probs[0, 0, 0, 0])
+
+
 def test_pool_is_validated():
     import pytest
 
@@ -109,5 +130,7 @@ def test_pool_is_validated():
 
     with pytest.raises(ValueError, match="`pool` must be 'avg' or 'max', got 'min'"):
         RDKVConfig(budget=2.5, pool="min")
+    with pytest.raises(ValueError, match=r"`carry` must be in \[0, 1\).*got 1.5"):
+        RDKVConfig(budget=2.5, carry=1.5)
     with pytest.raises(ValueError, match="`pool`"):
         token_weights(torch.zeros(1, 1, 1, 1, 3), torch.ones(1, 1, 3, dtype=torch.bool), pool="median")

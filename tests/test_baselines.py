@@ -49,3 +49,12 @@ def test_baseline_runs_through_generate_at_matched_bytes():
     model.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
     assert all(h.n == 8 for s in cache.layers[0].segments for h in s.heads)  # 2/16 of 64 tokens
     assert 1.9 < cache.summary().prompt_bits_per_element <= 2.0
+
+
+def test_baselines_score_tokens_without_rdkv_carry():
+    """kvpress's definitions: average-pooled window attention, no forward carry (RDKV's addition)."""
+    from rdkv_hf.baselines import BASELINES
+    from rdkv_hf.config import RDKVConfig
+
+    assert RDKVConfig().carry > 0
+    assert all(BASELINES[name](budget=2.0).config.carry == 0 for name in BASELINES)
