@@ -12,6 +12,15 @@ One forward and one backward per batch of calibration sequences give everything:
   of one sequence, V per token), per (layer, KV head), fitted as ``ln D = ln alpha - b ln beta``.
   Relative MSE makes ``alpha`` unit-free; the profile keeps the mean square of each head
   (``power_k``, ``power_v``) so that the allocation can weigh absolute errors (``alpha * power``).
+- **RDKV distortion curves** (eviction-aware, for ``rdkv+profile``): each sequence's first
+  ``RD_PROMPT`` share of tokens is compressed by RDKV itself (the default :class:`RDKVConfig` at each
+  budget of ``RD_BUDGETS``, equal head budgets, packed as the cache packs it) and the attention
+  outputs of the remaining queries are compared with the exact ones: ``rd_dist[l, h, j]`` is the
+  mean squared error of the outputs of KV head ``h``'s query group at budget ``RD_BUDGETS[j]``, and
+  ``sens_o[l, h]`` the mean squared gradient of the loss at those outputs. ``sens_o * rd_dist`` is
+  the loss increase the allocation across heads minimizes (quantization-only curves ignore that
+  RDKV evicts inside each head). Only the layers a cache compresses are measured, on the first
+  ``RD_SEQS`` sequences.
 - **RDKV epsilon tables** (RDKV App. B) at widths 2, 4, 8 per layer: ``eps_V = sum (V - V^)^2 /
   sum V^2`` (per-token quantization) and ``eps_K`` = mean over channels of the per-channel MSE over
   the per-channel variance (per-channel quantization).
@@ -19,7 +28,9 @@ One forward and one backward per batch of calibration sequences give everything:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 
 import torch
@@ -30,6 +41,10 @@ from .quant import _round_down_half, _round_up_half
 logger = logging.getLogger(__name__)
 
 EPS_WIDTHS = (2, 4, 8)
+RD_BUDGETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # bits per element of the RDKV curves
+RD_PROMPT = 0.75  # share of each calibration sequence compressed for them; the rest are the queries
+RD_SEQS = 4  # they are measured on the first sequences only (about a third of the calibration time)
+_CAPTURE = "rdkv_calibrate_capture"
 
 
 def calibrate(
@@ -81,7 +96,7 @@ def calibrate(
         logger.warning("calibrating a %s model; float32 gives more accurate gradients and fits", dtype)
 
     start = time.perf_counter()
-    stats = _Stats(fp["num_layers"], fp["num_kv_heads"], widths)
+    stats = _Stats(fp["num_layers"], fp["num_kv_heads"], widths, rd_layers=global_layers(model))
     was_training = model.training
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
@@ -155,8 +170,9 @@ def _calibration_ids(texts, tokenizer, n_seqs: int, seq_len: int, seed: int) -> 
 class _Stats:
     """Running sums over the calibration batches, all per (layer, KV head) unless noted."""
 
-    def __init__(self, layers: int, heads: int, widths: list[int]):
+    def __init__(self, layers: int, heads: int, widths: list[int], rd_layers=()):
         self.widths = widths
+        self.rd_layers = tuple(rd_layers)
         self.all_widths = sorted(set(widths) | set(EPS_WIDTHS))
         W, E = len(self.all_widths), len(EPS_WIDTHS)
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
@@ -169,6 +185,9 @@ class _Stats:
         self.elements = 0  # elements of one head's K (or V): tokens x head_dim
         self.n_seqs = 0
         self.loss = 0.0
+        self.rd_sse = z(layers, heads, len(RD_BUDGETS))  # sum of squared attention-output errors
+        self.grad_o = z(layers, heads)  # sum of squared output gradients, same positions
+        self.rd_count = z(layers)  # output elements of one head's query group summed over
 
     def add(self, layer: int, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor):
         """k, v, gk, gv: ``[batch, kv_heads, tokens, head_dim]`` float32."""
@@ -203,6 +222,9 @@ class _Stats:
         eps_v = self.sse_v[..., eps_cols].sum(1) / self.sq_v.sum(1).clamp(min=1e-300)[:, None]
         eps_k = self.eps_k_sum / self.channels.clamp(min=1)[:, None]
         out.update(eps_k=eps_k, eps_v=eps_v, eps_k_global=eps_k.mean(0), eps_v_global=eps_v.mean(0))
+        count = self.rd_count.clamp(min=1)[:, None]
+        out.update(rd_budgets=torch.tensor(RD_BUDGETS, dtype=torch.float64), rd_dist=self.rd_sse / count[..., None],
+                   sens_o=self.grad_o / count)
         return {name: t.float() for name, t in out.items()}
 
 
@@ -270,7 +292,9 @@ def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
     ids = ids.to(device)
     # The parameters do not need gradients; the activations do, from the embeddings on.
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+    attn: dict[int, tuple] = {}  # layer -> (queries, attention output, scaling) for the RDKV curves
+    with _capturing_attention(model, attn, stats.rd_layers):
+        out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
     B, T = ids.shape
     # Sum over sequences of each sequence's mean next-token loss: per-sequence gradients. The last
     # position predicts nothing (-100); flattening the whole logits tensor avoids a copy.
@@ -287,7 +311,126 @@ def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
         if k.shape[1] != stats.grad_k.shape[1]:
             raise RuntimeError(f"layer {layer} has {k.shape[1]} KV heads, the config says {stats.grad_k.shape[1]}")
         stats.add(layer, k.detach().float(), v.detach().float(), k.grad.float(), v.grad.float())
+    n = max(0, min(B, RD_SEQS - stats.n_seqs))  # rows of this batch among the first RD_SEQS sequences
+    for layer in stats.rd_layers if n else ():
+        q, o, scaling = attn[layer]
+        if o.grad is None:
+            raise RuntimeError(f"no gradient reached the attention output of layer {layer}")
+        k, v = seen[layer]
+        _add_rd_curves(stats, layer, q[:n], k[:n].detach().float(), v[:n].detach().float(), o[:n].detach().float(),
+                       o.grad[:n].float(), scaling)
     stats.tokens += B * T
     stats.elements += B * T * seen[0][0].shape[-1]
     stats.n_seqs += B
     stats.loss += loss.item()
+
+
+@contextlib.contextmanager
+def _capturing_attention(model, store: dict, layers):
+    """Run the model's attention through sdpa, keeping for `layers` the post-RoPE queries and the
+    attention output (with its gradient retained): ``store[layer] = (query, output, scaling)``."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    wanted = set(layers)
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if module.layer_idx in wanted:
+            if out.requires_grad:
+                out.retain_grad()
+            store[module.layer_idx] = (query.detach().float(), out, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return out, weights
+
+    AttentionInterface.register(_CAPTURE, forward)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_CAPTURE)
+    try:
+        yield store
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) -> None:
+    """Compress the first ``RD_PROMPT`` of the tokens as the cache would at each of ``RD_BUDGETS``
+    and add the output errors of the later queries (and their output gradients) to `stats`.
+
+    q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]``; o, go: ``[B, T, Hq, D]`` output and its gradient.
+    """
+    from .allocate import allocate_rdkv
+    from .attention import prompt_weights
+    from .config import RDKVConfig
+
+    B, Hq, T, D = q.shape
+    H = k.shape[1]
+    P = int(T * RD_PROMPT)
+    if P < 1 or P >= T:
+        raise ValueError(f"calibration sequences of {T} tokens are too short for the RDKV curves; raise `seq_len`")
+    g = Hq // H
+    exact = o[:, P:].transpose(1, 2)  # [B, Hq, C, D]
+    C = T - P
+    stats.grad_o[layer] += go[:, P:].square().reshape(B, C, H, g, D).sum((0, 1, 3, 4)).double()
+    stats.rd_count[layer] += B * C * g * D
+    cfg0 = RDKVConfig()
+    w_tok, w_ch, real = prompt_weights(q[:, :, :P], k[:, :, :P], None, scaling, P, cfg0)
+    keep_dtype = cfg0.keep_dtype(torch.float32)
+    qg = (q[:, :, P:] * scaling).reshape(B, H, g * C, D)
+    k_tail, v_tail = k[:, :, P:], v[:, :, P:]
+    causal = torch.ones(C, C, dtype=torch.bool).tril().repeat(g, 1)  # [g*C, C]: query i sees tail j <= i
+    logits_tail = (qg @ k_tail.transpose(-1, -2)).masked_fill(~causal, -math.inf)
+    # All budgets at once: RDKV's allocation (equal head budgets, as Planner in mode "rdkv") on
+    # R = len(RD_BUDGETS) copies of the rows, each with its own budget.
+    R = len(RD_BUDGETS)
+    bits = torch.tensor(RD_BUDGETS, dtype=torch.float64).repeat_interleave(B * H)
+    real_rows = real[:, None, :].expand(B, H, P).reshape(B * H, P).repeat(R, 1)
+    elems = real_rows.sum(1).double() * D
+    v_bits, k_bits = allocate_rdkv(
+        w_tok.reshape(B * H, P).repeat(R, 1), w_ch.reshape(B * H, D).repeat(R, 1), real_rows,
+        2 * (1 - cfg0.k_share) * bits * elems, 2 * cfg0.k_share * bits * elems, cfg0.widths, cfg0.eps_v, cfg0.eps_k,
+    )
+    rep = lambda t: t.repeat(R, 1, 1, 1)  # noqa: E731  [R * B, H, ...]
+    k_hat, v_hat, kept = _fake_rdkv(rep(k[:, :, :P]), rep(v[:, :, :P]), v_bits.reshape(R * B, H, P), k_bits.reshape(R * B, H, D), keep_dtype)
+    logits = rep(qg) @ k_hat.transpose(-1, -2)
+    logits += torch.zeros(kept.shape).masked_fill_(~kept, -math.inf)[:, :, None, :]
+    tail = rep(logits_tail)
+    # One softmax over the kept prompt tokens and the tail, without concatenating them.
+    m = torch.maximum(logits.amax(-1, keepdim=True), tail.amax(-1, keepdim=True))
+    p_prompt, p_tail = logits.sub_(m).exp_(), tail.sub_(m).exp_()
+    norm = p_prompt.sum(-1, keepdim=True) + p_tail.sum(-1, keepdim=True)
+    out = (p_prompt @ v_hat + p_tail @ rep(v_tail)) / norm  # [R * B, H, g * C, D]
+    err = (out.reshape(R, B, H, g, C, D) - exact.reshape(1, B, H, g, C, D)).square().sum((1, 3, 4, 5))  # [R, H]
+    stats.rd_sse[layer] += err.T.double()
+
+
+def _fake_rdkv(k, v, v_bits, k_bits, keep_dtype):
+    """What the cache keeps of ``k, v [B, H, P, D]`` at widths ``v_bits [B, H, P]`` (per token, 0
+    evicts) and ``k_bits [B, H, D]`` (per channel over the kept tokens, 0 drops): dequantized as
+    :func:`rdkv_hf.quant.quantize` does (float16 minimum and scale), width 16 in `keep_dtype`.
+
+    Returns ``(k_hat, v_hat, kept [B, H, P] bool)``; evicted tokens are zero.
+    """
+    kept = v_bits > 0
+    v_hat = _minmax_dequant(v, v_bits[..., None].expand_as(v), dim=-1, mask=None, keep_dtype=keep_dtype)
+    k_hat = _minmax_dequant(k, k_bits[:, :, None, :].expand_as(k), dim=2, mask=kept[..., None], keep_dtype=keep_dtype)
+    zero = ~kept[..., None]
+    return k_hat.masked_fill(zero, 0.0), v_hat.masked_fill(zero, 0.0), kept
+
+
+def _minmax_dequant(x, bits, dim: int, mask, keep_dtype):
+    """Min-max fake quantization with a width per element (constant along `dim`); statistics over
+    the elements where `mask` holds (all if None); width 16 rounds to `keep_dtype`, 0 gives 0."""
+    big = torch.finfo(x.dtype).max
+    lo_src = x if mask is None else x.masked_fill(~mask, big)
+    hi_src = x if mask is None else x.masked_fill(~mask, -big)
+    lo = _round_down_half(lo_src.amin(dim, keepdim=True)).float()
+    hi = hi_src.amax(dim, keepdim=True)
+    b = bits.clamp(min=1, max=8)
+    levels = (2**b - 1).float()
+    scale = _round_up_half((hi - lo) / levels).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    deq = torch.round((x - lo) / scale).clamp(min=0).minimum(levels) * scale + lo
+    out = torch.where(bits >= 16, x.to(keep_dtype).float(), deq)
+    return torch.where(bits == 0, torch.zeros_like(out), out)

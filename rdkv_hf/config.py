@@ -62,12 +62,13 @@ class RDKVConfig:
             measured effect (0.8: SmolLM2-135M-Instruct, RULER-style NIAH at 1K-3K).
         k_share: share of each head's budget spent on K (RDKV's r_K).
         head_floor: ``"rdkv+profile"`` only: every KV head's K and V budget is at least this share
-            of `budget`. The profile's curves model quantization only; with eviction in play they
-            starve heads of tiny power (layer 0 V, the last layers' K) down to zero bits, i.e.
+            of `budget`. RateQuant's curves (older profiles) model quantization only; with eviction
+            in play they starve heads of tiny power (layer 0 V, the last layers' K) down to zero bits, i.e.
             evicted whole. On SmolLM2-135M-Instruct (2K prompt, 4 windows) a floor of 0.25 took
             the perplexity from +25.3% to +10.3% of the full cache at 1 bit and from +11.9% to
-            +7.3% at 1.5 bits, and left 2.5 bits as it was (+2.3% vs +2.4%). ``0`` gives the
-            profile's allocation unchanged.
+            +7.3% at 1.5 bits, and left 2.5 bits as it was (+2.3% vs +2.4%). Profiles with RDKV
+            curves (measured with eviction) rarely reach it. ``0`` gives the profile's allocation
+            unchanged.
         widths: allowed widths of V tokens and K channels (0 = evicted, 16 = kept as is).
         eps_v, eps_k: distortion of one V token / K channel at each width, relative to eviction.
         high_precision_dtype: storage of the 16-bit zone; ``None`` keeps the model's dtype when it

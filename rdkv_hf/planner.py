@@ -1,8 +1,10 @@
 """From prompt statistics to widths: which mode decides each head's budget.
 
 ``rdkv``: every KV head gets the same budget, RDKV spends it on V tokens then K channels.
-``rdkv+profile``: a profile's RateQuant allocation gives each head its own K and V budgets (each at
-least ``head_floor`` of the mean).
+``rdkv+profile``: a profile gives each head its own budget, from its measured RDKV curves (the loss
+increase RDKV's compression of that head causes at each budget), split between K and V as in
+``rdkv``; profiles saved before those curves existed use RateQuant's K and V allocation. Each
+budget is at least ``head_floor`` of the mean.
 ``ratequant``: one width per head for K and one for V from the profile, nothing evicted.
 ``uniform``: one width everywhere, nothing evicted.
 """
@@ -54,7 +56,9 @@ class Planner:
             else:  # rdkv+profile: the profile's K and V budgets of this layer's heads
                 kb, vb = self._head_bits
                 v_avg, k_avg = vb[layer_idx].double().repeat(B), kb[layer_idx].double().repeat(B)
-            eps_k, eps_v = (cfg.eps_k, cfg.eps_v) if self.profile is None else self.profile.eps_tables(layer_idx)
+            # A profile's RDKV curves were measured with the config's tables; older profiles bring theirs.
+            use_config_eps = self.profile is None or self.profile.has_rd_curves
+            eps_k, eps_v = (cfg.eps_k, cfg.eps_v) if use_config_eps else self.profile.eps_tables(layer_idx)
             v, k = allocate_rdkv(
                 w_tok.reshape(B * H, T), w_ch.reshape(B * H, D), real_rows,
                 v_avg * t_real * D, k_avg * t_real * D, cfg.widths, eps_v, eps_k,
@@ -80,9 +84,12 @@ def profile_head_bits(config: RDKVConfig, profile, layers=None) -> tuple[torch.T
     ``ratequant``: integer widths (greedy) whose codes plus float16 scales fit ``budget``: the
     codes get ``budget`` less the scales' share (``16 / head_dim`` for V's per-token scale and
     minimum, averaged over K and V; K's per-channel share is below 0.02 bit past 1K tokens).
-    ``rdkv+profile``: real-valued budgets (closed form) averaging ``budget``, which RDKV then spends
-    inside each head, scales included; every budget is then raised to at least
-    ``head_floor * budget`` (:func:`floor_head_bits`), the mean unchanged.
+    ``rdkv+profile``: real-valued budgets averaging ``budget``, which RDKV then spends inside each
+    head, scales included: from the profile's RDKV curves when it has them
+    (:meth:`~rdkv_hf.RDKVProfile.rd_head_bits`, one budget per head split by ``k_share``; budgets
+    within the curves' range, 0.25 to 8 bits), else RateQuant's closed form over K and V (1 to 8
+    bits); every budget is then raised to at least ``head_floor * budget`` (:func:`floor_head_bits`),
+    the mean unchanged.
 
     With `layers`, only those layers' heads share the budget (the others get 0: not compressed).
     """
@@ -101,8 +108,16 @@ def profile_head_bits(config: RDKVConfig, profile, layers=None) -> tuple[torch.T
                 f"bits (codes of 1..8 bits plus scales), got {config.budget}"
             )
         return _on_layers(lambda p: p.head_bits(code_bits, integer=True), profile, layers)
-    # Below 1 bit the profile's curves (fitted at 2..6 bits) mislead: on Gemma-3-270m at 8K, budget
-    # 0.4 scored 0 on the RULER-style tasks with the profile and 37.5 (of 62.5) without it.
+    if profile.has_rd_curves:
+        # Head budgets from RDKV's own measured curves, split between K and V as in plain RDKV.
+        def split(p):
+            head = p.rd_head_bits(config.budget)
+            k_bits, v_bits = 2 * config.k_share * head, 2 * (1 - config.k_share) * head
+            return floor_head_bits(k_bits, v_bits, config.head_floor * config.budget * 2 * min(config.k_share, 1 - config.k_share))
+
+        return _on_layers(split, profile, layers)
+    # Below 1 bit the profile's quantization curves (fitted at 2..6 bits) mislead: on Gemma-3-270m at
+    # 8K, budget 0.4 scored 0 on the RULER-style tasks with the profile and 37.5 (of 62.5) without it.
     if not 1 <= config.budget <= 8:
         raise ValueError(f"mode='rdkv+profile' needs `budget` in [1, 8] bits, got {config.budget}; use mode='rdkv' outside it")
     lo, hi = 0, min(16, int(config.budget * 4))  # integer bounds; eviction makes low budgets meaningful

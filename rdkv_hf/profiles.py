@@ -18,13 +18,20 @@ Tensors, ``L`` layers, ``H`` KV heads, ``W`` calibration widths:
 ``eps_k``, ``eps_v``    ``[L, 3]``  RDKV epsilon tables at widths 2, 4, 8 per layer
 ``eps_*_global``        ``[3]``     their mean over layers
 ``weight_norms``        ``[L, 2]``  Frobenius norms of the K and V projection weights
+``rd_budgets``          ``[R]``     budgets (bits per element) of the RDKV curves
+``rd_dist``             ``[L, H, R]`` mean squared attention-output error of RDKV at those budgets
+``sens_o``              ``[L, H]``  mean squared loss gradient at the head group's attention output
 =====================  =========  ==================================================================
+
+The last three (see :mod:`rdkv_hf.calibrate`) drive ``rdkv+profile``'s head budgets; profiles
+saved before they existed lack them and fall back to RateQuant's curves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -47,6 +54,8 @@ CARD_NAME = "README.md"
 EPS_WIDTHS = (2, 4, 8)
 SHIPPED_DIR = Path(__file__).parent / "profiles"
 _PER_HEAD = ("sens_k", "sens_v", "alpha_k", "beta_k", "r2_k", "alpha_v", "beta_v", "r2_v", "power_k", "power_v")
+_RD_CURVES = ("rd_budgets", "rd_dist", "sens_o")  # optional (profiles saved before them lack them)
+_NOT_PER_LAYER = ("eps_k_global", "eps_v_global", "rd_budgets")
 _FINGERPRINT_KEYS = ("model_type", "architecture", "num_layers", "num_kv_heads", "head_dim", "weights_sha256")
 
 
@@ -150,6 +159,9 @@ class RDKVProfile:
     eps_k_global: torch.Tensor
     eps_v_global: torch.Tensor
     weight_norms: torch.Tensor
+    rd_budgets: torch.Tensor | None = None
+    rd_dist: torch.Tensor | None = None
+    sens_o: torch.Tensor | None = None
     compressed_layers: list[int] | None = None
     name_or_path: str | None = field(default=None, compare=False)
 
@@ -192,6 +204,19 @@ class RDKVProfile:
         for name in ("sens_k", "sens_v"):
             if (getattr(self, name) < 0).any():
                 raise ValueError(f"{where}: `{name}` must be >= 0 everywhere")
+        rd = [getattr(self, n) for n in _RD_CURVES]
+        if any(t is not None for t in rd):
+            if any(t is None for t in rd):
+                raise ValueError(f"{where}: give all of {_RD_CURVES} or none of them")
+            R = self.rd_budgets.numel()
+            for name, shape in zip(_RD_CURVES, ((R,), (L, H, R), (L, H))):
+                t = getattr(self, name)
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{where}: `{name}` has shape {tuple(t.shape)}, expected {shape}")
+                if not torch.isfinite(t).all() or (t < 0).any():
+                    raise ValueError(f"{where}: `{name}` must be finite and >= 0")
+            if R < 2 or (self.rd_budgets.diff() <= 0).any() or self.rd_budgets[0] <= 0:
+                raise ValueError(f"{where}: `rd_budgets` must be at least 2 increasing positive budgets, got {self.rd_budgets.tolist()}")
 
     def select_layers(self, layers) -> "RDKVProfile":
         """The profile of only `layers` (e.g. the full-attention layers a cache compresses): every
@@ -199,7 +224,7 @@ class RDKVProfile:
         ``compressed_layers`` the new indices of those of `layers` that were compressed."""
         layers = [int(i) for i in layers]
         index = torch.as_tensor(layers, dtype=torch.long)
-        per_layer = {name: t.index_select(0, index) for name, t in self.tensors().items() if not name.endswith("_global")}
+        per_layer = {name: t.index_select(0, index) for name, t in self.tensors().items() if name not in _NOT_PER_LAYER}
         compressed = set(self.compressed_layers)
         return dataclasses.replace(
             self, fingerprint={**self.fingerprint, "num_layers": len(index)},
@@ -234,6 +259,47 @@ class RDKVProfile:
             self.sens_v, self.alpha_v.double() * self.power_v.double(), self.beta_v, self.r2_v,
             float(budget), integer=integer, bounds=bounds,
         )
+
+    @property
+    def has_rd_curves(self) -> bool:
+        return self.rd_dist is not None
+
+    def rd_head_bits(self, budget: float) -> torch.Tensor:
+        """Budget of every KV head (K and V together) for RDKV inside it, mean exactly `budget`.
+
+        Minimizes ``sum sens_o * rd_dist(b)`` over the heads, ``rd_dist`` linear between the measured
+        budgets: each head's curve is replaced by its lower convex hull, and bits go to the hull
+        segments with the largest loss decrease per bit first (the last one partly).
+
+        Returns:
+            ``[layers, kv_heads]`` float64 budgets in ``[rd_budgets[0], rd_budgets[-1]]``.
+        """
+        if not self.has_rd_curves:
+            raise ValueError("this profile has no RDKV curves (saved before they existed); re-calibrate it with rdkv_hf.calibrate")
+        grid = self.rd_budgets.double().tolist()
+        lo, hi = grid[0], grid[-1]
+        if not lo <= budget <= hi:
+            raise ValueError(f"`budget` must be in [{lo:g}, {hi:g}] bits for the profile's RDKV curves, got {budget}")
+        cost = (self.sens_o.double()[..., None] * self.rd_dist.double()).reshape(-1, len(grid))
+        bits = torch.full((cost.shape[0],), lo, dtype=torch.float64)
+        segments = []  # (decrease per bit, head, width in bits)
+        for h, row in enumerate(cost.tolist()):
+            for (b0, c0), (b1, c1) in _lower_hull(list(zip(grid, row))):
+                segments.append(((c0 - c1) / (b1 - b0), h, b1 - b0))
+        left = (budget - lo) * cost.shape[0]
+        # Segments of equal slope (equal heads) share what is left in proportion to their widths.
+        for _, group in itertools.groupby(sorted(segments, key=lambda t: -t[0]), key=lambda t: t[0]):
+            if left <= 0:
+                break
+            group = list(group)
+            share = min(1.0, left / sum(w for _, _, w in group))
+            for _, h, width in group:
+                bits[h] += width * share
+            left -= share * sum(w for _, _, w in group)
+        if left > 1e-12:  # every curve flat before `hi`: spread the rest over the room left
+            room = hi - bits
+            bits += room * (left / room.sum())
+        return bits.reshape(self.sens_o.shape)
 
     def eps_tables(self, layer: int | None = None) -> tuple[dict, dict]:
         """RDKV distortion tables ``(eps_k, eps_v)`` as :class:`~rdkv_hf.RDKVConfig` takes them.
@@ -353,13 +419,13 @@ class RDKVProfile:
             raise ValueError(f"{config_path} has schema_version {version!r}; this rdkv_hf reads up to {SCHEMA_VERSION}: upgrade rdkv_hf")
         tensors = _read_safetensors(weights_path)
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("fingerprint", "quantizer", "calibration", "compressed_layers", "name_or_path")]
-        missing = [n for n in names if n not in tensors]
+        missing = [n for n in names if n not in tensors and n not in _RD_CURVES]
         if missing:
             raise ValueError(f"{weights_path} lacks the tensors {missing}; save the profile again with this rdkv_hf")
         try:
             profile = cls(
                 fingerprint=config["fingerprint"], quantizer=config["quantizer"], calibration=config["calibration"],
-                name_or_path=name_or_path, **{n: tensors[n] for n in names},
+                name_or_path=name_or_path, **{n: tensors[n] for n in names if n in tensors},
             )
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"{weights_path} does not fit {config_path}: {err}") from err
@@ -390,6 +456,21 @@ class RDKVProfile:
         kb, vb = _on_layers(lambda p: p.head_bits(budget, integer=integer, bounds=bounds), self, layers)
         return layers, kb, vb
 
+    def _rdkv_bits(self, budget: float, layers) -> torch.Tensor | None:
+        """``[layers, kv_heads]`` budgets ``rdkv+profile`` gives each head (K and V together) at
+        `budget` from the RDKV curves, the default head floor included; None without curves or
+        when `budget` is outside their range."""
+        from .config import RDKVConfig
+        from .planner import profile_head_bits
+
+        if not self.has_rd_curves or not layers:
+            return None
+        try:
+            kb, vb = profile_head_bits(RDKVConfig(budget=budget, mode="rdkv+profile", profile="x"), self, layers)
+        except ValueError:
+            return None
+        return (kb + vb) / 2
+
     def _shared_by(self, layers) -> str:
         if not layers:
             return f"none of the {self.num_layers} layers"
@@ -398,13 +479,15 @@ class RDKVProfile:
         return f"layers {', '.join(map(str, layers))} of {self.num_layers}"
 
     def show(self, budget: float = 2.5, *, integer: bool = True, bounds: tuple | None = None, layers=None) -> str:
-        """A readable table: per layer and KV head, K and V bits at `budget`, beta, R^2, sensitivity.
+        """A readable table: per layer and KV head, RateQuant's K and V bits at `budget`, beta, R^2,
+        sensitivity, and (profiles with RDKV curves) the head budget ``rdkv+profile`` uses.
 
         `layers`: the layers sharing the budget (default ``compressed_layers``, as the cache); the
         others get one line, without bits.
         """
         default = layers is None
         layers, kb, vb = self._layer_bits(budget, integer, bounds, layers)
+        rd = self._rdkv_bits(budget, layers)
         lo, hi = bounds or default_bounds(budget)
         fmt = "{:d}" if integer else "{:.2f}"
         fp = self.fingerprint
@@ -414,7 +497,8 @@ class RDKVProfile:
             f"budget {budget} bits ({'greedy' if integer else 'closed form'}, bounds [{lo}, {hi}]) shared by "
             f"{self._shared_by(layers)}: mean K {kb[layers].double().mean():.3f}, mean V {vb[layers].double().mean():.3f}"
             if layers else f"budget {budget} bits: no layer is compressed",
-            f"{'layer':>5} {'head':>4} {'K bits':>6} {'V bits':>6} {'beta_K':>7} {'beta_V':>7} {'R2_K':>6} {'R2_V':>6} {'sens_K':>9} {'sens_V':>9}",
+            f"{'layer':>5} {'head':>4} {'K bits':>6} {'V bits':>6} {'beta_K':>7} {'beta_V':>7} {'R2_K':>6} {'R2_V':>6} {'sens_K':>9} {'sens_V':>9}"
+            + (f" {'RDKV':>6}" if rd is not None else ""),
         ]
         why = "not compressed (sliding window)" if default else "not compressed (not in `layers`)"
         for layer in range(self.num_layers):
@@ -426,8 +510,10 @@ class RDKVProfile:
                 lines.append(
                     f"{layer:>5} {h:>4} {fmt.format(kb[i].item()):>6} {fmt.format(vb[i].item()):>6} "
                     f"{self.beta_k[i]:>7.3f} {self.beta_v[i]:>7.3f} {self.r2_k[i]:>6.3f} {self.r2_v[i]:>6.3f} "
-                    f"{self.sens_k[i]:>9.3g} {self.sens_v[i]:>9.3g}"
+                    f"{self.sens_k[i]:>9.3g} {self.sens_v[i]:>9.3g}" + (f" {rd[i].item():>6.2f}" if rd is not None else "")
                 )
+        if rd is not None:
+            lines.append(f"RDKV: the budget `rdkv+profile` gives each head (K and V together) at {budget} bits, from the RDKV curves")
         return "\n".join(lines)
 
     def plot(self, budget: float, path, *, integer: bool = True, bounds: tuple | None = None, layers=None) -> Path:
@@ -547,6 +633,14 @@ def model_card(profile: RDKVProfile, repo_id: str) -> str:
             f"| {_fmt(profile.sens_k[layer].mean().item())} | {_fmt(profile.sens_v[layer].mean().item())} "
             f"| {' | '.join(bits)} |"
         )
+    rd = profile._rdkv_bits(2.5, layers)
+    rd_text = ("" if rd is None else " It also holds RDKV curves: per head, the attention-output error of RDKV's\n"
+               "own compression (eviction and quantization) at 0.25 to 8 bits and the loss gradient at those outputs,\n"
+               "from which `rdkv+profile` sets each head's budget.")
+    if rd is not None:
+        rows = [row + f" {' '.join(f'{b:.1f}' for b in rd[i].tolist()) if i in layers else '-'} |" for i, row in enumerate(rows)]
+    rd_col, rd_sep, rd_col_text = ("", "", "") if rd is None else (
+        " RDKV bits @2.5 |", "---|", ", and RDKV bits the\nbudget of each head (K and V together) in `rdkv+profile` at 2.5 bits")
     compressed = ""
     if not layers:
         compressed = "\nEvery layer has a sliding window: the cache keeps them all uncompressed.\n"
@@ -563,7 +657,7 @@ A measured profile for `rdkv_hf` KV-cache compression of
 K/V weights sha256 `{fp['weights_sha256']}`). It holds per KV head RateQuant sensitivities
 (mean squared loss gradient at K and V) and distortion fits `D(b) = alpha * beta^-b` of the
 `{profile.quantizer.get('name')}` quantizer (K per {profile.quantizer.get('k_axis')}, V per {profile.quantizer.get('v_axis')}),
-and RDKV epsilon tables per layer.{' Weights: ' + cal['weights'] + '.' if cal.get('weights') else ''}
+and RDKV epsilon tables per layer.{rd_text}{' Weights: ' + cal['weights'] + '.' if cal.get('weights') else ''}
 {compressed}
 ## Usage
 
@@ -586,10 +680,10 @@ eps_K = {ek[2]:.4g}, {ek[4]:.4g}, {ek[8]:.3g}; eps_V = {ev[2]:.4g}, {ev[4]:.4g},
 ## Fits per layer
 
 Means over the KV heads of a layer (R^2: the worst head); the bits are the greedy RateQuant widths
-per head at a mean of 2.5 code bits over the compressed layers ("-": not compressed).
+per head at a mean of 2.5 code bits over the compressed layers ("-": not compressed){rd_col_text}.
 
-| layer | beta_K | beta_V | R^2 K | R^2 V | sens K | sens V | K bits @2.5 | V bits @2.5 |
-|---|---|---|---|---|---|---|---|---|
+| layer | beta_K | beta_V | R^2 K | R^2 V | sens K | sens V | K bits @2.5 | V bits @2.5 |{rd_col}
+|---|---|---|---|---|---|---|---|---|{rd_sep}
 """ + "\n".join(rows) + "\n"
     return "\n".join(front) + "\n" + body
 
@@ -610,3 +704,19 @@ def _layer_list(layers, n: int, where: str) -> list[int]:
 
 def _fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.3g}"
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Segments of the lower convex hull of ``(budget, cost)`` points sorted by budget, from the
+    first point to the cheapest one (beyond it more bits would not lower the cost)."""
+    end = min(range(len(points)), key=lambda i: (points[i][1], points[i][0]))
+    hull: list[tuple[float, float]] = []
+    for p in points[: end + 1]:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return list(zip(hull, hull[1:]))

@@ -177,3 +177,46 @@ def test_a_patched_model_is_refused():
     model._rdkv_state = object()  # what rdkv_hf.patch leaves on a model
     with pytest.raises(ValueError, match="unpatch"):
         calibrate(model, calib_ids(n=1, T=16), progress=False)
+
+
+def test_rdkv_curves_match_the_cache_on_the_first_layer(llama_profile):
+    """Layer 0 sees the same input with any cache, so its measured curve is the error a patched
+    model makes there: prompt = the first 3/4 of the sequence, compressed; the rest attends to it."""
+    import rdkv_hf
+    from rdkv_hf.calibrate import RD_BUDGETS, RD_PROMPT
+
+    model, prof = llama_profile
+    ids = calib_ids()  # the calibration sequences
+    P = int(ids.shape[1] * RD_PROMPT)
+    H, g, D = 2, 2, 16
+
+    def layer0_outputs():
+        got = []
+        hook = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.append(a[0].detach()))
+        return got, hook
+
+    err = torch.zeros(H, len(RD_BUDGETS), dtype=torch.float64)
+    with torch.no_grad():
+        got, hook = layer0_outputs()
+        model(ids)
+        hook.remove()
+        exact = got[0][:, P:]
+        for j, b in enumerate(RD_BUDGETS):
+            rdkv_hf.patch(model, budget=b, compress_followups=False)
+            cache = rdkv_hf.RDKVCache(model)
+            model(ids[:, :P], past_key_values=cache)
+            got, hook = layer0_outputs()
+            model(ids[:, P:], past_key_values=cache)
+            hook.remove()
+            rdkv_hf.unpatch(model)
+            diff = (got[0] - exact).reshape(ids.shape[0], -1, H, g, D).square()
+            err[:, j] = diff.sum((0, 1, 3, 4)).double() / (ids.shape[0] * (ids.shape[1] - P) * g * D)
+    assert torch.allclose(prof.rd_dist[0].double(), err, rtol=1e-3, atol=1e-9)
+    assert (prof.rd_dist[:, :, -1] < prof.rd_dist[:, :, 0]).all() and (prof.sens_o > 0).all()
+
+
+def test_rdkv_curves_cover_only_compressed_layers():
+    model = tiny_model("gemma3")
+    prof = calibrate(model, calib_ids(n=2, T=40), progress=False)
+    assert prof.compressed_layers == [2]
+    assert (prof.rd_dist[:2] == 0).all() and (prof.rd_dist[2] > 0).all() and (prof.sens_o[2] > 0).all()

@@ -26,7 +26,7 @@ def test_profile_show_layers_overrides_the_default(tmp_path, capsys):
     assert main(["profile", "show", "smollm2-135m-instruct", "--layers", "2,0", "--png", str(png)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "shared by layers 0, 2 of 30" in lines[1]
-    rows = [line.split() for line in lines[3:-1]]  # the last line names the heat map
+    rows = [line.split() for line in lines[3:-2]]  # then the note on the RDKV column and the heat map
     assert len(rows) == 28 + 2 * 3
     assert [r[0] for r in rows if r[1] != "-"] == ["0"] * 3 + ["2"] * 3
     assert lines[6].split() == ["1", "-", "not", "compressed", "(not", "in", "`layers`)"]

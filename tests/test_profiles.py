@@ -216,7 +216,7 @@ def test_show(model_and_profile):
     _, prof = model_and_profile
     text = prof.show(2.5)
     lines = text.splitlines()
-    assert len(lines) == 3 + 2 * 2
+    assert len(lines) == 3 + 2 * 2 + 1  # + the note on the RDKV column
     kb, vb = prof.head_bits(2.5)
     assert lines[3].split()[:4] == ["0", "0", str(int(kb[0, 0])), str(int(vb[0, 0]))]
     assert "bounds [2, 4]" in text
@@ -233,7 +233,7 @@ def test_show_shares_the_budget_among_the_compressed_layers(model_and_profile):
     lines = one.show(2.5).splitlines()
     assert "shared by layers 1 of 2" in lines[1]
     assert lines[3].split()[:2] == ["0", "-"] and lines[3].endswith("not compressed (sliding window)")
-    assert len(lines) == 3 + 1 + 2  # layer 0: one line, no bits; layer 1: one line per head
+    assert len(lines) == 3 + 1 + 2 + 1  # layer 0: one line, no bits; layer 1: one line per head; the RDKV note
     kb, vb = _on_layers(lambda p: p.head_bits(2.5), prof, [1])
     assert int(kb[1].sum() + vb[1].sum()) == round(2.5 * 4)  # layer 1 holds the whole budget
     for h in range(2):
@@ -244,7 +244,7 @@ def test_show_shares_the_budget_among_the_compressed_layers(model_and_profile):
     assert torch.equal(pk[1], kb[1]) and torch.equal(pv[1], vb[1])
     # `layers=` overrides the profile's; all layers give the plain table.
     assert one.show(2.5, layers=[0, 1]).splitlines()[3:] == prof.show(2.5).splitlines()[3:]
-    assert "not compressed (not in `layers`)" in prof.show(2.5, layers=[0]).splitlines()[-1]
+    assert "not compressed (not in `layers`)" in prof.show(2.5, layers=[0]).splitlines()[-2]
     with pytest.raises(ValueError, match="`layers` must be indices"):
         one.show(2.5, layers=[2])
 
@@ -392,3 +392,59 @@ def test_every_model_of_rdkv_hf_models_has_its_shipped_profile():
     for model_name, (model_type, layers) in kinds.items():
         prof = default_profile(model_name)
         assert (prof.fingerprint["model_type"], prof.num_layers) == (model_type, layers)
+
+
+def _with_curves(prof, cost_curves, sens=None):
+    """`prof` with RDKV curves set by hand: rd_dist [L, H, R] on budgets 0.5..4."""
+    L, H = prof.num_layers, prof.num_kv_heads
+    return dataclasses.replace(prof, rd_budgets=torch.tensor([0.5, 1.0, 2.0, 4.0]), rd_dist=cost_curves.reshape(L, H, 4).float(),
+                               sens_o=torch.ones(L, H) if sens is None else sens)
+
+
+def test_rd_head_bits_follow_the_steepest_curves(model_and_profile):
+    _, prof = model_and_profile  # 2 layers x 2 KV heads
+    flat = torch.tensor([1.0, 0.95, 0.9, 0.85])
+    steep = torch.tensor([1.0, 0.5, 0.1, 0.01])
+    p = _with_curves(prof, torch.stack([steep, flat, flat, steep]))
+    for budget in (0.5, 1.3, 2.0, 3.7, 4.0):
+        bits = p.rd_head_bits(budget)
+        assert bits.shape == (2, 2) and abs(bits.mean().item() - budget) < 1e-9
+        assert bits[0, 0] == bits[1, 1] >= bits[0, 1] == bits[1, 0] and bits.min() >= 0.5 and bits.max() <= 4.0
+    # budget 1.75: the steep heads take their first two segments (0.5->1->2) before any flat one
+    assert p.rd_head_bits(1.75).tolist() == [[2.0, 1.5], [1.5, 2.0]]
+    # sensitivity weighs the curves: a flat head 100x as sensitive wins over a steep one
+    sens = torch.tensor([[1.0, 100.0], [1.0, 1.0]])
+    bits = _with_curves(prof, torch.stack([steep, flat, steep, steep]), sens).rd_head_bits(1.0)
+    assert bits[0, 1] == bits.max()
+    with pytest.raises(ValueError, match=r"`budget` must be in \[0.5, 4\]"):
+        p.rd_head_bits(0.25)
+
+
+def test_rd_head_bits_skip_the_non_convex_points(model_and_profile):
+    _, prof = model_and_profile
+    bumpy = torch.tensor([1.0, 0.95, 0.2, 0.19])  # 1 bit barely helps: the hull goes 0.5 -> 2 straight
+    p = _with_curves(prof, torch.stack([bumpy, bumpy, bumpy, bumpy]))
+    from rdkv_hf.profiles import _lower_hull
+
+    assert _lower_hull([(0.5, 1.0), (1.0, 0.95), (2.0, 0.2), (4.0, 0.19)]) == [((0.5, 1.0), (2.0, 0.2)), ((2.0, 0.2), (4.0, 0.19))]
+    assert abs(p.rd_head_bits(1.25).mean().item() - 1.25) < 1e-9
+
+
+def test_profiles_without_rd_curves_load_and_plan_as_before(model_and_profile, tmp_path):
+    model, prof = model_and_profile
+    assert prof.has_rd_curves
+    old = dataclasses.replace(prof, rd_budgets=None, rd_dist=None, sens_o=None)
+    loaded = RDKVProfile.from_pretrained(old.save_pretrained(tmp_path / "old"))
+    assert not loaded.has_rd_curves
+    with pytest.raises(ValueError, match="no RDKV curves"):
+        loaded.rd_head_bits(2.0)
+    cfg = RDKVConfig(budget=2.0, mode="rdkv+profile", profile="x")
+    kb, vb = Planner(cfg, loaded)._head_bits
+    k2, v2 = Planner(cfg, prof)._head_bits
+    assert not torch.equal(kb, k2)  # RateQuant's K/V budgets vs RDKV's curves split by k_share
+    assert torch.allclose(k2, v2) and abs(torch.cat([k2, v2]).double().mean().item() - 2.0) < 1e-9
+    with pytest.raises(ValueError, match="give all of"):
+        dataclasses.replace(prof, sens_o=None)
+    # show / the model card add the rdkv+profile head budgets only when the curves exist
+    assert "RDKV: the budget" in prof.show(2.0) and "RDKV: the budget" not in loaded.show(2.0)
+    assert "RDKV bits @2.5" in model_card(prof, "a/b") and "RDKV bits" not in model_card(loaded, "a/b")
