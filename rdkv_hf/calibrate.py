@@ -14,7 +14,7 @@ One forward and one backward per batch of calibration sequences give everything:
   (``power_k``, ``power_v``) so that the allocation can weigh absolute errors (``alpha * power``).
 - **RDKV distortion curves** (eviction-aware, for ``rdkv+profile``): each sequence's first
   ``RD_PROMPT`` share of tokens is compressed by RDKV itself (the default :class:`RDKVConfig` at each
-  budget of ``RD_BUDGETS``, equal head budgets, packed as the cache packs it) and the attention
+  budget of ``RD_BUDGETS``, equal head budgets, quantized as the cache quantizes) and the attention
   outputs of the remaining queries are compared with the exact ones: ``rd_dist[l, h, j]`` is the
   mean squared error of the outputs of KV head ``h``'s query group at budget ``RD_BUDGETS[j]``, and
   ``sens_o[l, h]`` the mean squared gradient of the loss at those outputs. ``sens_o * rd_dist`` is
@@ -292,10 +292,11 @@ def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
     ids = ids.to(device)
     # The parameters do not need gradients; the activations do, from the embeddings on.
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    attn: dict[int, tuple] = {}  # layer -> (queries, attention output, scaling) for the RDKV curves
-    with _capturing_attention(model, attn, stats.rd_layers):
-        out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
     B, T = ids.shape
+    n = max(0, min(B, RD_SEQS - stats.n_seqs))  # rows of this batch among the first RD_SEQS sequences
+    attn: dict[int, tuple] = {}  # layer -> (queries, attention output, scaling) for the RDKV curves
+    with _capturing_attention(model, attn, stats.rd_layers if n else ()):
+        out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
     # Sum over sequences of each sequence's mean next-token loss: per-sequence gradients. The last
     # position predicts nothing (-100); flattening the whole logits tensor avoids a copy.
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
@@ -311,7 +312,6 @@ def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
         if k.shape[1] != stats.grad_k.shape[1]:
             raise RuntimeError(f"layer {layer} has {k.shape[1]} KV heads, the config says {stats.grad_k.shape[1]}")
         stats.add(layer, k.detach().float(), v.detach().float(), k.grad.float(), v.grad.float())
-    n = max(0, min(B, RD_SEQS - stats.n_seqs))  # rows of this batch among the first RD_SEQS sequences
     for layer in stats.rd_layers if n else ():
         q, o, scaling = attn[layer]
         if o.grad is None:
@@ -386,10 +386,10 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     R = len(RD_BUDGETS)
     bits = torch.tensor(RD_BUDGETS, dtype=torch.float64).repeat_interleave(B * H)
     real_rows = real[:, None, :].expand(B, H, P).reshape(B * H, P).repeat(R, 1)
-    elems = real_rows.sum(1).double() * D
+    k_avg, v_avg = cfg0.split_kv(bits * real_rows.sum(1).double() * D)
     v_bits, k_bits = allocate_rdkv(
         w_tok.reshape(B * H, P).repeat(R, 1), w_ch.reshape(B * H, D).repeat(R, 1), real_rows,
-        2 * (1 - cfg0.k_share) * bits * elems, 2 * cfg0.k_share * bits * elems, cfg0.widths, cfg0.eps_v, cfg0.eps_k,
+        v_avg, k_avg, cfg0.widths, cfg0.eps_v, cfg0.eps_k,
     )
     rep = lambda t: t.repeat(R, 1, 1, 1)  # noqa: E731  [R * B, H, ...]
     k_hat, v_hat, kept = _fake_rdkv(rep(k[:, :, :P]), rep(v[:, :, :P]), v_bits.reshape(R * B, H, P), k_bits.reshape(R * B, H, D), keep_dtype)

@@ -149,6 +149,10 @@ class RDKVConfig:
             return _DTYPES[self.high_precision_dtype]
         return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
+    def split_kv(self, bits):
+        """``(k_bits, v_bits)``: a head's average `bits` over K and V, split by ``k_share``."""
+        return 2 * self.k_share * bits, 2 * (1 - self.k_share) * bits
+
     def budget_bits(self, prompt_tokens: int) -> float:
         """Average bits per element for a head that saw `prompt_tokens` tokens."""
         if self.tokens is not None:

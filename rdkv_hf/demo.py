@@ -81,17 +81,14 @@ def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int
 
     runs = [timed_generate(model, tokenizer, input_ids, answer, "full cache", DynamicCache(config=model.config), max_new_tokens)]
     prof = _default_profile(model_name) if profile == "default" else profile
-    if profile == "default" and prof is not None:
-        from .config import RDKVConfig
-        from .planner import profile_head_bits
-        from .profiles import RDKVProfile
-
-        try:
-            profile_head_bits(RDKVConfig(budget=budget, mode="rdkv+profile", profile=prof), RDKVProfile.from_pretrained(prof), glob)
-        except ValueError as err:
-            print(f"(the shipped profile cannot serve {budget:g} bits: {err}; the demo runs plain RDKV)\n")
-            prof = None
-    patch(model, budget=budget, profile=prof)
+    try:
+        patch(model, budget=budget, profile=prof)  # validates before it changes anything
+    except ValueError as err:
+        if profile != "default" or prof is None:
+            raise
+        print(f"(the shipped profile cannot serve {budget:g} bits: {err}; the demo runs plain RDKV)\n")
+        prof = None
+        patch(model, budget=budget)
     label = f"RDKV {budget:g} bits" + (" + profile" if prof else "")
     try:
         runs.append(timed_generate(model, tokenizer, input_ids, answer, label, RDKVCache(model), max_new_tokens))

@@ -52,7 +52,7 @@ class Planner:
         else:
             if cfg.mode == "rdkv":
                 bits = torch.tensor([cfg.budget_bits(int(t)) for t in t_real], dtype=torch.float64)
-                v_avg, k_avg = 2 * (1 - cfg.k_share) * bits, 2 * cfg.k_share * bits
+                k_avg, v_avg = cfg.split_kv(bits)
             else:  # rdkv+profile: the profile's K and V budgets of this layer's heads
                 kb, vb = self._head_bits
                 v_avg, k_avg = vb[layer_idx].double().repeat(B), kb[layer_idx].double().repeat(B)
@@ -112,8 +112,7 @@ def profile_head_bits(config: RDKVConfig, profile, layers=None) -> tuple[torch.T
         # Head budgets from RDKV's own measured curves, split between K and V as in plain RDKV.
         def split(p):
             head = p.rd_head_bits(config.budget)
-            k_bits, v_bits = 2 * config.k_share * head, 2 * (1 - config.k_share) * head
-            return floor_head_bits(k_bits, v_bits, config.head_floor * config.budget * 2 * min(config.k_share, 1 - config.k_share))
+            return floor_head_bits(*config.split_kv(head), config.head_floor * config.budget * 2 * min(config.k_share, 1 - config.k_share))
 
         return _on_layers(split, profile, layers)
     # Below 1 bit the profile's quantization curves (fitted at 2..6 bits) mislead: on Gemma-3-270m at
