@@ -156,6 +156,10 @@ def _envelopes(costs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, to
     Returns ``(breaks [R, K-1], hull [R, K])``: on ``x`` in ``[breaks[j-1], breaks[j])`` option
     ``hull[r, j]`` is the argmin (breaks padded with +inf, hull with its last option).
     """
+    uniq, inverse = torch.unique(costs, dim=0, return_inverse=True)
+    if uniq.shape[0] < costs.shape[0]:  # rows of equal costs (every V row of a layer) share one envelope
+        breaks, hull = _envelopes(uniq, eps)
+        return breaks[inverse], hull[inverse]
     R, K = costs.shape
     c, e = costs.tolist(), eps.tolist()
     breaks = torch.full((R, max(K - 1, 1)), float("inf"), dtype=torch.float64)

@@ -15,12 +15,14 @@ One forward and one backward per batch of calibration sequences give everything:
 - **RDKV distortion curves** (eviction-aware, for ``rdkv+profile``): each sequence's first
   ``RD_PROMPT`` share of tokens is compressed by RDKV itself (the default :class:`RDKVConfig` at each
   budget of ``RD_BUDGETS``, equal head budgets, quantized as the cache quantizes) and the attention
-  outputs of the remaining queries are compared with the exact ones: ``rd_dist[l, h, j]`` is the
+  outputs of every ``RD_QUERY_STRIDE``-th remaining query are compared with the exact ones: ``rd_dist[l, h, j]`` is the
   mean squared error of the outputs of KV head ``h``'s query group at budget ``RD_BUDGETS[j]``, and
   ``sens_o[l, h]`` the mean squared gradient of the loss at those outputs. ``sens_o * rd_dist`` is
   the loss increase the allocation across heads minimizes (quantization-only curves ignore that
   RDKV evicts inside each head). Only the layers a cache compresses are measured, on the first
-  ``RD_SEQS`` sequences.
+  ``RD_SEQS`` sequences. The curves vary more between sequences than between the queries of one
+  (SmolLM2, head budgets at 2.5 bits: mean change 0.11 bits when every other query is dropped,
+  0.52 bits from 4 other sequences), hence many sequences and a query stride.
 - **RDKV epsilon tables** (RDKV App. B) at widths 2, 4, 8 per layer: ``eps_V = sum (V - V^)^2 /
   sum V^2`` (per-token quantization) and ``eps_K`` = mean over channels of the per-channel MSE over
   the per-channel variance (per-channel quantization).
@@ -36,14 +38,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .quant import _round_down_half, _round_up_half
+from .quant import minmax, step_size
 
 logger = logging.getLogger(__name__)
 
 EPS_WIDTHS = (2, 4, 8)
 RD_BUDGETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # bits per element of the RDKV curves
 RD_PROMPT = 0.75  # share of each calibration sequence compressed for them; the rest are the queries
-RD_SEQS = 4  # they are measured on the first sequences only (about a third of the calibration time)
+RD_QUERY_STRIDE = 2  # every other one of those queries is measured
+RD_SEQS = 8  # on the first sequences only (about a sixth of the calibration time)
 _CAPTURE = "rdkv_calibrate_capture"
 
 
@@ -123,6 +126,9 @@ def calibrate(
         "seed": seed,
         "widths": widths,
         "eps_widths": list(EPS_WIDTHS),
+        "rd_seqs": min(RD_SEQS, int(ids.shape[0])),
+        "rd_prompt": RD_PROMPT,
+        "rd_query_stride": RD_QUERY_STRIDE,
         "loss": stats.loss / stats.n_seqs,
         "seconds": round(seconds, 2),
         "model_id": model_id,
@@ -237,14 +243,13 @@ def quant_errors(x: torch.Tensor, widths, dim: int):
     Returns:
         a list of ``(x - fake_quantize(x, b, dim))**2`` tensors shaped like `x`, one per width.
     """
-    lo = _round_down_half(x.amin(dim, keepdim=True)).float()
-    span = x.amax(dim, keepdim=True) - lo
+    lo, hi = minmax(x, dim)
+    lo = lo.float()
     shifted = x - lo
     out = []
     for b in widths:
         levels = (1 << b) - 1
-        scale = _round_up_half(span / levels).float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = step_size(lo, hi, levels).float()
         q = torch.round(shifted / scale).clamp_(0, levels)
         out.append(q.mul_(scale).sub_(shifted).square_())
     return out
@@ -370,17 +375,20 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     if P < 1 or P >= T:
         raise ValueError(f"calibration sequences of {T} tokens are too short for the RDKV curves; raise `seq_len`")
     g = Hq // H
-    exact = o[:, P:].transpose(1, 2)  # [B, Hq, C, D]
-    C = T - P
-    stats.grad_o[layer] += go[:, P:].square().reshape(B, C, H, g, D).sum((0, 1, 3, 4)).double()
-    stats.rd_count[layer] += B * C * g * D
+    rows = torch.arange(P, T, RD_QUERY_STRIDE)  # the queries measured
+    C, Cq = T - P, len(rows)
+    exact = o[:, rows].transpose(1, 2)  # [B, Hq, Cq, D]
+    stats.grad_o[layer] += go[:, rows].square().reshape(B, Cq, H, g, D).sum((0, 1, 3, 4)).double()
+    stats.rd_count[layer] += B * Cq * g * D
     cfg0 = RDKVConfig()
     w_tok, w_ch, real = prompt_weights(q[:, :, :P], k[:, :, :P], None, scaling, P, cfg0)
-    keep_dtype = cfg0.keep_dtype(torch.float32)
-    qg = (q[:, :, P:] * scaling).reshape(B, H, g * C, D)
-    k_tail, v_tail = k[:, :, P:], v[:, :, P:]
-    causal = torch.ones(C, C, dtype=torch.bool).tril().repeat(g, 1)  # [g*C, C]: query i sees tail j <= i
-    logits_tail = (qg @ k_tail.transpose(-1, -2)).masked_fill(~causal, -math.inf)
+    qg = (q[:, :, rows] * scaling).reshape(B, H, g * Cq, D)
+    # The tail (the queries' own tokens, never compressed) once for all budgets, shifted by its max.
+    causal = (torch.arange(C)[None, :] <= (rows - P)[:, None]).repeat(g, 1)  # [g*Cq, C]
+    tail = (qg @ k[:, :, P:].transpose(-1, -2)).masked_fill_(~causal, -math.inf)
+    m_tail = tail.amax(-1, keepdim=True)
+    p_tail = tail.sub_(m_tail).exp_()
+    num_tail, den_tail = p_tail @ v[:, :, P:], p_tail.sum(-1, keepdim=True)
     # All budgets at once: RDKV's allocation (equal head budgets, as Planner in mode "rdkv") on
     # R = len(RD_BUDGETS) copies of the rows, each with its own budget.
     R = len(RD_BUDGETS)
@@ -391,46 +399,45 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
         w_tok.reshape(B * H, P).repeat(R, 1), w_ch.reshape(B * H, D).repeat(R, 1), real_rows,
         v_avg, k_avg, cfg0.widths, cfg0.eps_v, cfg0.eps_k,
     )
-    rep = lambda t: t.repeat(R, 1, 1, 1)  # noqa: E731  [R * B, H, ...]
-    k_hat, v_hat, kept = _fake_rdkv(rep(k[:, :, :P]), rep(v[:, :, :P]), v_bits.reshape(R * B, H, P), k_bits.reshape(R * B, H, D), keep_dtype)
-    logits = rep(qg) @ k_hat.transpose(-1, -2)
-    logits += torch.zeros(kept.shape).masked_fill_(~kept, -math.inf)[:, :, None, :]
-    tail = rep(logits_tail)
-    # One softmax over the kept prompt tokens and the tail, without concatenating them.
-    m = torch.maximum(logits.amax(-1, keepdim=True), tail.amax(-1, keepdim=True))
-    p_prompt, p_tail = logits.sub_(m).exp_(), tail.sub_(m).exp_()
-    norm = p_prompt.sum(-1, keepdim=True) + p_tail.sum(-1, keepdim=True)
-    out = (p_prompt @ v_hat + p_tail @ rep(v_tail)) / norm  # [R * B, H, g * C, D]
-    err = (out.reshape(R, B, H, g, C, D) - exact.reshape(1, B, H, g, C, D)).square().sum((1, 3, 4, 5))  # [R, H]
+    k_hat, v_hat, kept = _fake_rdkv(k[:, :, :P], v[:, :, :P], v_bits.reshape(R, B, H, P), k_bits.reshape(R, B, H, D),
+                                    cfg0.keep_dtype(torch.float32))
+    logits = (qg @ k_hat.transpose(-1, -2)).masked_fill_(~kept[..., None, :], -math.inf)  # [R, B, H, g*C, P]
+    # One softmax over the kept prompt tokens and the tail: a common max m, the tail rescaled by exp(m_tail - m).
+    m = torch.maximum(logits.amax(-1, keepdim=True), m_tail)
+    p_prompt = logits.sub_(m).exp_()
+    rescale = (m_tail - m).exp_()
+    out = (p_prompt @ v_hat + rescale * num_tail) / (p_prompt.sum(-1, keepdim=True) + rescale * den_tail)
+    err = (out.reshape(R, B, H, g, Cq, D) - exact.reshape(1, B, H, g, Cq, D)).square().sum((1, 3, 4, 5))  # [R, H]
     stats.rd_sse[layer] += err.T.double()
 
 
 def _fake_rdkv(k, v, v_bits, k_bits, keep_dtype):
-    """What the cache keeps of ``k, v [B, H, P, D]`` at widths ``v_bits [B, H, P]`` (per token, 0
-    evicts) and ``k_bits [B, H, D]`` (per channel over the kept tokens, 0 drops): dequantized as
-    :func:`rdkv_hf.quant.quantize` does (float16 minimum and scale), width 16 in `keep_dtype`.
+    """What the cache keeps of ``k, v [B, H, P, D]`` for each of R allocations: widths
+    ``v_bits [R, B, H, P]`` (per token, 0 evicts) and ``k_bits [R, B, H, D]`` (per channel over the
+    kept tokens), dequantized as :func:`rdkv_hf.quant.quantize` does, width 16 in `keep_dtype`.
 
-    Returns ``(k_hat, v_hat, kept [B, H, P] bool)``; evicted tokens are zero.
+    Returns ``(k_hat, v_hat, kept [R, B, H, P] bool)``, ``k_hat, v_hat [R, B, H, P, D]``; evicted
+    tokens are zero.
     """
     kept = v_bits > 0
-    v_hat = _minmax_dequant(v, v_bits[..., None].expand_as(v), dim=-1, mask=None, keep_dtype=keep_dtype)
-    k_hat = _minmax_dequant(k, k_bits[:, :, None, :].expand_as(k), dim=2, mask=kept[..., None], keep_dtype=keep_dtype)
-    zero = ~kept[..., None]
-    return k_hat.masked_fill(zero, 0.0), v_hat.masked_fill(zero, 0.0), kept
+    # V: a token's (scale, min) does not depend on the allocation, so each width is quantized once.
+    v_hat = torch.zeros(v_bits.shape + v.shape[-1:])
+    lo, hi = minmax(v, -1)
+    for b in v_bits.unique().tolist():
+        if b == 0:
+            continue
+        vb = v.to(keep_dtype).float() if b >= 16 else _dequant(v, lo.float(), step_size(lo, hi, (1 << b) - 1).float(), (1 << b) - 1)
+        v_hat = torch.where((v_bits == b)[..., None], vb, v_hat)
+    # K: a channel's statistics are over the tokens each allocation keeps.
+    kb = k_bits[..., None, :]  # [R, B, H, 1, D]
+    lo, hi = minmax(k.expand(kept.shape + k.shape[-1:]), -2, mask=kept[..., None])
+    levels = ((1 << kb.clamp(1, 8)) - 1).float()
+    k_hat = _dequant(k, lo.float(), step_size(lo, hi, levels).float(), levels)
+    k_hat = torch.where(kb >= 16, k.to(keep_dtype).float(), k_hat)
+    return k_hat.masked_fill_((kb == 0) | ~kept[..., None], 0.0), v_hat, kept
 
 
-def _minmax_dequant(x, bits, dim: int, mask, keep_dtype):
-    """Min-max fake quantization with a width per element (constant along `dim`); statistics over
-    the elements where `mask` holds (all if None); width 16 rounds to `keep_dtype`, 0 gives 0."""
-    big = torch.finfo(x.dtype).max
-    lo_src = x if mask is None else x.masked_fill(~mask, big)
-    hi_src = x if mask is None else x.masked_fill(~mask, -big)
-    lo = _round_down_half(lo_src.amin(dim, keepdim=True)).float()
-    hi = hi_src.amax(dim, keepdim=True)
-    b = bits.clamp(min=1, max=8)
-    levels = (2**b - 1).float()
-    scale = _round_up_half((hi - lo) / levels).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    deq = torch.round((x - lo) / scale).clamp(min=0).minimum(levels) * scale + lo
-    out = torch.where(bits >= 16, x.to(keep_dtype).float(), deq)
-    return torch.where(bits == 0, torch.zeros_like(out), out)
+def _dequant(x, lo, scale, levels):
+    """Min-max fake quantization of `x` with float32 minimum `lo`, `scale` and `levels` (broadcast)."""
+    q = torch.round((x - lo) / scale).clamp_(min=0)
+    return torch.minimum(q, torch.as_tensor(levels, dtype=q.dtype)) * scale + lo

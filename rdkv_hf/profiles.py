@@ -641,6 +641,10 @@ def model_card(profile: RDKVProfile, repo_id: str) -> str:
         rows = [row + f" {' '.join(f'{b:.1f}' for b in rd[i].tolist()) if i in layers else '-'} |" for i, row in enumerate(rows)]
     rd_col, rd_sep, rd_col_text = ("", "", "") if rd is None else (
         " RDKV bits @2.5 |", "---|", ", and RDKV bits the\nbudget of each head (K and V together) in `rdkv+profile` at 2.5 bits")
+    rd_cal = ""
+    if rd is not None and "rd_seqs" in cal:
+        rd_cal = (f"\nRDKV curves: the first {cal['rd_seqs']} sequences, the first {cal['rd_prompt']:.0%} of each compressed, "
+                  f"every {cal['rd_query_stride']} of the other queries measured.")
     compressed = ""
     if not layers:
         compressed = "\nEvery layer has a sliding window: the cache keeps them all uncompressed.\n"
@@ -670,7 +674,7 @@ model = rdkv_hf.patch(model, budget=2.5, profile="{repo_id}")
 ## Calibration
 
 {cal.get('n_seqs')} sequences x {cal.get('seq_len')} tokens of {cal.get('source')}, seed {cal.get('seed')},
-fits over widths {cal.get('widths')} ({cal.get('seconds')} s, mean loss {_fmt(float(cal.get('loss', float('nan'))))}).
+fits over widths {cal.get('widths')} ({cal.get('seconds')} s, mean loss {_fmt(float(cal.get('loss', float('nan'))))}).{rd_cal}
 R^2 of the fits: {r2.min():.3f} to {r2.max():.3f}; beta_K {profile.beta_k.min():.2f} to {profile.beta_k.max():.2f},
 beta_V {profile.beta_v.min():.2f} to {profile.beta_v.max():.2f}.
 

@@ -70,6 +70,26 @@ def _round_up_half(x: torch.Tensor) -> torch.Tensor:
     return torch.where(too_small, torch.nextafter(h, torch.full_like(h, math.inf)), h)
 
 
+def minmax(x: torch.Tensor, dim: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of min-max quantization along `dim`, over the elements where `mask` holds
+    (all when ``None``): ``(minimum rounded down to float16, maximum float32)``, keeping `dim`."""
+    xf = x.float()
+    if mask is None:
+        lo, hi = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
+    else:
+        big = torch.finfo(torch.float32).max
+        lo = xf.masked_fill(~mask, big).amin(dim, keepdim=True)
+        hi = xf.masked_fill(~mask, -big).amax(dim, keepdim=True)
+    return _round_down_half(lo), hi
+
+
+def step_size(lo: torch.Tensor, hi: torch.Tensor, levels) -> torch.Tensor:
+    """float16 step covering ``[lo, hi]`` in `levels` steps (an int, or a tensor for a width per
+    slice); 1 where the range is empty, since any positive step reproduces a constant slice (code 0)."""
+    scale = _round_up_half((hi - lo.float()) / levels)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max quantization with one (scale, min) per slice along `dim`.
 
@@ -84,11 +104,8 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.
     """
     levels = (1 << bits) - 1
     xf = x.float()
-    lo = _round_down_half(xf.amin(dim, keepdim=True))
-    hi = xf.amax(dim, keepdim=True)
-    scale = _round_up_half((hi - lo.float()) / levels)
-    # A constant slice has range 0: any positive scale reproduces it exactly (code 0).
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    lo, hi = minmax(xf, dim)
+    scale = step_size(lo, hi, levels)
     codes = torch.round((xf - lo.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
     return codes, scale, lo
 

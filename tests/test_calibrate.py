@@ -183,10 +183,10 @@ def test_rdkv_curves_match_the_cache_on_the_first_layer(llama_profile):
     """Layer 0 sees the same input with any cache, so its measured curve is the error a patched
     model makes there: prompt = the first 3/4 of the sequence, compressed; the rest attends to it."""
     import rdkv_hf
-    from rdkv_hf.calibrate import RD_BUDGETS, RD_PROMPT
+    from rdkv_hf.calibrate import RD_BUDGETS, RD_PROMPT, RD_QUERY_STRIDE, RD_SEQS
 
     model, prof = llama_profile
-    ids = calib_ids()  # the calibration sequences
+    ids = calib_ids()[:RD_SEQS]  # the calibration sequences the curves are measured on
     P = int(ids.shape[1] * RD_PROMPT)
     H, g, D = 2, 2, 16
 
@@ -200,7 +200,7 @@ def test_rdkv_curves_match_the_cache_on_the_first_layer(llama_profile):
         got, hook = layer0_outputs()
         model(ids)
         hook.remove()
-        exact = got[0][:, P:]
+        exact = got[0][:, P::RD_QUERY_STRIDE]  # the queries measured
         for j, b in enumerate(RD_BUDGETS):
             rdkv_hf.patch(model, budget=b, compress_followups=False)
             cache = rdkv_hf.RDKVCache(model)
@@ -209,8 +209,8 @@ def test_rdkv_curves_match_the_cache_on_the_first_layer(llama_profile):
             model(ids[:, P:], past_key_values=cache)
             hook.remove()
             rdkv_hf.unpatch(model)
-            diff = (got[0] - exact).reshape(ids.shape[0], -1, H, g, D).square()
-            err[:, j] = diff.sum((0, 1, 3, 4)).double() / (ids.shape[0] * (ids.shape[1] - P) * g * D)
+            diff = (got[0][:, ::RD_QUERY_STRIDE] - exact).reshape(ids.shape[0], -1, H, g, D).square()
+            err[:, j] = diff.sum((0, 1, 3, 4)).double() / (ids.shape[0] * exact.shape[1] * g * D)
     assert torch.allclose(prof.rd_dist[0].double(), err, rtol=1e-3, atol=1e-9)
     assert (prof.rd_dist[:, :, -1] < prof.rd_dist[:, :, 0]).all() and (prof.sens_o > 0).all()
 
