@@ -643,8 +643,9 @@ def model_card(profile: RDKVProfile, repo_id: str) -> str:
         " RDKV bits @2.5 |", "---|", ", and RDKV bits the\nbudget of each head (K and V together) in `rdkv+profile` at 2.5 bits")
     rd_cal = ""
     if rd is not None and "rd_seqs" in cal:
+        stride = cal["rd_query_stride"]
         rd_cal = (f"\nRDKV curves: the first {cal['rd_seqs']} sequences, the first {cal['rd_prompt']:.0%} of each compressed, "
-                  f"every {cal['rd_query_stride']} of the other queries measured.")
+                  f"{'every one' if stride == 1 else f'one in {stride}'} of the other queries measured.")
     compressed = ""
     if not layers:
         compressed = "\nEvery layer has a sliding window: the cache keeps them all uncompressed.\n"

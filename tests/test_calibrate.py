@@ -220,3 +220,16 @@ def test_rdkv_curves_cover_only_compressed_layers():
     prof = calibrate(model, calib_ids(n=2, T=40), progress=False)
     assert prof.compressed_layers == [2]
     assert (prof.rd_dist[:2] == 0).all() and (prof.rd_dist[2] > 0).all() and (prof.sens_o[2] > 0).all()
+
+
+def test_rdkv_curves_use_only_the_first_sequences(monkeypatch):
+    """The curves come from the first RD_SEQS sequences, also when that count ends inside a batch."""
+    import sys
+
+    model = tiny_model("llama")
+    ids = calib_ids(n=4)
+    monkeypatch.setattr(sys.modules["rdkv_hf.calibrate"], "RD_SEQS", 2)
+    four = calibrate(model, ids, batch_size=3, progress=False)
+    two = calibrate(model, ids[:2], progress=False)
+    assert torch.allclose(four.rd_dist, two.rd_dist, rtol=1e-5) and torch.allclose(four.sens_o, two.sens_o, rtol=1e-5)
+    assert four.calibration["rd_seqs"] == 2 and not torch.allclose(four.sens_k, two.sens_k)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from rdkv_hf.calibrate import calibrate
+from rdkv_hf.calibrate import RD_QUERY_STRIDE, RD_SEQS, calibrate
 from rdkv_hf.config import RDKVConfig
 from rdkv_hf.planner import Planner, _on_layers
 from rdkv_hf.profiles import SHIPPED_DIR, RDKVProfile, fingerprint, model_card, shipped_profiles
@@ -185,6 +185,8 @@ def test_model_card(saved):
     assert card.startswith("---\nlibrary_name: rdkv_hf\ntags:\n")
     assert 'rdkv_hf.patch(model, budget=2.5, profile="prof")' in card
     assert card.count("\n| 0 |") == 1 and card.count("\n| 1 |") == 1
+    n = min(3, RD_SEQS)  # the fixture calibrates on 3 sequences
+    assert f"RDKV curves: the first {n} sequences, the first 75% of each compressed, one in {RD_QUERY_STRIDE} of" in card
 
 
 def test_push_to_hub_uses_create_repo_and_upload_folder(model_and_profile, monkeypatch, tmp_path):
