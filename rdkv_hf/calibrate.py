@@ -237,21 +237,17 @@ class _Stats:
 def quant_errors(x: torch.Tensor, widths, dim: int):
     """Squared errors of :func:`rdkv_hf.quant.fake_quantize` of `x` at each width, sharing the work.
 
-    Same arithmetic as :func:`rdkv_hf.quant.quantize` (float16-rounded minimum and scale), but the
-    minimum, maximum and shifted tensor are computed once for all widths.
+    Same arithmetic as :func:`rdkv_hf.quant.quantize` (float16-rounded minimum and scale, through
+    :func:`_dequant`), but the minimum and maximum are computed once for all widths.
 
     Returns:
         a list of ``(x - fake_quantize(x, b, dim))**2`` tensors shaped like `x`, one per width.
     """
     lo, hi = minmax(x, dim)
-    lo = lo.float()
-    shifted = x - lo
     out = []
     for b in widths:
         levels = (1 << b) - 1
-        scale = step_size(lo, hi, levels).float()
-        q = torch.round(shifted / scale).clamp_(0, levels)
-        out.append(q.mul_(scale).sub_(shifted).square_())
+        out.append(_dequant(x, lo.float(), step_size(lo, hi, levels).float(), levels).sub_(x).square_())
     return out
 
 
