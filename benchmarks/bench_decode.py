@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from rdkv_hf.compat import cache_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT / "rdkv_hf" / "data" / "kjv_eval.txt"
@@ -177,7 +178,7 @@ def build_seed(args) -> Path:
 
     hooks = [l.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for l in model.model.layers]
     cache = DynamicCache(config=model.config)
-    out = model(ids, past_key_values=cache, logits_to_keep=1)
+    out = model(ids, **cache_kwargs(cache), logits_to_keep=1)
     for h in hooks:
         h.remove()
     seed = {
@@ -271,7 +272,7 @@ def decode_job(job: dict) -> dict:
         if i == job["warmup"]:
             load.start()
         t0, c0 = time.perf_counter(), time.process_time()
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, **cache_kwargs(cache), use_cache=True)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
@@ -304,7 +305,7 @@ def prefill_job(job: dict) -> dict:
         _time(cache_mod.Planner, "widths", timers, "allocation")
         _time(cache_mod, "pack_segment", timers, "packing")
         make = lambda: rdkv_hf.RDKVCache(model)  # noqa: E731
-    model(ids[:, :256], past_key_values=make(), logits_to_keep=1)  # warm up
+    model(ids[:, :256], **cache_kwargs(make()), logits_to_keep=1)  # warm up
     timers.clear()
     base = rss_mib()
     reset_peak_rss()
@@ -312,7 +313,7 @@ def prefill_job(job: dict) -> dict:
     load.start()
     t0 = time.perf_counter()
     cache = make()
-    model(ids, past_key_values=cache, logits_to_keep=1)
+    model(ids, **cache_kwargs(cache), logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
     other = load.stop()
     kv = cache.nbytes if hasattr(cache, "nbytes") else sum(tensor_bytes(l) for l in cache.layers)

@@ -19,7 +19,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .allocate import channel_weights, token_weights
-from .cache import ATTN_NAME, PackedHead, RDKVLayer, Segment  # noqa: F401 (ATTN_NAME re-exported)
+from .cache import ATTN_NAME, PackedHead, RDKVLayer, Segment, take_layer  # noqa: F401 (ATTN_NAME re-exported)
 from . import quant
 
 
@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Transformers attention interface: ``query [B, Hq, q, D]``, ``key/value [B, Hkv, kv, D]`` (the
     tail returned by the cache). Returns ``([B, q, Hq, D], None)``."""
-    layer = getattr(module, "_rdkv_layer", None)
-    if not isinstance(layer, RDKVLayer):
+    layer = take_layer(getattr(module, "layer_idx", None), key)
+    if layer is None:  # not an RDKVCache layer (a sliding-window layer, another cache, no cache)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if module.training and dropout > 0:
         raise ValueError("RDKV compresses an inference cache; call model.eval() (attention dropout is on)")

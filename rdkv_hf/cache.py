@@ -23,6 +23,8 @@ RoPE is already applied), so none are stored.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
@@ -34,6 +36,39 @@ from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack
 logger = logging.getLogger(__name__)
 
 ATTN_NAME = "rdkv"  # the attention implementation patch() registers; the only reader of packed segments
+
+# How the "rdkv" attention finds its cache layer: `RDKVLayer.update` offers the layer, and the attention
+# of the same module call takes it back by the identity of the key tensor it receives (the tensor that
+# update returned). The offers are per thread, so concurrent generate() calls on one model, each with
+# its own cache, never see each other's layers; nothing is stored on the model or its modules, and it
+# works whatever name Transformers passes the cache under (`cache=` since 5.24, `past_key_values=` before).
+_offers = threading.local()
+
+
+def _offered() -> weakref.WeakSet:
+    if not hasattr(_offers, "layers"):
+        _offers.layers = weakref.WeakSet()
+    return _offers.layers
+
+
+def take_layer(layer_idx: int, key: torch.Tensor) -> "RDKVLayer | None":
+    """The :class:`RDKVLayer` whose ``update`` returned `key` in this thread (None if none did).
+
+    Raises ``RuntimeError`` if layer `layer_idx` of a cache holding compressed tokens offered other
+    keys: the model changed what its cache returned before attending, so it would not see them."""
+    offered = _offered()
+    for layer in list(offered):
+        if layer.keys is key:
+            offered.discard(layer)
+            layer.unread = False
+            return layer
+    for layer in list(offered):
+        if layer.layer_idx == layer_idx and layer.segments:
+            raise RuntimeError(
+                f"layer {layer_idx} attends to other keys than its RDKV cache layer returned, so it would not see "
+                "the compressed tokens; this architecture is not supported by rdkv_hf (see rdkv_hf.model_patches)"
+            )
+    return None
 
 
 class RDKVLayer(CacheLayerMixin):
@@ -58,6 +93,7 @@ class RDKVLayer(CacheLayerMixin):
         self.segments: list[Segment] = []
         self.seen = 0
         self.pending = 0  # tokens of a multi-token forward that the attention has yet to compress
+        self.unread = False  # update() returned K/V that no RDKV attention has read yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -67,10 +103,11 @@ class RDKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.pending:
+        if self.pending or (self.unread and self.segments):
             raise RuntimeError(
-                "the last multi-token forward through this RDKVCache was not compressed: the model is "
-                "not using RDKV attention; call rdkv_hf.patch(model, ...) before using RDKVCache"
+                "the last forward through this RDKVCache did not read it with RDKV attention (the model is not "
+                "patched, or was unpatched while the cache was in use); call rdkv_hf.patch(model, ...) before "
+                "using RDKVCache"
             )
         if self.segments and self.text_config is not None:
             attn = getattr(self.text_config, "_attn_implementation", None)
@@ -90,6 +127,8 @@ class RDKVLayer(CacheLayerMixin):
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
+        self.unread = True
+        _offered().add(self)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -108,6 +147,8 @@ class RDKVLayer(CacheLayerMixin):
         self.segments = []
         self.seen = 0
         self.pending = 0
+        self.unread = False
+        _offered().discard(self)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -155,6 +196,8 @@ class RDKVLayer(CacheLayerMixin):
         self.keys = self.keys[:, :, :start].clone()
         self.values = self.values[:, :, :start].clone()
         self.pending = 0
+        self.unread = False
+        _offered().discard(self)
 
     @property
     def nbytes(self) -> int:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .quant import minmax, step_size
+from .compat import cache_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
     n = max(0, min(B, RD_SEQS - stats.n_seqs))  # rows of this batch among the first RD_SEQS sequences
     attn: dict[int, tuple] = {}  # layer -> (queries, attention output, scaling) for the RDKV curves
     with _capturing_attention(model, attn, stats.rd_layers if n else ()):
-        out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        out = model(inputs_embeds=embeds, **cache_kwargs(cache), use_cache=True)
     # Sum over sequences of each sequence's mean next-token loss: per-sequence gradients. The last
     # position predicts nothing (-100); flattening the whole logits tensor avoids a copy.
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)

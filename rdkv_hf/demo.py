@@ -18,6 +18,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .cache import RDKVCache, global_layers, layer_nbytes
 from .patch import patch, unpatch
+from .compat import cache_kwargs, output_cache
 
 
 class _StepClock(LogitsProcessor):
@@ -47,11 +48,11 @@ def timed_generate(model, tokenizer, input_ids, answer, label, cache, max_new_to
     t0 = time.perf_counter()
     out = model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        do_sample=False, past_key_values=cache, logits_processor=LogitsProcessorList([clock]),
+        do_sample=False, **cache_kwargs(cache), logits_processor=LogitsProcessorList([clock]),
         return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id,
     )
     text = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
-    per_layer = layer_nbytes(out.past_key_values)
+    per_layer = layer_nbytes(output_cache(out))
     glob = sum(per_layer[i] for i in global_layers(model))
     steps = len(clock.times)
     rate = (steps - 1) / (clock.times[-1] - clock.times[0]) if steps > 1 else float("nan")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from . import tasks as ruler
 from .eval_methods import (
+from .compat import cache_kwargs
     METHODS,
     Method,
     Prefill,
@@ -94,7 +95,7 @@ def teacher_forced(model, cache, inputs: torch.Tensor, targets: torch.Tensor, mo
     for i, m in enumerate(modules or []):
         handles.append(m.register_forward_hook(lambda mod, a, out, i=i: outputs.__setitem__(i, out[0][0].detach().float())))
     try:
-        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=inputs, **cache_kwargs(cache), use_cache=True).logits
     finally:
         for h in handles:
             h.remove()
@@ -117,7 +118,7 @@ def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int,
         tokens.append(tok)
         if tok in eos_ids or len(tokens) == max_new_tokens:
             break
-        logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=torch.tensor([[tok]]), **cache_kwargs(cache), use_cache=True).logits[0, -1]
     return tokens
 
 

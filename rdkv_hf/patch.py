@@ -1,21 +1,24 @@
 """`patch` / `unpatch`: turn one model instance's KV cache into an RDKV cache, and back.
 
 Patching registers the ``"rdkv"`` attention and mask functions with Transformers (by name, once),
-switches this model to them, binds each attention module to its cache layer through forward hooks,
-and wraps this instance's ``generate`` so that it builds an :class:`RDKVCache` when none is given.
-Nothing module-level is replaced; ``unpatch`` restores every original.
+switches this model to them, and wraps this instance's ``generate`` so that it builds an
+:class:`RDKVCache` when none is given. The attention finds its cache layer per call (see
+``cache.take_layer``): no hook is added and nothing is stored on the modules. Nothing module-level
+is replaced; ``unpatch`` restores every original.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import types
 import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from .cache import RDKVCache, RDKVLayer, global_layers
+from . import compat
+from .cache import RDKVCache, global_layers
 from .config import RDKVConfig
 from .model_patches import patcher_for
 from .planner import Planner
@@ -30,8 +33,6 @@ class PatchState:
     config: RDKVConfig
     profile: object | None
     attn_implementation: str
-    modules: list = field(default_factory=list)
-    handles: list = field(default_factory=list)
     own_generate: object | None = None  # an instance-level generate that was there before us
 
 
@@ -43,18 +44,6 @@ def _register_attention() -> None:
 
     AttentionInterface.register(ATTN_NAME, rdkv_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-
-
-def _bind_layer(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
-    layer = None
-    if isinstance(cache, RDKVCache) and module.layer_idx < len(cache.layers):
-        layer = cache.layers[module.layer_idx]
-    module._rdkv_layer = layer if isinstance(layer, RDKVLayer) else None
-
-
-def _unbind_layer(module, args, kwargs, output):
-    module._rdkv_layer = None
 
 
 def _load_profile(profile, model):
@@ -112,21 +101,19 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     # Validates the mode against the profile before anything changes (RDKVCache builds the real one).
     Planner(cfg, prof, layers=global_layers(model))
     notes = patcher.check(model)
-    modules = patcher.attention_modules(model)
+    patcher.attention_modules(model)  # checks the layout
     if getattr(model, _STATE, None) is not None:
         unpatch(model)
 
-    state = PatchState(cfg, prof, model.config._attn_implementation, modules, own_generate=model.__dict__.get("generate"))
+    state = PatchState(cfg, prof, model.config._attn_implementation, own_generate=model.__dict__.get("generate"))
     try:
         _register_attention()
         from .attention import ATTN_NAME
 
         model.set_attn_implementation(ATTN_NAME)
-        for m in modules:
-            state.handles.append(m.register_forward_pre_hook(_bind_layer, with_kwargs=True))
-            state.handles.append(m.register_forward_hook(_unbind_layer, with_kwargs=True, always_call=True))
         setattr(model, _STATE, state)
-        model.generate = _make_generate(model, state)
+        # A method bound to this instance: copy.deepcopy rebinds it to the copy.
+        model.generate = types.MethodType(_generate, model)
         # save_pretrained writes it to config.json; rdkv_hf.from_pretrained patches from it again
         model.config.rdkv = cfg.to_dict()
     except Exception:
@@ -138,31 +125,47 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     return model
 
 
-def _make_generate(model, state: PatchState):
-    original = state.own_generate or type(model).generate.__get__(model)
-
-    def generate(*args, **kwargs):
-        given = kwargs.get("past_key_values")
-        if given is None and kwargs.get("use_cache", True) is not False:
-            kwargs["past_key_values"] = RDKVCache(model)
-        elif given is not None and not isinstance(given, RDKVCache):
+def _generate(model, *args, **kwargs):
+    """``generate()`` of a patched model: Transformers' own, with an :class:`RDKVCache` built for the
+    call when no cache is given (under either name of the cache argument)."""
+    state = getattr(model, _STATE)
+    original = state.own_generate or types.MethodType(type(model).generate, model)
+    given, name = compat.given_cache(kwargs)
+    gen_config = kwargs.get("generation_config") or model.generation_config
+    use_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True))
+    if given is not None:
+        if not isinstance(given, RDKVCache):
             warnings.warn(
-                f"generate() got past_key_values={type(given).__name__}: RDKV compression is off for this "
-                "call; pass rdkv_hf.RDKVCache(model) or nothing",
+                f"generate() got {name}={type(given).__name__}: RDKV compression is off for this call; pass "
+                "rdkv_hf.RDKVCache(model) or no cache",
                 stacklevel=2,
             )
+        elif use_cache is False:
+            raise ValueError(
+                "generate() got an RDKVCache and use_cache=False: Transformers would feed the whole sequence "
+                "again at every step through the cache; drop `use_cache=False` (or the cache)"
+            )
+        kwargs[compat.CACHE_ARG] = kwargs.pop(name)
         return original(*args, **kwargs)
-
-    generate.__doc__ = original.__doc__
-    generate._rdkv = True
-    return generate
+    if use_cache is False:
+        warnings.warn("generate() with use_cache=False keeps no KV cache, so RDKV has nothing to compress in this call", stacklevel=2)
+        return original(*args, **kwargs)
+    asked = kwargs.get("cache_implementation") or getattr(kwargs.get("generation_config"), "cache_implementation", None)
+    if asked is not None:
+        warnings.warn(
+            f"generate() got cache_implementation={asked!r}: Transformers builds that cache, so RDKV compression "
+            "is off for this call; drop it to compress",
+            stacklevel=2,
+        )
+        return original(*args, **kwargs)
+    if getattr(model.generation_config, "cache_implementation", None) is not None:
+        # The checkpoint's own generation_config names a cache (Gemma 2/3: "hybrid"); RDKV's replaces it.
+        kwargs["cache_implementation"] = None
+    kwargs[compat.CACHE_ARG] = RDKVCache(model)
+    return original(*args, **kwargs)
 
 
 def _restore(model, state: PatchState) -> None:
-    for h in state.handles:
-        h.remove()
-    for m in state.modules:
-        m.__dict__.pop("_rdkv_layer", None)
     if model.config._attn_implementation != state.attn_implementation:
         model.set_attn_implementation(state.attn_implementation)
     model.config.__dict__.pop("rdkv", None)

@@ -5,6 +5,7 @@ from rdkv_hf import RDKVCache
 from rdkv_hf.baselines import AdaKVPlanner, SnapKVPlanner, StreamingLLMPlanner
 
 from conftest import tiny_model
+from rdkv_hf.compat import cache_kwargs
 
 
 def _inputs(B=2, H=3, T=100, seed=0):
@@ -46,7 +47,7 @@ def test_baseline_runs_through_generate_at_matched_bytes():
     rdkv_hf.patch(model, budget=2.0)
     ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(1))
     cache = RDKVCache(model, planner=SnapKVPlanner(budget=2.0, high_precision_dtype="float16"))
-    model.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    model.generate(ids, max_new_tokens=3, do_sample=False, **cache_kwargs(cache))
     assert all(h.n == 8 for s in cache.layers[0].segments for h in s.heads)  # 2/16 of 64 tokens
     assert 1.9 < cache.summary().prompt_bits_per_element <= 2.0
 

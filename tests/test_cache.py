@@ -7,6 +7,7 @@ from rdkv_hf.cache import RDKVCache, RDKVLayer, Segment, pack_head
 from rdkv_hf.config import RDKVConfig
 
 from conftest import TOL, tiny_model
+from rdkv_hf.compat import cache_kwargs
 
 
 def _rand_head(T=50, D=16, seed=0):
@@ -87,11 +88,11 @@ def test_layer_contract_and_nbytes():
     cache = RDKVCache(model)
     assert isinstance(cache.layers[0], RDKVLayer) and cache.get_seq_length() == 0
     ids = torch.randint(0, 128, (1, 60))
-    model(ids, past_key_values=cache)
+    model(ids, **cache_kwargs(cache))
     layer = cache.layers[0]
     assert cache.get_seq_length() == 60 and layer.keys.shape[-2] == 0  # all 60 prompt tokens packed
     assert layer.get_mask_sizes(1) == (1, 60)
-    model(torch.randint(0, 128, (1, 1)), past_key_values=cache)
+    model(torch.randint(0, 128, (1, 1)), **cache_kwargs(cache))
     assert cache.get_seq_length() == 61 and layer.keys.shape[-2] == 1
     assert layer.get_mask_sizes(1) == (2, 60)
     held = sum(h.nbytes for l in cache.layers for s in l.segments for h in s.heads)
@@ -108,7 +109,7 @@ def test_reorder_shares_packed_heads():
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=2.0)
     cache = RDKVCache(model)
-    model(torch.randint(0, 128, (2, 30)), past_key_values=cache)
+    model(torch.randint(0, 128, (2, 30)), **cache_kwargs(cache))
     before = cache.nbytes
     cache.reorder_cache(torch.tensor([1, 1]))
     seg = cache.layers[0].segments[0]
@@ -118,9 +119,9 @@ def test_reorder_shares_packed_heads():
 def test_rdkv_cache_on_an_unpatched_model_is_an_error():
     model = tiny_model("llama")
     cache = RDKVCache(model.config, RDKVConfig(budget=2.5))
-    model(torch.randint(0, 128, (1, 10)), past_key_values=cache)
+    model(torch.randint(0, 128, (1, 10)), **cache_kwargs(cache))
     with pytest.raises(RuntimeError, match="rdkv_hf.patch"):
-        model(torch.randint(0, 128, (1, 1)), past_key_values=cache)
+        model(torch.randint(0, 128, (1, 1)), **cache_kwargs(cache))
 
 
 def test_compressed_cache_read_by_an_unpatched_attention_is_an_error():
@@ -128,11 +129,11 @@ def test_compressed_cache_read_by_an_unpatched_attention_is_an_error():
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=2.5)
     cache = RDKVCache(model)
-    model(torch.randint(0, 128, (1, 10)), past_key_values=cache)
+    model(torch.randint(0, 128, (1, 10)), **cache_kwargs(cache))
     assert cache.layers[0].segments
     rdkv_hf.unpatch(model)
     with pytest.raises(RuntimeError, match="only RDKV attention reads.*'sdpa'"):
-        model(torch.randint(0, 128, (1, 1)), past_key_values=cache)
+        model(torch.randint(0, 128, (1, 1)), **cache_kwargs(cache))
 
 
 def test_token_budget_matches_bits():

@@ -5,6 +5,7 @@ from conftest import tiny_model
 
 from rdkv_hf.calibrate import EPS_WIDTHS, calibrate, fit_exponential
 from rdkv_hf.quant import fake_quantize
+from rdkv_hf.compat import cache_kwargs, output_cache
 
 
 def calib_ids(n=4, T=48, seed=0):
@@ -79,7 +80,7 @@ def test_distortion_and_eps_match_a_direct_measurement(llama_profile):
     model, prof = llama_profile
     ids = calib_ids()
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     for layer in range(2):
         k, v = cache.layers[layer].keys, cache.layers[layer].values  # [B, H, T, D]
         for j, b in enumerate([2, 3, 4, 5, 6]):
@@ -204,9 +205,9 @@ def test_rdkv_curves_match_the_cache_on_the_first_layer(llama_profile):
         for j, b in enumerate(RD_BUDGETS):
             rdkv_hf.patch(model, budget=b, compress_followups=False)
             cache = rdkv_hf.RDKVCache(model)
-            model(ids[:, :P], past_key_values=cache)
+            model(ids[:, :P], **cache_kwargs(cache))
             got, hook = layer0_outputs()
-            model(ids[:, P:], past_key_values=cache)
+            model(ids[:, P:], **cache_kwargs(cache))
             hook.remove()
             rdkv_hf.unpatch(model)
             diff = (got[0][:, ::RD_QUERY_STRIDE] - exact).reshape(ids.shape[0], -1, H, g, D).square()

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import rdkv_hf
 from rdkv_hf import RDKVCache, evaluate as ev
+from rdkv_hf.compat import cache_kwargs
 
 PROMPT, CONT, WINDOW, D = 40, 8, 8, 16
 
@@ -65,19 +66,19 @@ def test_shared_prefill_matches_the_patched_model(model):
     try:
         with torch.no_grad():
             shared = ev.build_cache(model, pre, ev.parse_method("rdkv"), 2.5)
-            got = model(x[:, PROMPT:], past_key_values=shared).logits
+            got = model(x[:, PROMPT:], **cache_kwargs(shared)).logits
             direct = RDKVCache(model)
-            model(x[:, :PROMPT], past_key_values=direct)
-            ref = model(x[:, PROMPT:], past_key_values=direct).logits
+            model(x[:, :PROMPT], **cache_kwargs(direct))
+            ref = model(x[:, PROMPT:], **cache_kwargs(direct)).logits
     finally:
         rdkv_hf.unpatch(model)
     assert ev.layer_nbytes(shared) == ev.layer_nbytes(direct)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        full = model(x[:, PROMPT:], past_key_values=ev.build_cache(model, pre, ev.parse_method("full"), None)).logits
+        full = model(x[:, PROMPT:], **cache_kwargs(ev.build_cache(model, pre, ev.parse_method("full"), None))).logits
         cache = DynamicCache(config=model.config)
-        model(x[:, :PROMPT], past_key_values=cache)
-        torch.testing.assert_close(full, model(x[:, PROMPT:], past_key_values=cache).logits, atol=1e-5, rtol=1e-5)
+        model(x[:, :PROMPT], **cache_kwargs(cache))
+        torch.testing.assert_close(full, model(x[:, PROMPT:], **cache_kwargs(cache)).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_eval_reports_global_shares_and_skips_quanto(model, tmp_path, caplog):
@@ -121,7 +122,7 @@ def test_prefill_logits_and_kv_match_the_plain_model(model):
     pre = ev.prefill(model, x)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        logits = model(x, past_key_values=cache).logits[0, -1]
+        logits = model(x, **cache_kwargs(cache)).logits[0, -1]
     torch.testing.assert_close(pre.logits, logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pre.keys[2], cache.layers[2].keys, atol=1e-5, rtol=1e-5)
 

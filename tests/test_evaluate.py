@@ -12,6 +12,7 @@ from rdkv_hf import RDKVCache, evaluate as ev
 from rdkv_hf.baselines import BASELINES, SnapKVPlanner
 from rdkv_hf.calibrate import calibrate
 from rdkv_hf.cli import main
+from rdkv_hf.compat import cache_kwargs
 
 PROMPT, CONT = 96, 24
 
@@ -48,9 +49,9 @@ def _direct(model, ids, cache_for):
     """Prompt then continuation through the patched model, as a user would run them."""
     cache = cache_for()
     with torch.no_grad():
-        model(ids[:, :PROMPT], past_key_values=cache)
+        model(ids[:, :PROMPT], **cache_kwargs(cache))
         nbytes = ev.cache_nbytes(cache)
-        logits = model(ids[:, PROMPT : PROMPT + CONT], past_key_values=cache).logits
+        logits = model(ids[:, PROMPT : PROMPT + CONT], **cache_kwargs(cache)).logits
     return nbytes, logits
 
 
@@ -65,7 +66,7 @@ def test_shared_prefill_fills_the_same_cache_as_the_model(model, profile, spec):
         with torch.no_grad():
             shared = ev.build_cache(model, pre, method, budget, profile)
             nbytes = ev.cache_nbytes(shared)
-            logits = model(ids[:, PROMPT : PROMPT + CONT], past_key_values=shared).logits
+            logits = model(ids[:, PROMPT : PROMPT + CONT], **cache_kwargs(shared)).logits
         rdkv_hf.unpatch(model)
         if method.kind == "quanto":
             ref = _direct(model, ids, lambda: QuantizedCache(backend="quanto", config=model.config, nbits=2))

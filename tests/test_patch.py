@@ -9,6 +9,8 @@ from rdkv_hf import RDKVCache
 from rdkv_hf.config import RDKVConfig
 
 from conftest import TOL, tiny_model
+from rdkv_hf import compat
+from rdkv_hf.compat import cache_kwargs, output_cache
 
 EXACT = dict(budget=16, high_precision_dtype="float32")  # 16 bits kept in the model's fp32
 
@@ -28,8 +30,8 @@ def test_budget_16_is_token_for_token_greedy(arch):
     ref = _gen(model, ids)
     rdkv_hf.patch(model, **EXACT)
     out = model.generate(ids, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, RDKVCache)
-    assert out.past_key_values.rdkv_layers == _full_layers(model)
+    assert isinstance(output_cache(out), RDKVCache)
+    assert output_cache(out).rdkv_layers == _full_layers(model)
     assert torch.equal(out.sequences, ref)
 
 
@@ -60,7 +62,7 @@ def test_compressed_generation_runs_all_decoding_modes(arch):
     for kw in (dict(), dict(do_sample=True, top_k=10), dict(num_beams=2)):
         out = model.generate(ids, max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, **kw)
         assert out.sequences.shape == (2, 46)
-        cache = out.past_key_values
+        cache = output_cache(out)
         assert 0 < cache.summary().prompt_bits_per_element <= 2.5
 
 
@@ -71,20 +73,20 @@ def test_padded_rows_are_compressed_on_their_real_tokens():
     mask[1, :15] = 0
     rdkv_hf.patch(model, budget=16, high_precision_dtype="float32")
     cache = RDKVCache(model)
-    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask, **cache_kwargs(cache))
     seg = cache.layers[0].segments[0]
     assert seg.real_tokens.tolist() == [40, 25]
     assert [h.n for h in seg.heads] == [40, 40, 25, 25]  # padding evicted, nothing else
 
 
 def _two_turn_logits(model, cache, ids, follow, steps=3):
-    out = model(ids, past_key_values=cache)
+    out = model(ids, **cache_kwargs(cache))
     logits = [out.logits[:, -1]]
-    out = model(follow, past_key_values=cache)  # a multi-token forward after compression
+    out = model(follow, **cache_kwargs(cache))  # a multi-token forward after compression
     logits.append(out.logits[:, -1])
     for _ in range(steps):
         nxt = logits[-1].argmax(-1, keepdim=True)
-        logits.append(model(nxt, past_key_values=cache).logits[:, -1])
+        logits.append(model(nxt, **cache_kwargs(cache)).logits[:, -1])
     return torch.stack(logits)
 
 
@@ -104,9 +106,9 @@ def test_follow_up_kept_in_full_precision_when_asked():
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=2.5, compress_followups=False)
     cache = RDKVCache(model)
-    model(torch.randint(1, 128, (1, 30)), past_key_values=cache)
-    model(torch.randint(1, 128, (1, 5)), past_key_values=cache)
-    model(torch.randint(1, 128, (1, 1)), past_key_values=cache)
+    model(torch.randint(1, 128, (1, 30)), **cache_kwargs(cache))
+    model(torch.randint(1, 128, (1, 5)), **cache_kwargs(cache))
+    model(torch.randint(1, 128, (1, 1)), **cache_kwargs(cache))
     assert len(cache.layers[0].segments) == 1 and cache.layers[0].keys.shape[-2] == 6
 
 
@@ -132,12 +134,12 @@ def test_unpatch_restores_identity():
     assert not rdkv_hf.is_patched(model)
 
 
-def test_patch_twice_replaces_settings_and_keeps_one_set_of_hooks():
+def test_patch_twice_replaces_settings_and_adds_no_hooks():
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=2.5)
     rdkv_hf.patch(model, budget=4.0)
     assert model._rdkv_state.config.budget == 4.0
-    assert len(model.model.layers[0].self_attn._forward_pre_hooks) == 1
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     rdkv_hf.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
 
@@ -182,18 +184,16 @@ def test_unsupported_architecture_lists_supported():
 
 def test_failed_patch_rolls_back(monkeypatch):
     model = tiny_model("llama")
-    import importlib
-
-    patch_mod = importlib.import_module("rdkv_hf.patch")
 
     def boom(*a, **k):
         raise RuntimeError("late failure")
 
-    monkeypatch.setattr(patch_mod, "_make_generate", boom)
+    # The last step of patch() writes the settings into model.config.
+    monkeypatch.setattr(RDKVConfig, "to_dict", boom)
     with pytest.raises(RuntimeError, match="late failure"):
         rdkv_hf.patch(model, budget=2.5)
     assert model.config._attn_implementation == "sdpa" and not rdkv_hf.is_patched(model)
-    assert all(not l.self_attn._forward_pre_hooks for l in model.model.layers)
+    assert "generate" not in model.__dict__ and not hasattr(model.config, "rdkv")
 
 
 def test_sliding_mistral_warns_and_still_matches():
@@ -203,7 +203,7 @@ def test_sliding_mistral_warns_and_still_matches():
     with pytest.warns(UserWarning, match="sliding-window"):
         rdkv_hf.patch(model, budget=2.5)
     out = model.generate(ids, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
-    assert out.past_key_values.rdkv_layers == []
+    assert output_cache(out).rdkv_layers == []
     assert torch.equal(out.sequences, ref)
 
 
@@ -217,7 +217,7 @@ def test_qwen3_partly_sliding_compresses_full_layers_only():
     assert any("sliding-window" in str(x.message) for x in w)
     out = model.generate(ids, do_sample=False, max_new_tokens=12, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
-    assert out.past_key_values.rdkv_layers == [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
+    assert output_cache(out).rdkv_layers == [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
 
 
 def test_rdkv_cache_requires_config_or_patched_model():
@@ -247,7 +247,7 @@ def test_generate_with_a_foreign_cache_warns():
     rdkv_hf.patch(model, budget=2.5)
     ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(10))
     with pytest.warns(UserWarning, match="compression is off"):
-        model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=DynamicCache(config=model.config))
+        model.generate(ids, max_new_tokens=2, do_sample=False, **cache_kwargs(DynamicCache(config=model.config)))
 
 
 def test_profile_modes_on_the_shipped_smollm2_profile_need_the_right_model():
@@ -270,7 +270,7 @@ def test_profile_modes_run_within_budget(mode, tmp_path):
     prof.save_pretrained(tmp_path)
     rdkv_hf.patch(model, budget=3.0, profile=str(tmp_path), mode=mode)
     out = model.generate(ids[:1], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    s = out.past_key_values.summary()
+    s = output_cache(out).summary()
     widths = {b for r in s.rows for b, n in r.v_widths.items() if n}
     if mode == "ratequant":
         assert 0 not in widths and all(r.kept_tokens == r.prompt_tokens for r in s.rows)
@@ -286,3 +286,47 @@ def test_public_names():
     for name in ("patch", "unpatch", "RDKVCache", "RDKVProfile", "from_pretrained", "calibrate"):
         assert name in rdkv_hf.__all__ and hasattr(rdkv_hf, name)
     assert hasattr(rdkv_hf.RDKVCache, "nbytes") and hasattr(rdkv_hf.RDKVCache, "summary")
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_both_spellings_of_the_cache_argument_bind_the_layer(name):
+    if name == "cache" and compat.CACHE_ARG != "cache":
+        pytest.skip(f"transformers {compat.TRANSFORMERS_VERSION} takes only past_key_values=")
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(11)
+    ids, nxt = torch.randint(1, 128, (1, 33), generator=g), torch.randint(1, 128, (1, 1), generator=g)
+    ref_cache = DynamicCache(config=model.config)
+    model(ids, **cache_kwargs(ref_cache))
+    ref = model(nxt, **cache_kwargs(ref_cache)).logits
+    rdkv_hf.patch(model, **EXACT)
+    cache = RDKVCache(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= is deprecated since 5.24
+        model(ids, **{name: cache})
+        got = model(nxt, **{name: cache}).logits
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, **{name: RDKVCache(model)})
+    assert all(len(cache.layers[i].segments) == 1 for i in cache.rdkv_layers)  # the prompt was compressed
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    assert len(output_cache(out).layers[0].segments) == 1
+
+
+def test_attention_module_called_with_a_positional_cache_binds_the_layer():
+    model = tiny_model("llama")
+    rdkv_hf.patch(model, budget=2.5)
+    cache = RDKVCache(model)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 40, model.config.hidden_size)
+    pos = model.model.rotary_emb(x, torch.arange(40)[None])
+    attn(x, pos, None, cache)  # hidden_states, position_embeddings, attention_mask, cache: all positional
+    assert len(cache.layers[0].segments) == 1 and cache.layers[0].keys.shape[-2] == 0
+
+
+def test_generate_reads_the_cache_from_either_name_and_refuses_both():
+    model = tiny_model("llama")
+    rdkv_hf.patch(model, budget=2.5)
+    ids = torch.randint(1, 128, (1, 20))
+    if compat.CACHE_ARG == "cache":
+        with pytest.raises(ValueError, match="both `cache=` and `past_key_values=`"):
+            model.generate(ids, max_new_tokens=2, cache=RDKVCache(model), past_key_values=RDKVCache(model))
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(output_cache(out), RDKVCache)

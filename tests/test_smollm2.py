@@ -5,6 +5,7 @@ import torch
 
 import rdkv_hf
 from rdkv_hf import RDKVCache
+from rdkv_hf.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def test_budget_2_5_bytes_after_2k_prompt(smollm2):
     rdkv_hf.patch(model, budget=2.5)
     cache = RDKVCache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, logits_to_keep=1)
+        model(ids, **cache_kwargs(cache), logits_to_keep=1)
     cfg = model.config
     bf16 = ids.shape[1] * cfg.num_hidden_layers * cfg.num_key_value_heads * 64 * 2 * 2
     print(f"nbytes {cache.nbytes} = {16 * cache.nbytes / bf16:.3f}/16 of bf16 ({bf16} B)")

@@ -1,6 +1,6 @@
 """Per-architecture patchers: what a model type needs beyond the shared attention seam.
 
-Every supported model calls ``past_key_values.update`` and then the attention interface with
+Every supported model calls its cache's ``update`` and then the attention interface with
 post-RoPE (and, for Qwen3, post-q/k-norm) queries and keys, so the shared `"rdkv"` attention does
 the work. A patcher says where the attention modules are and refuses settings it cannot serve.
 """
