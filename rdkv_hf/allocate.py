@@ -162,8 +162,9 @@ def _envelopes(costs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, to
         return breaks[inverse], hull[inverse]
     R, K = costs.shape
     c, e = costs.tolist(), eps.tolist()
-    breaks = torch.full((R, max(K - 1, 1)), float("inf"), dtype=torch.float64)
-    hull = torch.zeros(R, K, dtype=torch.long)
+    # Built on the CPU from Python lists (a few rows: equal-cost rows share one), then moved.
+    breaks = torch.full((R, max(K - 1, 1)), float("inf"), dtype=torch.float64, device="cpu")
+    hull = torch.zeros(R, K, dtype=torch.long, device="cpu")
     for r in range(R):
         # just above x = 0: the least distortion, then the least cost, then the first option
         cur = min(range(K), key=lambda k: (e[k], c[r][k], k))
@@ -180,10 +181,10 @@ def _envelopes(costs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, to
             seq.append(best_k)
             xs.append(max(best_x, 0.0))
             cur = best_k
-        hull[r, : len(seq)] = torch.tensor(seq)
+        hull[r, : len(seq)] = torch.tensor(seq, device="cpu")
         hull[r, len(seq) :] = seq[-1]
         if xs:
-            breaks[r, : len(xs)] = torch.tensor(xs, dtype=torch.float64)
+            breaks[r, : len(xs)] = torch.tensor(xs, dtype=torch.float64, device="cpu")
     return breaks.to(costs.device), hull.to(costs.device)
 
 
@@ -266,8 +267,8 @@ def allocate_rdkv(
     R, T = w_tok.shape
     D = w_ch.shape[1]
     wt = torch.tensor(widths, device=w_tok.device)
-    ev = torch.tensor([eps_v[b] for b in widths])
-    ek = torch.tensor([eps_k[b] for b in widths])
+    ev = torch.tensor([eps_v[b] for b in widths], device=w_tok.device)
+    ek = torch.tensor([eps_k[b] for b in widths], device=w_tok.device)
     v_cost = unit_costs(wt, torch.full((R,), D, device=w_tok.device))
     v_opt = lagrangian_widths(w_tok, v_cost, ev, v_budget, valid=real)
     v_bits = wt[v_opt]

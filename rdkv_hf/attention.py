@@ -228,7 +228,7 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
     M = torch.stack([p[0] for p in parts]).amax(0)
     M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
     L = torch.zeros_like(M)
-    acc = torch.zeros(B, Hkv, g * q, D)
+    acc = torch.zeros(B, Hkv, g * q, D, device=query.device)
     for m, l, a in parts:
         f = torch.exp(m - M_safe).nan_to_num_(0.0)
         L += l * f

@@ -44,13 +44,13 @@ class EvictionPlanner(Planner):
         s = self.scores(w_tok, real).masked_fill(~real[:, None, :], -torch.inf)
         order = s.argsort(-1, descending=True)
         rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(s.shape[-1]).expand_as(order).contiguous())
+        rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order).contiguous())
         return (rank < self.n_keep(real)[:, None, None]) & real[:, None, :]
 
     def widths(self, layer_idx, w_tok, w_ch, real):
         keep = self.keep_mask(w_tok, real)
         v_bits = keep.long() * 16
-        k_bits = torch.full(w_ch.shape, 16, dtype=torch.long)
+        k_bits = torch.full(w_ch.shape, 16, dtype=torch.long, device=w_ch.device)
         return v_bits, k_bits
 
 
@@ -90,7 +90,7 @@ class AdaKVPlanner(SnapKVPlanner):
         floor = torch.floor(n.double() * self.alpha_safeguard).long()
         order = s.argsort(-1, descending=True)
         rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(T).expand_as(order).contiguous())
+        rank.scatter_(-1, order, torch.arange(T, device=s.device).expand_as(order).contiguous())
         keep = rank < floor[:, None, None]
         # The rest of the layer's budget goes to the best remaining scores across all heads.
         rest = s.masked_fill(keep, -torch.inf).reshape(B, H * T)

@@ -168,10 +168,10 @@ class RDKVLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self._select(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+            self._select(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(torch.as_tensor(indices))
+        self._select(torch.as_tensor(indices, device=self.keys.device if self.is_initialized else None))
 
     # -- compression ---------------------------------------------------------------------------
 

@@ -162,7 +162,7 @@ def _calibration_ids(texts, tokenizer, n_seqs: int, seq_len: int, seed: int) -> 
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("`texts` must be None, a [n, T] LongTensor of token ids or a list of strings")
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    ids = torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long, device="cpu")
     slack = len(ids) - n_seqs * seq_len
     if slack < 0:
         raise ValueError(
@@ -175,14 +175,17 @@ def _calibration_ids(texts, tokenizer, n_seqs: int, seq_len: int, seed: int) -> 
 
 
 class _Stats:
-    """Running sums over the calibration batches, all per (layer, KV head) unless noted."""
+    """Running sums over the calibration batches, all per (layer, KV head) unless noted.
+
+    They live on the CPU in float64 (bookkeeping: a few numbers per head); each batch's sums are
+    reduced on the model's device first."""
 
     def __init__(self, layers: int, heads: int, widths: list[int], rd_layers=()):
         self.widths = widths
         self.rd_layers = tuple(rd_layers)
         self.all_widths = sorted(set(widths) | set(EPS_WIDTHS))
         W, E = len(self.all_widths), len(EPS_WIDTHS)
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device="cpu")  # noqa: E731
         self.grad_k, self.grad_v = z(layers, heads), z(layers, heads)  # sum over tokens of ||g||^2
         self.sq_k, self.sq_v = z(layers, heads), z(layers, heads)  # sum of x^2
         self.sse_k, self.sse_v = z(layers, heads, W), z(layers, heads, W)  # sum of squared errors
@@ -200,20 +203,21 @@ class _Stats:
         """k, v, gk, gv: ``[batch, kv_heads, tokens, head_dim]`` float32."""
         dims = (0, 2, 3)
         # float32 sums per head (pairwise summation) are accurate to ~1e-6; float64 accumulates them.
-        self.grad_k[layer] += gk.square().sum(dims)
-        self.grad_v[layer] += gv.square().sum(dims)
-        self.sq_k[layer] += k.square().sum(dims)
-        self.sq_v[layer] += v.square().sum(dims)
+        cpu = lambda t: t.to("cpu", torch.float64)  # noqa: E731
+        self.grad_k[layer] += cpu(gk.square().sum(dims))
+        self.grad_v[layer] += cpu(gv.square().sum(dims))
+        self.sq_k[layer] += cpu(k.square().sum(dims))
+        self.sq_v[layer] += cpu(v.square().sum(dims))
         var_c = k.var(dim=2, unbiased=False)  # [B, H, D]
         floor = var_c.mean().clamp(min=1e-30) * 1e-12
         err_k = quant_errors(k, self.all_widths, dim=2)  # K: one (scale, min) per channel
         err_v = quant_errors(v, self.all_widths, dim=-1)  # V: one (scale, min) per token
         for j, b in enumerate(self.all_widths):
-            self.sse_k[layer, :, j] += err_k[j].sum(dims)
-            self.sse_v[layer, :, j] += err_v[j].sum(dims)
+            self.sse_k[layer, :, j] += cpu(err_k[j].sum(dims))
+            self.sse_v[layer, :, j] += cpu(err_v[j].sum(dims))
             if b in EPS_WIDTHS:
                 ratio = err_k[j].mean(2) / var_c.clamp(min=floor)  # [B, H, D]
-                self.eps_k_sum[layer, EPS_WIDTHS.index(b)] += ratio.sum(dtype=torch.float64)
+                self.eps_k_sum[layer, EPS_WIDTHS.index(b)] += cpu(ratio.sum(dtype=torch.float64))
         self.channels[layer] += var_c.numel()
 
     def fits(self) -> dict:
@@ -230,7 +234,7 @@ class _Stats:
         eps_k = self.eps_k_sum / self.channels.clamp(min=1)[:, None]
         out.update(eps_k=eps_k, eps_v=eps_v, eps_k_global=eps_k.mean(0), eps_v_global=eps_v.mean(0))
         count = self.rd_count.clamp(min=1)[:, None]
-        out.update(rd_budgets=torch.tensor(RD_BUDGETS, dtype=torch.float64), rd_dist=self.rd_sse / count[..., None],
+        out.update(rd_budgets=torch.tensor(RD_BUDGETS, dtype=torch.float64, device="cpu"), rd_dist=self.rd_sse / count[..., None],
                    sens_o=self.grad_o / count)
         return {name: t.float() for name, t in out.items()}
 
@@ -261,7 +265,7 @@ def fit_exponential(dist: torch.Tensor, widths) -> tuple[torch.Tensor, torch.Ten
         ``(alpha, beta, r2)``, each ``[...]``; ``r2`` is the R^2 of the fit in log space (1 when
         the points are collinear, including the degenerate case of no spread).
     """
-    b = torch.as_tensor(list(widths), dtype=torch.float64)
+    b = torch.as_tensor(list(widths), dtype=torch.float64, device=dist.device)
     y = dist.double().clamp(min=1e-300).log()
     bc = b - b.mean()
     yc = y - y.mean(-1, keepdim=True)
@@ -372,16 +376,16 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     if P < 1 or P >= T:
         raise ValueError(f"calibration sequences of {T} tokens are too short for the RDKV curves; raise `seq_len`")
     g = Hq // H
-    rows = torch.arange(P, T, RD_QUERY_STRIDE)  # the queries measured
+    rows = torch.arange(P, T, RD_QUERY_STRIDE, device=q.device)  # the queries measured
     C, Cq = T - P, len(rows)
     exact = o[:, rows].transpose(1, 2)  # [B, Hq, Cq, D]
-    stats.grad_o[layer] += go[:, rows].square().reshape(B, Cq, H, g, D).sum((0, 1, 3, 4)).double()
+    stats.grad_o[layer] += go[:, rows].square().reshape(B, Cq, H, g, D).sum((0, 1, 3, 4)).to("cpu", torch.float64)
     stats.rd_count[layer] += B * Cq * g * D
     cfg0 = RDKVConfig()
     w_tok, w_ch, real = prompt_weights(q[:, :, :P], k[:, :, :P], None, scaling, P, cfg0)
     qg = (q[:, :, rows] * scaling).reshape(B, H, g * Cq, D)
     # The tail (the queries' own tokens, never compressed) once for all budgets, shifted by its max.
-    causal = (torch.arange(C)[None, :] <= (rows - P)[:, None]).repeat(g, 1)  # [g*Cq, C]
+    causal = (torch.arange(C, device=q.device)[None, :] <= (rows - P)[:, None]).repeat(g, 1)  # [g*Cq, C]
     tail = (qg @ k[:, :, P:].transpose(-1, -2)).masked_fill_(~causal, -math.inf)
     m_tail = tail.amax(-1, keepdim=True)
     p_tail = tail.sub_(m_tail).exp_()
@@ -389,7 +393,7 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     # All budgets at once: RDKV's allocation (equal head budgets, as Planner in mode "rdkv") on
     # R = len(RD_BUDGETS) copies of the rows, each with its own budget.
     R = len(RD_BUDGETS)
-    bits = torch.tensor(RD_BUDGETS, dtype=torch.float64).repeat_interleave(B * H)
+    bits = torch.tensor(RD_BUDGETS, dtype=torch.float64, device=q.device).repeat_interleave(B * H)
     real_rows = real[:, None, :].expand(B, H, P).reshape(B * H, P).repeat(R, 1)
     k_avg, v_avg = cfg0.split_kv(bits * real_rows.sum(1).double() * D)
     v_bits, k_bits = allocate_rdkv(
@@ -405,7 +409,7 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     rescale = (m_tail - m).exp_()
     out = (p_prompt @ v_hat + rescale * num_tail) / (p_prompt.sum(-1, keepdim=True) + rescale * den_tail)
     err = (out.reshape(R, B, H, g, Cq, D) - exact.reshape(1, B, H, g, Cq, D)).square().sum((1, 3, 4, 5))  # [R, H]
-    stats.rd_sse[layer] += err.T.double()
+    stats.rd_sse[layer] += err.T.to("cpu", torch.float64)
 
 
 def _fake_rdkv(k, v, v_bits, k_bits, keep_dtype):
@@ -418,7 +422,7 @@ def _fake_rdkv(k, v, v_bits, k_bits, keep_dtype):
     """
     kept = v_bits > 0
     # V: a token's (scale, min) does not depend on the allocation, so each width is quantized once.
-    v_hat = torch.zeros(v_bits.shape + v.shape[-1:])
+    v_hat = torch.zeros(v_bits.shape + v.shape[-1:], device=v.device)
     lo, hi = minmax(v, -1)
     for b in v_bits.unique().tolist():
         if b == 0:
@@ -437,4 +441,4 @@ def _fake_rdkv(k, v, v_bits, k_bits, keep_dtype):
 def _dequant(x, lo, scale, levels):
     """Min-max fake quantization of `x` with float32 minimum `lo`, `scale` and `levels` (broadcast)."""
     q = torch.round((x - lo) / scale).clamp_(min=0)
-    return torch.minimum(q, torch.as_tensor(levels, dtype=q.dtype)) * scale + lo
+    return torch.minimum(q, torch.as_tensor(levels, dtype=q.dtype, device=q.device)) * scale + lo

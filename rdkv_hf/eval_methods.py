@@ -211,8 +211,8 @@ def _sliding_prompt_attention(query, key, value, window: int, scaling: float) ->
     out = torch.empty_like(query)
     for start in range(0, T, window):
         end, lo = min(T, start + window), max(0, start - window + 1)
-        i = torch.arange(start, end)[:, None]
-        j = torch.arange(lo, end)[None, :]
+        i = torch.arange(start, end, device=query.device)[:, None]
+        j = torch.arange(lo, end, device=query.device)[None, :]
         mask = (j <= i) & (j > i - window)
         out[:, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, lo:end], value[:, :, lo:end], attn_mask=mask, scale=scaling)

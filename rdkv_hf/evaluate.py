@@ -118,7 +118,7 @@ def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int,
         tokens.append(tok)
         if tok in eos_ids or len(tokens) == max_new_tokens:
             break
-        logits = model(input_ids=torch.tensor([[tok]]), **cache_kwargs(cache), use_cache=True).logits[0, -1]
+        logits = model(input_ids=torch.tensor([[tok]], device=first_logits.device), **cache_kwargs(cache), use_cache=True).logits[0, -1]
     return tokens
 
 
@@ -262,7 +262,7 @@ def _window_ids(tokenizer, settings: EvalSettings, cache: dict) -> list:
         from .text import encode_text
 
         cache["ids"] = encode_text(tokenizer, "eval")
-        cache["lead"] = torch.tensor(tokenizer("", return_attention_mask=False).input_ids, dtype=torch.long)
+        cache["lead"] = torch.tensor(tokenizer("", return_attention_mask=False).input_ids, dtype=torch.long, device="cpu")
     ids, lead = cache["ids"], cache["lead"]
     n = settings.ppl_length + settings.continuation + 1 - len(lead)
     if len(ids) < n:

@@ -99,11 +99,11 @@ def greedy_bits(w, alpha, beta, total_bits: int, b_min: int, b_max: int) -> torc
         )
     steps = b_max - b_min
     extra = total_bits - n * b_min
-    bits = torch.full((n,), b_min, dtype=torch.long)
+    bits = torch.full((n,), b_min, dtype=torch.long, device=w.device)
     if extra == 0 or steps == 0:
         return bits.reshape(shape)
     # Log of the gain of going from b to b + 1 bits, b = b_min .. b_max - 1: [n, steps].
-    b = torch.arange(b_min, b_max, dtype=torch.float64)
+    b = torch.arange(b_min, b_max, dtype=torch.float64, device=w.device)
     log_beta = beta.log()[:, None]
     log_gain = w.log()[:, None] + alpha.log()[:, None] - b * log_beta + torch.log1p(-1.0 / beta)[:, None]
     # A stable sort keeps each row's steps in order among equal gains (w = 0 gives -inf), so the

@@ -44,18 +44,19 @@ class Planner:
         real_rows = real[:, None, :].expand(B, H, T).reshape(B * H, T)
         t_real = real_rows.sum(1).double()
         if cfg.mode == "uniform":
-            b = torch.full((B * H,), float(uniform_width(cfg.budget_bits(int(t_real.max())), D, int(t_real.max()))))
+            b = torch.full((B * H,), float(uniform_width(cfg.budget_bits(int(t_real.max())), D, int(t_real.max()))), device=w_tok.device)
             v, k = fixed_widths(real_rows, b, b, D)
         elif cfg.mode == "ratequant":
             kb, vb = self._head_bits
-            v, k = fixed_widths(real_rows, vb[layer_idx].repeat(B), kb[layer_idx].repeat(B), D)
+            dev = w_tok.device
+            v, k = fixed_widths(real_rows, vb[layer_idx].to(dev).repeat(B), kb[layer_idx].to(dev).repeat(B), D)
         else:
             if cfg.mode == "rdkv":
-                bits = torch.tensor([cfg.budget_bits(int(t)) for t in t_real], dtype=torch.float64)
+                bits = torch.tensor([cfg.budget_bits(int(t)) for t in t_real], dtype=torch.float64, device=w_tok.device)
                 k_avg, v_avg = cfg.split_kv(bits)
             else:  # rdkv+profile: the profile's K and V budgets of this layer's heads
                 kb, vb = self._head_bits
-                v_avg, k_avg = vb[layer_idx].double().repeat(B), kb[layer_idx].double().repeat(B)
+                v_avg, k_avg = (t[layer_idx].to(w_tok.device, torch.float64).repeat(B) for t in (vb, kb))
             # A profile's RDKV curves were measured with the config's tables; older profiles bring theirs.
             use_config_eps = self.profile is None or self.profile.has_rd_curves
             eps_k, eps_v = (cfg.eps_k, cfg.eps_v) if use_config_eps else self.profile.eps_tables(layer_idx)
@@ -135,7 +136,7 @@ def _on_layers(allocate, profile, layers):
     if not layers or layers[0] < 0 or layers[-1] >= n:
         raise ValueError(f"`layers` must be indices of the profile's {n} layers, got {layers}")
     k_sub, v_sub = allocate(profile.select_layers(layers))
-    k_bits, v_bits = (torch.zeros((n,) + tuple(t.shape[1:]), dtype=t.dtype) for t in (k_sub, v_sub))
+    k_bits, v_bits = (torch.zeros((n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in (k_sub, v_sub))
     k_bits[layers], v_bits[layers] = k_sub, v_sub
     return k_bits, v_bits
 

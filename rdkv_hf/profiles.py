@@ -111,7 +111,7 @@ def weight_norms(model) -> torch.Tensor:
     """``[layers, 2]`` Frobenius norms of each layer's K and V projection weights (float64 sums)."""
     return torch.tensor(
         [[m.weight.detach().double().norm().item() for m in pair] for pair in kv_projections(model)],
-        dtype=torch.float32,
+        dtype=torch.float32, device="cpu",
     )
 
 
@@ -223,7 +223,7 @@ class RDKVProfile:
         per-layer tensor indexed by them, ``fingerprint["num_layers"]`` set to their number, and
         ``compressed_layers`` the new indices of those of `layers` that were compressed."""
         layers = [int(i) for i in layers]
-        index = torch.as_tensor(layers, dtype=torch.long)
+        index = torch.as_tensor(layers, dtype=torch.long, device="cpu")
         per_layer = {name: t.index_select(0, index) for name, t in self.tensors().items() if name not in _NOT_PER_LAYER}
         compressed = set(self.compressed_layers)
         return dataclasses.replace(
@@ -281,7 +281,7 @@ class RDKVProfile:
         if not lo <= budget <= hi:
             raise ValueError(f"`budget` must be in [{lo:g}, {hi:g}] bits for the profile's RDKV curves, got {budget}")
         cost = (self.sens_o.double()[..., None] * self.rd_dist.double()).reshape(-1, len(grid))
-        bits = torch.full((cost.shape[0],), lo, dtype=torch.float64)
+        bits = torch.full((cost.shape[0],), lo, dtype=torch.float64, device="cpu")
         segments = []  # (decrease per bit, head, width in bits)
         for h, row in enumerate(cost.tolist()):
             for (b0, c0), (b1, c1) in _lower_hull(list(zip(grid, row))):
@@ -451,7 +451,7 @@ class RDKVProfile:
         layers = self.compressed_layers if layers is None else sorted({int(i) for i in layers})
         if not layers:  # every layer has a sliding window (Mistral 7B v0.1): the cache compresses none
             self.head_bits(budget, integer=integer, bounds=bounds)  # still check the arguments
-            zeros = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.long if integer else torch.float64)
+            zeros = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.long if integer else torch.float64, device="cpu")
             return layers, zeros, zeros
         kb, vb = _on_layers(lambda p: p.head_bits(budget, integer=integer, bounds=bounds), self, layers)
         return layers, kb, vb

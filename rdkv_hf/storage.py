@@ -75,9 +75,16 @@ class PackedHead:
             + (self.k_perm.numel() * self.k_perm.element_size() if self.k_perm is not None else 0)
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the head's groups live (the CPU for a head that kept nothing)."""
+        for g in self.v_groups + self.k_groups:
+            return g.data.device
+        return torch.device("cpu") if self.k_perm is None else self.k_perm.device
+
     def channel_order(self) -> torch.Tensor:
         """``[kept channels]`` long: the channel of each K row, in group order."""
-        return torch.arange(self.head_dim) if self.k_perm is None else self.k_perm.long()
+        return torch.arange(self.head_dim, device=self.device) if self.k_perm is None else self.k_perm.long()
 
     def v_widths(self) -> dict[int, int]:
         return {g.bits: g.count for g in self.v_groups}
@@ -89,8 +96,9 @@ class PackedHead:
 
     def dequantize(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k [n, D], v [n, D])`` as attended (evicted K channels are zero). Tests and debugging."""
-        v = torch.cat([_dequant_rows(g, self.head_dim) for g in self.v_groups]) if self.v_groups else torch.zeros(0, self.head_dim)
-        k = torch.zeros(self.head_dim, self.n)
+        dev = self.device
+        v = torch.cat([_dequant_rows(g, self.head_dim) for g in self.v_groups]) if self.v_groups else torch.zeros(0, self.head_dim, device=dev)
+        k = torch.zeros(self.head_dim, self.n, device=dev)
         c0 = 0
         perm = self.channel_order()
         for g in self.k_groups:
@@ -301,7 +309,7 @@ def buffers_from_heads(heads: list[PackedHead]) -> SegmentBuffers:
     raw_dtypes = {g.data.dtype for h in heads for g in h.v_groups + h.k_groups if g.bits == 16}
     if len(raw_dtypes) > 1:
         raise ValueError(f"the heads of one segment must share their 16-bit dtype, got {raw_dtypes}")
-    b = _Builder(D, raw_dtypes.pop() if raw_dtypes else torch.float16, heads[0].v_groups[0].data.device if heads[0].v_groups else torch.device("cpu"))
+    b = _Builder(D, raw_dtypes.pop() if raw_dtypes else torch.float16, heads[0].device)
     rows, first = [], {}
     for h in heads:
         if id(h) not in first:

@@ -84,7 +84,7 @@ def render(sample: Sample, tokenizer, chat: bool) -> torch.Tensor:
     models) it is the raw prompt, a space and the answer prefix, with the tokenizer's special tokens
     (e.g. BOS).
     """
-    return torch.tensor([_render_ids(sample, tokenizer, chat)], dtype=torch.long)
+    return torch.tensor([_render_ids(sample, tokenizer, chat)], dtype=torch.long, device="cpu")
 
 
 def _render_ids(sample: Sample, tokenizer, chat: bool) -> list[int]:

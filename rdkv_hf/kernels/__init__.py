@@ -10,6 +10,7 @@ The Triton modules import ``triton`` at their top: import them only when :func:`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -19,6 +20,12 @@ import torch
 def triton_available() -> bool:
     """Whether the ``triton`` package is installed (it is not imported here)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def launch_context(t: torch.Tensor):
+    """Run a Triton launch on `t`'s GPU (a layer of a model split across GPUs need not be on the
+    current device); nothing to do on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def triton_device_ok(t: torch.Tensor) -> bool:

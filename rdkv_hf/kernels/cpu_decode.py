@@ -120,7 +120,7 @@ def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threa
     if lib is None:
         raise RuntimeError(f"the RDKV CPU decode kernel is unavailable: {_error}")
     R, G, D = _check(buffers, q, chunk)
-    m, l, acc = out if out is not None else (torch.empty(R, G), torch.empty(R, G), torch.empty(R, G, D))
+    m, l, acc = out if out is not None else (torch.empty(R, G, device="cpu"), torch.empty(R, G, device="cpu"), torch.empty(R, G, D, device="cpu"))
     for name, t, shape in (("m", m, (R, G)), ("l", l, (R, G)), ("acc", acc, (R, G, D))):
         if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"`out` {name} must be a contiguous float32 CPU tensor of shape {shape}, got {tuple(t.shape)} {t.dtype}")

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..storage import G_COLS_COUNT, H_COLS_COUNT
-from . import triton_device_ok
+from . import launch_context, triton_device_ok
 
 
 @triton.jit
@@ -131,12 +131,13 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None):
     cl = torch.empty_like(cm)
     cacc = torch.empty(R, n_chunks, G, D, dtype=torch.float32, device=q.device)
     if R:
-        _decode_partials_kernel[(R, n_chunks)](
-            q, buffers.heads, buffers.groups, buffers.words, buffers.meta, buffers.raw, buffers.perm,
-            cm, cl, cacc, G, D, n_chunks,
-            HC=H_COLS_COUNT, GC=G_COLS_COUNT, BLOCK_G=triton.next_power_of_2(G), BLOCK_D=triton.next_power_of_2(D),
-            BLOCK_T=block_t, BLOCK_C=16,
-        )
+        with launch_context(q):
+            _decode_partials_kernel[(R, n_chunks)](
+                q, buffers.heads, buffers.groups, buffers.words, buffers.meta, buffers.raw, buffers.perm,
+                cm, cl, cacc, G, D, n_chunks,
+                HC=H_COLS_COUNT, GC=G_COLS_COUNT, BLOCK_G=triton.next_power_of_2(G), BLOCK_D=triton.next_power_of_2(D),
+                BLOCK_T=block_t, BLOCK_C=16,
+            )
     M = cm.amax(1)  # [R, G]
     M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
     f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)  # chunks without tokens have m = -inf

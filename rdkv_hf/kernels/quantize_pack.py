@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from . import triton_device_ok
+from . import launch_context, triton_device_ok
 
 
 @triton.jit
@@ -118,8 +118,9 @@ def quantize_pack(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tens
         return words, scale.fill_(1.0), minimum.zero_()
     block_l = min(1024, triton.next_power_of_2(length))
     block_w = min(128, triton.next_power_of_2(row_words))
-    _quantize_pack_kernel[(rows,)](
-        x, stride_row, stride_col, length, words, row_words, scale, minimum,
-        BITS=bits, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_L=block_l, BLOCK_W=block_w,
-    )
+    with launch_context(x):
+        _quantize_pack_kernel[(rows,)](
+            x, stride_row, stride_col, length, words, row_words, scale, minimum,
+            BITS=bits, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_L=block_l, BLOCK_W=block_w,
+        )
     return words, scale, minimum
