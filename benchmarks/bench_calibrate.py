@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     import rdkv_hf
-    from rdkv_hf.models import load_model
+    from rdkv_hf.eval.models import load_model
     from rdkv_hf.text import token_chunks
 
     model, tok = load_model("smollm2-135m")

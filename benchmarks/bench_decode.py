@@ -144,7 +144,7 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def load_smollm():
-    from rdkv_hf.models import load_model
+    from rdkv_hf.eval.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     return model, tokenizer

@@ -30,7 +30,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from rdkv_hf.eval_report import format_targets
+from rdkv_hf.eval.report import format_targets
 
 EVICTION = ("snapkv", "adakv", "streamingllm")
 LENGTH = 8192
@@ -92,9 +92,9 @@ def run(args) -> list[dict]:
     """Every phase of the grid, then the combined report; returns all records of the grid."""
     import torch
 
-    from rdkv_hf import evaluate as ev
-    from rdkv_hf.eval_report import write_reports
-    from rdkv_hf.models import load_model
+    from rdkv_hf.eval import runner as ev
+    from rdkv_hf.eval.report import write_reports
+    from rdkv_hf.eval.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,7 +139,7 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from rdkv_hf.evaluate import METHODS
+    from rdkv_hf.eval.runner import METHODS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/eval-gemma3")

@@ -9,7 +9,7 @@ Runs (or resumes) `rdkv-hf eval` with the given settings, then checks:
    RDKV and RDKV + profile at each of their budgets at or below 10%).
 
 "At the same bytes" reads each method's quality off its own measured curve at the other's measured
-bits (rdkv_hf.eval_report.interpolate: linear between its two nearest points, no extrapolation).
+bits (rdkv_hf.eval.report.interpolate: linear between its two nearest points, no extrapolation).
 
     python benchmarks/eval_smollm2.py --threads 1                  # the full grid (tens of minutes)
     python benchmarks/eval_smollm2.py --quick --out runs/quick     # a smoke run
@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from rdkv_hf.eval_report import curve, format_targets, interpolate
+from rdkv_hf.eval.report import curve, format_targets, interpolate
 
 EVICTION = ("snapkv", "adakv", "streamingllm")
 REF = "rdkv+profile"

@@ -1,4 +1,4 @@
-"""Full-cache baseline of the RULER-style tasks in `rdkv_hf.tasks`: which tasks a model can do at all.
+"""Full-cache baseline of the RULER-style tasks in `rdkv_hf.eval.tasks`: which tasks a model can do at all.
 
 A task whose full-cache score is ~0 at some length cannot show what compression loses there, so this
 table says which (task, length) pairs are worth measuring. Greedy decoding, default DynamicCache.
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from rdkv_hf import tasks
-from rdkv_hf.models import load_model
+from rdkv_hf.eval import tasks
+from rdkv_hf.eval.models import load_model
 
 DEFAULT_TEXT = Path(tasks.__file__).parent / "data" / "kjv_eval.txt"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="a name known to rdkv_hf.models")
+    p.add_argument("--model", default="smollm2-135m", help="a name known to rdkv_hf.eval.models")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--n", type=int, default=5, help="samples per task and length")
     p.add_argument("--seed", type=int, default=0)

@@ -4,8 +4,8 @@ import torch
 
 import rdkv_hf
 from rdkv_hf import RDKVCache
-from rdkv_hf.models import load_model
-from rdkv_hf.text import recall_prompt
+from rdkv_hf.eval.models import load_model
+from rdkv_hf.eval.prompts import recall_prompt
 
 model, tokenizer = load_model("smollm2-135m")
 input_ids, answer = recall_prompt(tokenizer, n_tokens=2000, seed=3)

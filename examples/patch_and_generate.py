@@ -3,7 +3,7 @@
 import torch
 
 import rdkv_hf
-from rdkv_hf.models import load_model
+from rdkv_hf.eval.models import load_model
 
 model, tokenizer = load_model("smollm2-135m")
 rdkv_hf.patch(model, budget=2.5)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .eval.demo import run_demo
 
     runs = run_demo(args.model, budget=args.budget, context=args.context, seed=args.seed,
                     profile=None if args.no_profile else (args.profile or "default"), threads=args.threads)
@@ -30,8 +30,8 @@ def _csv(cast):
 def _eval(args) -> int:
     import torch
 
-    from .evaluate import MODEL_DEFAULTS, QUICK, EvalSettings, default_profile, evaluate
-    from .models import load_model
+    from .eval.runner import MODEL_DEFAULTS, QUICK, EvalSettings, default_profile, evaluate
+    from .eval.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,7 +57,7 @@ def _eval(args) -> int:
 
 def _load(name_or_path: str, gguf_file: str | None = None):
     """A known short name (smollm2-135m, gemma3-270m) or a Transformers path / repo id."""
-    from .models import MODELS, load_model
+    from .eval.models import MODELS, load_model
 
     if name_or_path in MODELS:
         return load_model(name_or_path)

@@ -10,7 +10,8 @@ from conftest import tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 
 import rdkv_hf
-from rdkv_hf import RDKVCache, evaluate as ev
+from rdkv_hf import RDKVCache
+from rdkv_hf.eval import runner as ev
 from rdkv_hf.compat import cache_kwargs
 
 PROMPT, CONT, WINDOW, D = 40, 8, 8, 16
@@ -106,7 +107,7 @@ def test_eval_settings_accept_budgets_below_one_bit():
 
 @pytest.mark.parametrize("T,window", [(37, 8), (64, 16), (9, 8)])
 def test_blocked_sliding_prompt_attention_equals_the_masked_one(T, window):
-    from rdkv_hf.eval_methods import _sliding_prompt_attention
+    from rdkv_hf.eval.methods import _sliding_prompt_attention
 
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(1, h, T, 16, generator=g) for h in (4, 2, 2))
@@ -128,7 +129,7 @@ def test_prefill_logits_and_kv_match_the_plain_model(model):
 
 
 def test_ruler_cells_of_a_base_model_use_raw_prompts(tmp_path):
-    from rdkv_hf import tasks
+    from rdkv_hf.eval import tasks
 
     tok = tiny_tokenizer([tasks.NOISE] * 20)
     assert tok.chat_template is None
@@ -144,7 +145,8 @@ def test_ruler_cells_of_a_base_model_use_raw_prompts(tmp_path):
 
 
 def test_cli_eval_uses_the_gemma_long_context_defaults(monkeypatch, tmp_path):
-    from rdkv_hf import cli, models
+    from rdkv_hf import cli
+    from rdkv_hf.eval import models
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""Tests of `rdkv-hf eval` (rdkv_hf/evaluate.py, rdkv_hf/eval_report.py) on tiny random models."""
+"""Tests of `rdkv-hf eval` (rdkv_hf/eval/runner.py, rdkv_hf/eval/report.py) on tiny random models."""
 
 import json
 
@@ -8,7 +8,8 @@ from conftest import tiny_model, tiny_tokenizer
 from transformers import DynamicCache, QuantizedCache
 
 import rdkv_hf
-from rdkv_hf import RDKVCache, evaluate as ev
+from rdkv_hf import RDKVCache
+from rdkv_hf.eval import runner as ev
 from rdkv_hf.baselines import BASELINES, SnapKVPlanner
 from rdkv_hf.calibrate import calibrate
 from rdkv_hf.cli import main
@@ -159,7 +160,7 @@ def test_reports_are_written(model, tmp_path):
 
 
 def test_ruler_cells_score_greedy_answers(tmp_path):
-    from rdkv_hf import tasks
+    from rdkv_hf.eval import tasks
 
     tok = tiny_tokenizer([tasks.NOISE] * 20, chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     model = tiny_model("llama", vocab_size=len(tok))

@@ -12,7 +12,8 @@ import torch
 
 from conftest import tiny_tokenizer
 
-from rdkv_hf import models, text
+from rdkv_hf import text
+from rdkv_hf.eval import models, prompts
 
 
 class PositionTokenizer:
@@ -103,7 +104,7 @@ def test_token_chunks_real_tokenizer(smollm):
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_recall_prompt_length_and_answer(smollm, n_tokens, seed):
     _, tok = smollm
-    ids, answer = text.recall_prompt(tok, n_tokens, seed=seed)
+    ids, answer = prompts.recall_prompt(tok, n_tokens, seed=seed)
     assert ids.dtype == torch.long and ids.shape[0] == 1
     assert abs(ids.shape[1] - n_tokens) <= 0.05 * n_tokens
     assert re.fullmatch(r"\d{5}", answer)
@@ -111,7 +112,7 @@ def test_recall_prompt_length_and_answer(smollm, n_tokens, seed):
     # The code is the only number in the prompt, stated once in the fact, and the question follows it.
     assert re.findall(r"\d+", prompt) == [answer]
     assert f"The secret code of the blue door is {answer}." in prompt
-    assert prompt.index(answer) < prompt.rindex(text.RECALL_QUESTION)
+    assert prompt.index(answer) < prompt.rindex(prompts.RECALL_QUESTION)
     assert prompt.endswith("<|im_start|>assistant\n")
     assert prompt.count("<|im_start|>user") == 1  # question and text in the same user message
 
@@ -119,15 +120,15 @@ def test_recall_prompt_length_and_answer(smollm, n_tokens, seed):
 @pytest.mark.slow
 def test_recall_prompt_seed_and_depth(smollm):
     _, tok = smollm
-    a_ids, a = text.recall_prompt(tok, 1000, seed=0)
-    b_ids, b = text.recall_prompt(tok, 1000, seed=0)
+    a_ids, a = prompts.recall_prompt(tok, 1000, seed=0)
+    b_ids, b = prompts.recall_prompt(tok, 1000, seed=0)
     assert torch.equal(a_ids, b_ids) and a == b
-    assert text.recall_prompt(tok, 1000, seed=1)[1] != a
+    assert prompts.recall_prompt(tok, 1000, seed=1)[1] != a
     where = []
     for depth in (0.0, 0.5, 1.0):
-        ids, answer = text.recall_prompt(tok, 1000, seed=0, depth=depth)
+        ids, answer = prompts.recall_prompt(tok, 1000, seed=0, depth=depth)
         prompt = tok.decode(ids[0])
-        start, end = prompt.index(text.RECALL_QUESTION), prompt.rindex(text.RECALL_QUESTION)
+        start, end = prompt.index(prompts.RECALL_QUESTION), prompt.rindex(prompts.RECALL_QUESTION)
         where.append((prompt.index(answer) - start) / (end - start))
     assert where[0] < 0.1 and 0.4 < where[1] < 0.6 and where[2] > 0.9
 
@@ -135,11 +136,11 @@ def test_recall_prompt_seed_and_depth(smollm):
 def test_recall_prompt_rejects_bad_arguments():
     tok = types.SimpleNamespace(chat_template="{{ messages }}")
     with pytest.raises(ValueError, match="depth"):
-        text.recall_prompt(tok, 1000, depth=1.5)
+        prompts.recall_prompt(tok, 1000, depth=1.5)
     with pytest.raises(ValueError, match="n_tokens"):
-        text.recall_prompt(tok, 50)
+        prompts.recall_prompt(tok, 50)
     with pytest.raises(ValueError, match="chat=True.*no chat template.*chat=False"):
-        text.recall_prompt(types.SimpleNamespace(chat_template=None), 1000, chat=True)
+        prompts.recall_prompt(types.SimpleNamespace(chat_template=None), 1000, chat=True)
 
 
 @pytest.fixture(scope="module")
@@ -153,27 +154,27 @@ def base_tokenizer():
 def test_raw_recall_prompt_for_a_base_model(base_tokenizer, n_tokens, seed):
     tok = base_tokenizer
     assert tok.chat_template is None
-    ids, answer = text.recall_prompt(tok, n_tokens, seed=seed)  # chat=None: raw, as the tokenizer has no template
-    assert torch.equal(ids, text.recall_prompt(tok, n_tokens, seed=seed, chat=False)[0])
+    ids, answer = prompts.recall_prompt(tok, n_tokens, seed=seed)  # chat=None: raw, as the tokenizer has no template
+    assert torch.equal(ids, prompts.recall_prompt(tok, n_tokens, seed=seed, chat=False)[0])
     assert abs(ids.shape[1] - n_tokens) <= 0.05 * n_tokens
     assert ids[0, 0].item() == tok.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 1
     prompt = tok.decode(ids[0], skip_special_tokens=True)
     assert re.findall(r"\d+", prompt) == [answer]
-    assert prompt.startswith(text.RECALL_INTRO.format(question=text.RECALL_QUESTION))
+    assert prompt.startswith(prompts.RECALL_INTRO.format(question=prompts.RECALL_QUESTION))
     # The fact, then the question, then the answer prefix last: the next tokens are the code.
-    assert prompt.endswith(text.RECALL_OUTRO.format(question=text.RECALL_QUESTION) + " " + text.RECALL_ANSWER_PREFIX)
-    assert prompt.index(f"The secret code of the blue door is {answer}.") < prompt.rindex(text.RECALL_QUESTION)
+    assert prompt.endswith(prompts.RECALL_OUTRO.format(question=prompts.RECALL_QUESTION) + " " + prompts.RECALL_ANSWER_PREFIX)
+    assert prompt.index(f"The secret code of the blue door is {answer}.") < prompt.rindex(prompts.RECALL_QUESTION)
     # The same rendering as a RULER prompt of a base model (tasks.render with chat=False).
-    from rdkv_hf import tasks
+    from rdkv_hf.eval import tasks
 
-    body = prompt[: -len(" " + text.RECALL_ANSWER_PREFIX)]
-    assert ids[0].tolist() == tasks.render_prompt(body, text.RECALL_ANSWER_PREFIX, tok, chat=False)
+    body = prompt[: -len(" " + prompts.RECALL_ANSWER_PREFIX)]
+    assert ids[0].tolist() == tasks.render_prompt(body, prompts.RECALL_ANSWER_PREFIX, tok, chat=False)
 
 
 @pytest.mark.slow
 def test_recall_prompt_is_answered_with_the_full_cache(smollm):
     model, tok = smollm
-    ids, answer = text.recall_prompt(tok, 2500, seed=0)
+    ids, answer = prompts.recall_prompt(tok, 2500, seed=0)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
     reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

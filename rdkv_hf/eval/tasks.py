@@ -34,7 +34,7 @@ HAYSTACKS = ("noise", "text")
 METRICS = ("all", "part")
 TOLERANCE = 0.03  # allowed relative gap between the rendered prompt length and `n_tokens`
 DEPTHS = [i / 39 for i in range(40)]  # RULER's 40 evenly spaced needle depths, 0 to 1 inclusive
-_WORDS_FILE = Path(__file__).parent / "data" / "words.txt"
+_WORDS_FILE = Path(__file__).parents[1] / "data" / "words.txt"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import prompt_weights
-from .baselines import BASELINES
-from .cache import RDKVCache, RDKVLayer, global_layers, layer_nbytes
-from .config import RDKVConfig
-from .planner import Planner
+from ..attention import prompt_weights
+from ..baselines import BASELINES
+from ..cache import RDKVCache, RDKVLayer, global_layers, layer_nbytes
+from ..config import RDKVConfig
+from ..planner import Planner
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from .cache import RDKVCache, global_layers, layer_nbytes
-from .patch import patch, unpatch
-from .compat import cache_kwargs, output_cache
+from ..cache import RDKVCache, global_layers, layer_nbytes
+from ..patch import patch, unpatch
+from ..compat import cache_kwargs, output_cache
 
 
 class _StepClock(LogitsProcessor):
@@ -62,7 +62,7 @@ def timed_generate(model, tokenizer, input_ids, answer, label, cache, max_new_to
 def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int = 2500, seed: int = 0,
              profile: str | None = "default", max_new_tokens: int = 24, threads: int | None = None) -> list[Run]:
     from .models import load_model
-    from .text import recall_prompt
+    from .prompts import recall_prompt
 
     if threads:
         torch.set_num_threads(threads)
@@ -101,7 +101,7 @@ def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int
 
 def _default_profile(model_name: str) -> str | None:
     from .models import SHIPPED_PROFILES
-    from .profiles import shipped_profiles
+    from ..profiles import shipped_profiles
 
     name = SHIPPED_PROFILES.get(model_name)
     return name if name in shipped_profiles() else None

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks as ruler
-from .eval_methods import (
-from .compat import cache_kwargs
+from ..compat import cache_kwargs
+from .methods import (
     METHODS,
     Method,
     Prefill,
@@ -259,7 +259,7 @@ def _window_ids(tokenizer, settings: EvalSettings, cache: dict) -> list:
     A window starts with the special tokens the tokenizer puts before any text (Gemma's BOS, which
     the model needs; none for SmolLM2), followed by eval tokens up to the window's length."""
     if "ids" not in cache:
-        from .text import encode_text
+        from ..text import encode_text
 
         cache["ids"] = encode_text(tokenizer, "eval")
         cache["lead"] = torch.tensor(tokenizer("", return_attention_mask=False).input_ids, dtype=torch.long, device="cpu")
@@ -286,8 +286,8 @@ def evaluate(model, tokenizer, settings: EvalSettings, out_dir, profile=None, pr
     Returns:
         the records of every cell of the grid (finished now or before).
     """
-    from .eval_report import write_reports
-    from .patch import is_patched, patch, unpatch
+    from .report import write_reports
+    from ..patch import is_patched, patch, unpatch
 
     if is_patched(model):
         raise ValueError("evaluate() patches the model itself for each method; call rdkv_hf.unpatch(model) first")
@@ -343,7 +343,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _run_teacher_forced(model, tokenizer, settings, grid, store, profile, window, progress, window_ids):
-    from .model_patches import patcher_for
+    from ..model_patches import patcher_for
 
     kinds = [t for t in ("ppl", "distortion") if t in settings.tasks]
     n = settings.ppl_length
@@ -387,7 +387,7 @@ def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progres
     chat = getattr(tokenizer, "chat_template", None) is not None
     text = None
     if settings.haystack == "text":
-        from .text import load_text
+        from ..text import load_text
 
         text = load_text("eval")
     eos = eos_token_ids(model, tokenizer)
@@ -433,7 +433,7 @@ MODEL_DEFAULTS = {
 def default_profile(model_name: str):
     """The profile shipped for a model of ``rdkv_hf.models`` (None, with a warning, if absent)."""
     from .models import SHIPPED_PROFILES
-    from .profiles import RDKVProfile, shipped_profiles
+    from ..profiles import RDKVProfile, shipped_profiles
 
     name = SHIPPED_PROFILES.get(model_name)
     if name is None or name not in shipped_profiles():
