@@ -139,12 +139,12 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from rdkv_hf.eval.runner import METHODS
+    from rdkv_hf.eval.methods import methods
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/eval-gemma3")
     p.add_argument("--no-run", action="store_true", help="only check the targets on an existing run")
-    p.add_argument("--methods", type=_csv(str), default=tuple(m for m in METHODS if m not in ("rdkv+profile", "ratequant")),
+    p.add_argument("--methods", type=_csv(str), default=tuple(m for m in methods() if m not in ("rdkv+profile", "ratequant")),
                    help="comma list (default: all but the profile methods; quanto is skipped on Gemma)")
     p.add_argument("--budgets", type=_csv(float), default=None, help="default 0.4,1.6,2.5")
     p.add_argument("--lengths", type=_csv(int), default=None, help="default 4096,8192,16384")

@@ -7,13 +7,12 @@ Importing this package patches nothing and loads nothing (Triton is imported onl
 """
 
 from .cache import RDKVCache
-from .calibrate import calibrate
+from .calibration import calibrate
 from .config import RDKVConfig
 from .loading import from_pretrained
 from .patch import is_patched, patch, patched, unpatch
-from .profiles import RDKVProfile
-
-__version__ = "0.1.0"
+from .profile import RDKVProfile
+from .version import __version__
 
 __all__ = [
     "RDKVCache",

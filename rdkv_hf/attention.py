@@ -18,10 +18,10 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .allocate import channel_weights, token_weights
-from .cache import ATTN_NAME, PackedHead, RDKVLayer, Segment, take_layer  # noqa: F401 (ATTN_NAME re-exported)
 from . import quant
-
+from .allocate import channel_weights, token_weights
+from .cache import ATTN_NAME, PackedHead, Segment, take_layer
+from .overrides import AttentionOverride
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise NotImplementedError("RDKV attention does not support attention sinks or logit soft-capping yet")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len = query.shape[2]
-    cfg = layer.planner.config
+    cfg = layer.config
     lse = None
     if layer.segments:
         out, lse = attend(query, layer.segments, key, value, attention_mask, scaling, backend=cfg.backend)
@@ -236,3 +236,6 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
     out = acc / L.clamp(min=1e-30).unsqueeze(-1)
     lse = M_safe + torch.log(L.clamp(min=1e-30))
     return out.reshape(B, Hq, q, D).to(query.dtype), lse.reshape(B, Hq, q)
+
+
+RDKV_ATTENTION = AttentionOverride(ATTN_NAME, rdkv_attention_forward)  # what rdkv_hf.patch switches a model to

@@ -27,11 +27,14 @@ import threading
 import weakref
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
 from .config import RDKVConfig
-from .planner import Planner
+from .model_patches import compressed_layers
+from .planners import Planner, make_planner
+from .state import patch_state
 from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack_segment  # noqa: F401 (re-exported)
+from .summary import CacheSummary
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +87,14 @@ class RDKVLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, layer_idx: int, planner: Planner, text_config=None):
-        """`text_config`: the model's (text) config, to check that its attention reads the packed
-        segments (an unpatched attention would attend to the full-precision tail only)."""
+        """`planner`: turns the weights of this layer's tokens into widths; its ``config`` holds
+        every setting the layer and its attention use. `text_config`: the model's (text) config,
+        to check that its attention reads the packed segments (an unpatched attention would attend
+        to the full-precision tail only)."""
         super().__init__()
         self.layer_idx = layer_idx
         self.planner = planner
+        self.config = planner.config
         self.text_config = text_config
         self.segments: list[Segment] = []
         self.seen = 0
@@ -238,47 +244,48 @@ def layer_nbytes(cache) -> list[int]:
     return out
 
 
-def global_layers(model_or_config) -> tuple:
-    """Indices of the full-attention layers of a model (or its config): the layers RDKV and the
-    eviction baselines compress. Sliding-window layers (Gemma 3: five of every six) keep
-    Transformers' own cache, bounded by the window."""
-    config = getattr(model_or_config, "config", model_or_config)
-    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return tuple(i for i, t in enumerate(types) if t == "full_attention")
-
-
 class RDKVCache(DynamicCache):
     """A `DynamicCache` whose full-attention layers store the prompt packed by RDKV.
 
-    Build it for a model (``RDKVCache(model)`` on a patched model takes its settings) or from a
-    config: ``RDKVCache(model.config, RDKVConfig(budget=2.5))``. Sliding-window layers keep
-    Transformers' own bounded cache. ``planner=`` replaces how widths are chosen (see
-    :class:`rdkv_hf.planner.Planner`; the evaluation's baselines use it).
+    ``RDKVCache(model)`` on a patched model uses the planner :func:`rdkv_hf.patch` built for its
+    settings. Otherwise give the settings: ``RDKVCache(model_or_config, RDKVConfig(...),
+    profile=...)`` builds the planner of ``config.mode``, or ``RDKVCache(model_or_config,
+    planner=...)`` takes one ready (the planner's ``config`` is then the settings). Sliding-window
+    layers keep Transformers' own bounded cache.
     """
 
-    def __init__(self, model_or_config, rdkv_config: RDKVConfig | None = None, profile=None, planner: Planner | None = None):
-        state = getattr(model_or_config, "_rdkv_state", None)
-        if state is not None:
-            config = model_or_config.config
-            rdkv_config = rdkv_config or state.config
-            profile = profile if profile is not None else state.profile
-        elif hasattr(model_or_config, "get_text_config"):
-            config = model_or_config
-        else:
+    def __init__(self, model_or_config, config: RDKVConfig | None = None, *, profile=None, planner: Planner | None = None):
+        model_config = getattr(model_or_config, "config", model_or_config)
+        if not hasattr(model_config, "get_text_config"):
             raise TypeError(
-                "RDKVCache needs a patched model or a transformers config, got "
-                f"{type(model_or_config).__name__}; call rdkv_hf.patch(model, ...) first"
+                "RDKVCache needs a patched model, or a Transformers model or config with an RDKVConfig; got "
+                f"{type(model_or_config).__name__}"
             )
-        if rdkv_config is None:
-            raise ValueError("RDKVCache(config, rdkv_config): give an RDKVConfig, or pass a patched model")
-        super().__init__(config=config)
-        self.rdkv_config = rdkv_config
-        compressed = global_layers(config)
-        # A custom planner (e.g. an eviction baseline) decides the widths instead of the config's mode.
-        self.planner = planner if planner is not None else Planner(rdkv_config, profile, layers=compressed)
-        text_config = config.get_text_config(decoder=True)
-        for i in compressed:
-            self.layers[i] = RDKVLayer(i, self.planner, text_config)
+        if config is not None and planner is not None:
+            raise ValueError("give RDKVCache either `config` (and `profile`) or a `planner`, not both")
+        if config is not None and not isinstance(config, RDKVConfig):
+            raise TypeError(f"`config` must be an RDKVConfig, got {type(config).__name__}")
+        layers = compressed_layers(model_config)
+        if planner is None and config is not None:
+            planner = make_planner(config, profile, layers)
+        if planner is None:
+            state = patch_state(model_or_config)
+            if state is None:
+                raise ValueError(
+                    "RDKVCache(model) needs a patched model (rdkv_hf.patch(model, ...)); or pass the settings: "
+                    "RDKVCache(model, RDKVConfig(budget=2.5))"
+                )
+            planner = state.planner
+        super().__init__(config=model_config)
+        self.planner = planner
+        text_config = model_config.get_text_config(decoder=True)
+        for i in layers:
+            self.layers[i] = RDKVLayer(i, planner, text_config)
+
+    @property
+    def rdkv_config(self) -> RDKVConfig:
+        """The settings of this cache (its planner's)."""
+        return self.planner.config
 
     @property
     def rdkv_layers(self) -> list[int]:
@@ -290,7 +297,6 @@ class RDKVCache(DynamicCache):
         the full-precision tail of every layer (sliding-window layers included)."""
         return sum(layer_nbytes(self))
 
-    def summary(self) -> "CacheSummary":
-        from .summary import CacheSummary
-
+    def summary(self) -> CacheSummary:
+        """What the cache kept, per layer and KV head (print it for a table)."""
         return CacheSummary.from_cache(self)

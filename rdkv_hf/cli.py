@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import DEFAULT_BUDGET
+
 
 def _demo(args) -> int:
     from .eval.demo import run_demo
@@ -30,8 +32,8 @@ def _csv(cast):
 def _eval(args) -> int:
     import torch
 
-    from .eval.runner import MODEL_DEFAULTS, QUICK, EvalSettings, default_profile, evaluate
-    from .eval.models import load_model
+    from .eval.models import load_model, shipped_profile
+    from .eval.runner import MODEL_DEFAULTS, QUICK, EvalSettings, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,11 +45,11 @@ def _eval(args) -> int:
     if args.no_profile:
         profile = None
     elif args.profile:
-        from .profiles import RDKVProfile
+        from .profile import RDKVProfile
 
         profile = RDKVProfile.from_pretrained(args.profile)
     else:
-        profile = default_profile(args.model)
+        profile = shipped_profile(args.model)
     out = args.out or f"runs/eval-{args.model}"
     evaluate(model, tokenizer, settings, out, profile=profile)
     print((Path(out) / "table.md").read_text(encoding="utf-8"))
@@ -70,7 +72,7 @@ def _load(name_or_path: str, gguf_file: str | None = None):
 def _calibrate(args) -> int:
     import time
 
-    from .calibrate import calibrate
+    from .calibration import calibrate
 
     model, tok = _load(args.model, args.gguf_file)
     t = time.perf_counter()
@@ -87,7 +89,7 @@ def _calibrate(args) -> int:
 
 
 def _profile_show(args) -> int:
-    from .profiles import RDKVProfile
+    from .profile import RDKVProfile
 
     profile = RDKVProfile.from_pretrained(args.profile, local_files_only=args.offline)
     print(profile.show(args.budget, layers=args.layers))
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="recall a fact from a long prompt with the full cache and with RDKV")
     d.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or gemma3-270m")
-    d.add_argument("--budget", type=float, default=2.5, help="bits per cached K/V element (default 2.5)")
+    d.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help=f"bits per cached K/V element (default {DEFAULT_BUDGET:g})")
     d.add_argument("--context", type=int, default=2500, help="prompt tokens (default 2500)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--profile", default=None, help="profile dir or Hub id (default: the shipped one, if any)")
@@ -143,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-seqs", type=int, default=16)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--budget", type=float, default=2.5, help="budget of the table printed at the end")
+    c.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="budget of the table printed at the end")
     c.set_defaults(func=_calibrate)
 
     pr = sub.add_parser("profile", help="inspect profiles")
     prs = pr.add_subparsers(dest="profile_command", required=True)
     sh = prs.add_parser("show", help="table (and PNG heat map) of the bits per layer and head at a budget")
     sh.add_argument("profile", help="a profile folder, shipped name or Hub repo id")
-    sh.add_argument("--budget", type=float, default=2.5)
+    sh.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
     sh.add_argument("--png", default=None, help="write a heat map of K and V bits here")
     sh.add_argument("--layers", type=_csv(int), default=None,
                     help="comma list of the layers sharing the budget (default: the ones the cache compresses, stored in the profile)")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("rdkv", "rdkv+profile", "ratequant", "uniform")
+DEFAULT_BUDGET = 2.5  # bits per element, when neither `budget` nor `tokens` is given
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
 # RDKV's fallback epsilon tables (relative distortion of one unit at b bits), from the reference code.
@@ -37,38 +37,31 @@ def _check_eps(name: str, eps: dict, widths: tuple) -> dict:
 class RDKVConfig:
     """How the prompt's KV cache is compressed.
 
+    Measured effects of these knobs are in ``benchmarks/results/knobs.md``.
+
     Args:
         budget: average bits stored per cached prompt K/V element, counting scales, zero points and
             indices; 16 keeps everything. Give either `budget` or `tokens`.
         tokens: RDKV's budget as FP16-equivalent tokens per KV head (``budget = 16 * tokens / T``).
-        mode: ``"rdkv"`` (token/channel widths from attention, equal head budgets),
-            ``"rdkv+profile"`` (head budgets from a profile, RDKV inside each head),
-            ``"ratequant"`` (one width per head from a profile, no eviction) or ``"uniform"``
-            (one width everywhere, no eviction).
-        profile: a Hub repo id or local directory of an :class:`~rdkv_hf.RDKVProfile`.
+        mode: how the budget is spent, a mode of :mod:`rdkv_hf.planners`: ``"rdkv"`` (token/channel
+            widths from attention, equal head budgets), ``"rdkv+profile"`` (head budgets from a
+            profile, RDKV inside each head), ``"ratequant"`` (one width per head from a profile, no
+            eviction), ``"uniform"`` (one width everywhere, no eviction), or an eviction baseline
+            (``"snapkv"``, ``"adakv"``, ``"streamingllm"``).
+        profile: a Hub repo id or local directory of an :class:`~rdkv_hf.RDKVProfile` (None: no
+            profile, or one given as an object to :func:`rdkv_hf.patch`).
         window: number of last prompt queries whose attention weighs the tokens.
         pool_kernel: pooling kernel over the token weights (odd).
         pool: ``"avg"`` (SnapKV's average pooling) or ``"max"`` (each token gets the largest weight
             within ``pool_kernel // 2`` tokens, so the tokens next to an attended one are kept too).
-            On SmolLM2-135M-Instruct at 1.5-1.6 bits (30 RULER-style prompts, 4 perplexity windows)
-            max pooling with kernels 5-13 lifted plain RDKV's score from 73 to 80-83 but raised its
-            perplexity from 17.7 to 18.2-18.3, and did not help ``rdkv+profile`` (77-80 vs 80-83);
-            so the default stays "avg".
         carry: after pooling, each token weighs at least ``carry`` times the token before it
             (``w[t] = max(w[t], carry * w[t-1])``), so the tokens after an attended one fade instead
             of dropping: decoding copies a span token by token (a number's digits) while the window
-            queries attend mostly to its start, and without carry those later digits were evicted
-            (answers cut to their first 2-4 digits). ``0`` turns it off. See the README for the
-            measured effect (0.8: SmolLM2-135M-Instruct, RULER-style NIAH at 1K-3K).
+            queries attend mostly to its start. ``0`` turns it off.
         k_share: share of each head's budget spent on K (RDKV's r_K).
         head_floor: ``"rdkv+profile"`` only: every KV head's K and V budget is at least this share
-            of `budget`. RateQuant's curves (older profiles) model quantization only; with eviction
-            in play they starve heads of tiny power (layer 0 V, the last layers' K) down to zero bits, i.e.
-            evicted whole. On SmolLM2-135M-Instruct (2K prompt, 4 windows) a floor of 0.25 took
-            the perplexity from +25.3% to +10.3% of the full cache at 1 bit and from +11.9% to
-            +7.3% at 1.5 bits, and left 2.5 bits as it was (+2.3% vs +2.4%). Profiles with RDKV
-            curves (measured with eviction) rarely reach it. ``0`` gives the profile's allocation
-            unchanged.
+            of `budget`, so that no head is evicted whole on the strength of curves measured on short
+            calibration text. ``0`` gives the profile's allocation unchanged.
         widths: allowed widths of V tokens and K channels (0 = evicted, 16 = kept as is).
         eps_v, eps_k: distortion of one V token / K channel at each width, relative to eviction.
         high_precision_dtype: storage of the 16-bit zone; ``None`` keeps the model's dtype when it
@@ -79,7 +72,7 @@ class RDKVConfig:
             (a follow-up turn, chunked prefill); otherwise they stay in full precision.
     """
 
-    budget: float | None = 2.5
+    budget: float | None = DEFAULT_BUDGET
     tokens: int | None = None
     mode: str = "rdkv"
     profile: str | None = None
@@ -110,10 +103,9 @@ class RDKVConfig:
             if not 0 < self.budget <= 16:
                 raise ValueError(f"`budget` must be in (0, 16] bits per element, got {self.budget}")
             set_("budget", float(self.budget))
-        if self.mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
-        if self.mode in ("rdkv+profile", "ratequant") and self.profile is None:
-            raise ValueError(f"`mode={self.mode!r}` needs a `profile` (a Hub repo id or a directory)")
+        from .planners import planner_class
+
+        planner_class(self.mode)  # a registered mode (each one checks its own needs when built)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.window, int) or self.window < 1:

@@ -14,11 +14,18 @@ minimizes ``sum_i w_i * D_i(b_i)`` subject to ``sum_i b_i = total`` and ``b_min 
   found by bisection so the mean is exact. Clipping inside the bisection gives the KKT solution
   that RateQuant's iterative water-filling (clip, fix, re-spread) converges to.
 - :func:`allocate_heads`: the safeguards (sensitivity cap, fallback ``beta`` for poor fits) and the
-  K/V split, on ``[layers, kv_heads]`` tables.
+  K/V split, on ``[layers, kv_heads]`` tables; :func:`ratequant_bits` runs it on a profile's fits.
+- :func:`rd_curve_bits`: one budget per head (K and V together) from RDKV's own measured distortion
+  curves (eviction and quantization), by their lower convex hulls.
+- :func:`floor_head_bits` (``RDKVConfig.head_floor``) and :func:`on_layers` (the budget shared by the
+  layers a cache compresses only).
+
+Every function here is a pure function of tensors (a profile is read, never changed).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -221,3 +228,135 @@ def allocate_heads(
         bits = closed_form_bits(w, alpha, beta, float(mean_bits), b_min, b_max)
     half = n // 2
     return bits[:half].reshape(shape), bits[half:].reshape(shape)
+
+
+def ratequant_bits(profile, mean_bits: float, *, integer: bool = True, bounds: tuple | None = None):
+    """RateQuant widths of every KV head's K and V of `profile` for a mean of `mean_bits` code bits.
+
+    The ``2 * layers * kv_heads`` components share ``round(mean_bits * 2N)`` bits (greedy, integer)
+    or a real mean of exactly `mean_bits` (closed form). Scales and minima are not counted. Each
+    component's distortion is absolute: ``power * alpha * beta**(-b)`` (``alpha`` is fitted on
+    relative MSE).
+
+    Args:
+        profile: an :class:`~rdkv_hf.RDKVProfile` (its ``sens_*``, ``alpha_*``, ``power_*``,
+            ``beta_*``, ``r2_*`` tensors).
+        mean_bits: 1..8.
+        integer: greedy integers, else closed-form reals.
+        bounds: ``(b_min, b_max)``; default :func:`default_bounds` (RateQuant's table).
+    Returns:
+        ``(k_bits, v_bits)``, each ``[layers, kv_heads]`` (LongTensor, or float64 if not `integer`).
+    """
+    if isinstance(mean_bits, bool) or not isinstance(mean_bits, (int, float)):
+        raise TypeError(f"`budget` must be a number of bits, got {type(mean_bits).__name__}")
+    if not 1 <= mean_bits <= MAX_WIDTH:
+        raise ValueError(f"`budget` must be in [1, {MAX_WIDTH}] code bits per element for per-head widths, got {mean_bits}")
+    if bounds is not None:
+        b_min, b_max = bounds
+        if not b_min <= mean_bits <= b_max:
+            raise ValueError(f"`budget`={mean_bits} is outside `bounds`=({b_min}, {b_max}); widen the bounds")
+    p = profile
+    return allocate_heads(
+        p.sens_k, p.alpha_k.double() * p.power_k.double(), p.beta_k, p.r2_k,
+        p.sens_v, p.alpha_v.double() * p.power_v.double(), p.beta_v, p.r2_v,
+        float(mean_bits), integer=integer, bounds=bounds,
+    )
+
+
+def rd_curve_bits(rd_budgets: torch.Tensor, rd_dist: torch.Tensor, sens_o: torch.Tensor, budget: float) -> torch.Tensor:
+    """Budget of every KV head (K and V together) for RDKV inside it, mean exactly `budget`.
+
+    Minimizes ``sum sens_o * rd_dist(b)`` over the heads, ``rd_dist`` linear between the measured
+    budgets: each head's curve is replaced by its lower convex hull, and bits go to the hull
+    segments with the largest loss decrease per bit first (the last one partly).
+
+    Args:
+        rd_budgets: ``[R]`` increasing budgets of the curves; rd_dist: ``[layers, kv_heads, R]``;
+            sens_o: ``[layers, kv_heads]`` (a profile's RDKV curves, see :mod:`rdkv_hf.calibration`).
+    Returns:
+        ``[layers, kv_heads]`` float64 budgets in ``[rd_budgets[0], rd_budgets[-1]]``.
+    """
+    grid = rd_budgets.double().tolist()
+    lo, hi = grid[0], grid[-1]
+    if not lo <= budget <= hi:
+        raise ValueError(f"`budget` must be in [{lo:g}, {hi:g}] bits for the profile's RDKV curves, got {budget}")
+    cost = (sens_o.double()[..., None] * rd_dist.double()).reshape(-1, len(grid))
+    bits = torch.full((cost.shape[0],), lo, dtype=torch.float64, device="cpu")
+    segments = []  # (decrease per bit, head, width in bits)
+    for h, row in enumerate(cost.tolist()):
+        for (b0, c0), (b1, c1) in _lower_hull(list(zip(grid, row))):
+            segments.append(((c0 - c1) / (b1 - b0), h, b1 - b0))
+    left = (budget - lo) * cost.shape[0]
+    # Segments of equal slope (equal heads) share what is left in proportion to their widths.
+    for _, group in itertools.groupby(sorted(segments, key=lambda t: -t[0]), key=lambda t: t[0]):
+        if left <= 0:
+            break
+        group = list(group)
+        share = min(1.0, left / sum(w for _, _, w in group))
+        for _, h, width in group:
+            bits[h] += width * share
+        left -= share * sum(w for _, _, w in group)
+    if left > 1e-12:  # every curve flat before `hi`: spread the rest over the room left
+        room = hi - bits
+        bits += room * (left / room.sum())
+    return bits.reshape(sens_o.shape)
+
+
+def profile_rd_bits(profile, budget: float) -> torch.Tensor:
+    """:func:`rd_curve_bits` of a profile's RDKV curves (``[layers, kv_heads]``)."""
+    if not profile.has_rd_curves:
+        raise ValueError("this profile has no RDKV curves (saved before they existed); re-calibrate it with rdkv_hf.calibrate")
+    return rd_curve_bits(profile.rd_budgets, profile.rd_dist, profile.sens_o, budget)
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Segments of the lower convex hull of ``(budget, cost)`` points sorted by budget, from the
+    first point to the cheapest one (beyond it more bits would not lower the cost)."""
+    end = min(range(len(points)), key=lambda i: (points[i][1], points[i][0]))
+    hull: list[tuple[float, float]] = []
+    for p in points[: end + 1]:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return list(zip(hull, hull[1:]))
+
+
+def floor_head_bits(k_bits: torch.Tensor, v_bits: torch.Tensor, floor_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raise every K and V budget to at least `floor_bits`, keeping the mean (RDKVConfig.head_floor).
+
+    Budgets below the floor are lifted to it; what each budget holds above the floor is then scaled
+    by one factor so that the mean is unchanged. The factor is at most 1, so no budget grows past
+    the closed form's upper bound, and the order of the heads is kept. ``floor_bits <= 0``, or an
+    allocation already above the floor, is returned as is.
+    """
+    both = torch.stack([k_bits, v_bits]).double()
+    mean = both.mean()
+    if floor_bits <= 0 or both.min() >= floor_bits:
+        return k_bits, v_bits
+    if floor_bits >= mean:
+        raise ValueError(f"a head floor of {floor_bits:.3g} bits is not below the mean budget {mean.item():.3g}; lower `head_floor`")
+    above = both.clamp(min=floor_bits) - floor_bits
+    both = floor_bits + above * ((mean - floor_bits) / above.mean())
+    return both[0], both[1]
+
+
+def on_layers(allocate, profile, layers):
+    """Run ``allocate(profile)`` on the profile restricted to `layers` (the layers a cache
+    compresses share the budget); rows of the other layers are 0.
+
+    `allocate` returns ``(k_bits, v_bits)`` ``[layers, kv_heads]``; `layers` None means all.
+    """
+    n = int(profile.fingerprint["num_layers"])
+    if layers is None or sorted(layers) == list(range(n)):
+        return allocate(profile)
+    layers = sorted(int(i) for i in layers)
+    if not layers or layers[0] < 0 or layers[-1] >= n:
+        raise ValueError(f"`layers` must be indices of the profile's {n} layers, got {layers}")
+    k_sub, v_sub = allocate(profile.select_layers(layers))
+    k_bits, v_bits = (torch.zeros((n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in (k_sub, v_sub))
+    k_bits[layers], v_bits[layers] = k_sub, v_sub
+    return k_bits, v_bits

@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 
 from .config import RDKVConfig
-from .patch import patch
+from .patch import CONFIG_KEY, patch
+from .planners import planner_class
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEY = "rdkv"
 _SETTINGS = {"budget", "tokens", "profile", "mode", "config"}
 
 
@@ -58,12 +58,14 @@ def from_pretrained(path_or_id: str, *, model_class=None, **kwargs):
     if "budget" in settings:
         merged.pop("tokens", None)
     merged.update(settings)
-    if merged.get("profile") == "<in-memory profile>":
-        raise ValueError(
-            "the saved RDKV settings name an in-memory profile, which cannot be reloaded; save the "
-            "profile with profile.save_pretrained(dir) and pass profile=dir (or a Hub repo id)"
-        )
     profile = merged.get("profile")
+    mode = merged.get("mode", RDKVConfig().mode)
+    if profile is None and planner_class(mode).needs_profile:
+        raise ValueError(
+            f"the RDKV settings of {path_or_id!r} use mode={mode!r}, which needs a profile, but name none (the model "
+            "was patched with an in-memory profile); pass profile= a folder or Hub repo id (save a profile with "
+            "profile.save_pretrained(dir))"
+        )
     cfg = RDKVConfig.from_dict(merged)
     logger.info("rdkv_hf: patching %s with %s", path_or_id, cfg)
     return patch(model, config=cfg, profile=profile)

@@ -1,59 +1,41 @@
 """`patch` / `unpatch`: turn one model instance's KV cache into an RDKV cache, and back.
 
-Patching registers the ``"rdkv"`` attention and mask functions with Transformers (by name, once),
-switches this model to them, and wraps this instance's ``generate`` so that it builds an
-:class:`RDKVCache` when none is given. The attention finds its cache layer per call (see
-``cache.take_layer``): no hook is added and nothing is stored on the modules. Nothing module-level
-is replaced; ``unpatch`` restores every original.
+Patching validates everything first (the model type, the settings, the profile, the mode's planner),
+then switches this model to the ``"rdkv"`` attention (:mod:`rdkv_hf.overrides`) and wraps this
+instance's ``generate`` so that it builds an :class:`RDKVCache` when none is given. The attention
+finds its cache layer per call (see ``cache.take_layer``): no hook is added and nothing is stored on
+the modules. Nothing module-level is replaced; ``unpatch`` restores every original.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import types
 import warnings
-from dataclasses import dataclass, field
 
 from torch import nn
 
 from . import compat
-from .cache import RDKVCache, global_layers
+from .attention import RDKV_ATTENTION
+from .cache import RDKVCache
 from .config import RDKVConfig
-from .model_patches import patcher_for
-from .planner import Planner
+from .model_patches import compressed_layers, patcher_for
+from .planners import make_planner
+from .state import PatchState, patch_state, set_patch_state
 
 logger = logging.getLogger(__name__)
 
-_STATE = "_rdkv_state"
-
-
-@dataclass
-class PatchState:
-    config: RDKVConfig
-    profile: object | None
-    attn_implementation: str
-    own_generate: object | None = None  # an instance-level generate that was there before us
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from .attention import ATTN_NAME, rdkv_attention_forward
-
-    AttentionInterface.register(ATTN_NAME, rdkv_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+CONFIG_KEY = "rdkv"  # model.config.rdkv: the settings save_pretrained writes to config.json
+_lock = threading.RLock()  # patch/unpatch of any model: one at a time
 
 
 def _load_profile(profile, model):
+    from .profile import RDKVProfile
+
     if profile is None:
         return None
-    from .profiles import RDKVProfile
-
-    if profile == "<in-memory profile>":
-        raise ValueError("these settings name an in-memory profile; pass the RDKVProfile object, or save it "
-                         "with profile.save_pretrained(dir) and pass profile=dir")
     if isinstance(profile, str):
         profile = RDKVProfile.from_pretrained(profile)
     if not isinstance(profile, RDKVProfile):
@@ -69,13 +51,13 @@ def _resolve_config(budget, tokens, profile, mode, config, options) -> RDKVConfi
         if budget is not None or tokens is not None or mode is not None or options:
             raise ValueError("give either `config=RDKVConfig(...)` or keyword settings, not both")
         return config
+    if budget is not None and tokens is not None:
+        raise ValueError(f"give `budget` (bits per element) or `tokens` (FP16-equivalent tokens per head), not both; got budget={budget!r}, tokens={tokens!r}")
     if mode is None:
         mode = "rdkv+profile" if profile is not None else "rdkv"
     profile_id = profile if isinstance(profile, str) else getattr(profile, "name_or_path", None)
-    if profile is not None and profile_id is None:
-        profile_id = "<in-memory profile>"
-    kw = dict(budget=2.5 if budget is None and tokens is None else budget, tokens=tokens, mode=mode, profile=profile_id)
-    return RDKVConfig(**kw, **options)
+    given = {k: v for k, v in (("budget", budget), ("tokens", tokens)) if v is not None}
+    return RDKVConfig(**given, mode=mode, profile=profile_id, **options)
 
 
 def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None = None, profile=None,
@@ -83,52 +65,65 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     """Compress this model's KV cache with RDKV; returns the same model.
 
     Args:
-        model: a Transformers causal LM (Llama, Qwen3, Mistral).
-        budget: average bits per cached prompt K/V element, scales and indices included (default 2.5).
+        model: a Transformers causal LM (see ``rdkv_hf.model_patches`` for the supported types).
+        budget: average bits per cached prompt K/V element, scales and indices included (default
+            ``rdkv_hf.config.DEFAULT_BUDGET``, 2.5).
         tokens: instead of `budget`, FP16-equivalent tokens per KV head (RDKV's budgets).
         profile: an :class:`RDKVProfile`, a Hub repo id or a directory (RateQuant head budgets).
-        mode: ``"rdkv"``, ``"rdkv+profile"`` (default with a profile), ``"ratequant"``, ``"uniform"``.
+        mode: a mode of :mod:`rdkv_hf.planners` (``"rdkv"``; ``"rdkv+profile"``, the default with a
+            profile; ``"ratequant"``, ``"uniform"``, the eviction baselines).
         config: a full :class:`RDKVConfig` instead of the keywords.
         **options: other :class:`RDKVConfig` fields (``window``, ``backend``, ...).
 
-    Patching twice replaces the settings; a failed patch leaves the model as it was.
+    Patching twice replaces the settings; a patch that fails leaves the model as it was (patched
+    with its previous settings, if it had any).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch() takes a Transformers model, got {type(model).__name__}")
     patcher = patcher_for(model)
     cfg = _resolve_config(budget, tokens, profile, mode, config, options)
     prof = _load_profile(profile if profile is not None else cfg.profile, model)
-    # Validates the mode against the profile before anything changes (RDKVCache builds the real one).
-    Planner(cfg, prof, layers=global_layers(model))
+    planner = make_planner(cfg, prof, compressed_layers(model))
     notes = patcher.check(model)
     patcher.attention_modules(model)  # checks the layout
-    if getattr(model, _STATE, None) is not None:
-        unpatch(model)
-
-    state = PatchState(cfg, prof, model.config._attn_implementation, own_generate=model.__dict__.get("generate"))
-    try:
-        _register_attention()
-        from .attention import ATTN_NAME
-
-        model.set_attn_implementation(ATTN_NAME)
-        setattr(model, _STATE, state)
-        # A method bound to this instance: copy.deepcopy rebinds it to the copy.
-        model.generate = types.MethodType(_generate, model)
-        # save_pretrained writes it to config.json; rdkv_hf.from_pretrained patches from it again
-        model.config.rdkv = cfg.to_dict()
-    except Exception:
-        _restore(model, state)
-        raise
+    with _lock:
+        _apply(model, planner, prof)
     for n in notes:
         warnings.warn(n, stacklevel=2)
     logger.info("rdkv_hf: patched %s (%s)", type(model).__name__, cfg)
     return model
 
 
+def _apply(model, planner, profile) -> None:
+    """Switch `model` to `planner`'s settings (validated), or restore it if that fails."""
+    state = patch_state(model)
+    if state is not None:  # re-patch: the attention and generate stay, the settings change
+        previous = (state.planner, state.profile, model.config.__dict__.get(CONFIG_KEY))
+        try:
+            state.planner, state.profile = planner, profile
+            model.config.rdkv = planner.config.to_dict()
+        except BaseException:
+            state.planner, state.profile = previous[:2]
+            model.config.rdkv = previous[2]
+            raise
+        return
+    state = PatchState(planner, profile, attn_implementation=None, own_generate=model.__dict__.get("generate"))
+    try:
+        state.attn_implementation = RDKV_ATTENTION.apply(model)
+        set_patch_state(model, state)
+        # A method bound to this instance: copy.deepcopy rebinds it to the copy.
+        model.generate = types.MethodType(_generate, model)
+        # save_pretrained writes it to config.json; rdkv_hf.from_pretrained patches from it again
+        model.config.rdkv = planner.config.to_dict()
+    except BaseException:
+        _restore(model, state)
+        raise
+
+
 def _generate(model, *args, **kwargs):
     """``generate()`` of a patched model: Transformers' own, with an :class:`RDKVCache` built for the
     call when no cache is given (under either name of the cache argument)."""
-    state = getattr(model, _STATE)
+    state = patch_state(model)
     original = state.own_generate or types.MethodType(type(model).generate, model)
     given, name = compat.given_cache(kwargs)
     gen_config = kwargs.get("generation_config") or model.generation_config
@@ -166,33 +161,40 @@ def _generate(model, *args, **kwargs):
 
 
 def _restore(model, state: PatchState) -> None:
-    if model.config._attn_implementation != state.attn_implementation:
-        model.set_attn_implementation(state.attn_implementation)
-    model.config.__dict__.pop("rdkv", None)
+    RDKV_ATTENTION.restore(model, state.attn_implementation)
+    model.config.__dict__.pop(CONFIG_KEY, None)
     if state.own_generate is not None:
         model.generate = state.own_generate
     else:
         model.__dict__.pop("generate", None)
-    model.__dict__.pop(_STATE, None)
+    set_patch_state(model, None)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`; a model that is not patched is returned unchanged."""
-    state = getattr(model, _STATE, None)
-    if state is not None:
-        _restore(model, state)
+    with _lock:
+        state = patch_state(model)
+        if state is not None:
+            _restore(model, state)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return getattr(model, _STATE, None) is not None
+    return patch_state(model) is not None
 
 
 @contextlib.contextmanager
 def patched(model: nn.Module, budget: float | None = None, **kwargs):
-    """``with rdkv_hf.patched(model, budget=2.5): model.generate(...)``; restores on exit."""
+    """``with rdkv_hf.patched(model, budget=2.5): model.generate(...)``; on exit the model is as it
+    was before the block (unpatched, or patched with its previous settings: blocks nest)."""
+    before = patch_state(model)
+    previous = None if before is None else (before.planner, before.profile)
     patch(model, budget, **kwargs)
     try:
         yield model
     finally:
-        unpatch(model)
+        with _lock:
+            if previous is None:
+                unpatch(model)
+            else:
+                _apply(model, *previous)

@@ -32,9 +32,9 @@ class CacheSummary:
 
     @classmethod
     def from_cache(cls, cache, batch_index: int = 0) -> "CacheSummary":
-        """Per-head rows for one batch row (`batch_index`); totals cover the whole cache."""
-        from .cache import RDKVLayer
-
+        """Per-head rows for one batch row (`batch_index`); totals cover the whole cache (an
+        :class:`~rdkv_hf.RDKVCache`: its ``rdkv_layers`` hold packed segments)."""
+        compressed = set(cache.rdkv_layers)
         out = cls(nbytes=cache.nbytes, layers_compressed=cache.rdkv_layers, layers_total=len(cache.layers))
         prompt_bytes = prompt_elems = 0
         for li, layer in enumerate(cache.layers):
@@ -43,7 +43,7 @@ class CacheSummary:
             B, H, _, D = layer.keys.shape
             seen = layer.get_seq_length()
             out.bf16_bytes += B * H * seen * D * 2 * 2
-            if not isinstance(layer, RDKVLayer):
+            if li not in compressed:
                 continue
             for h in range(H):
                 v, k, kept, t, nbytes = Counter(), Counter(), 0, 0, 0

@@ -16,7 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import rdkv_hf
-from rdkv_hf.calibrate import calibrate
+from rdkv_hf.calibration import calibrate
 
 from conftest import tiny_model
 
@@ -90,16 +90,16 @@ def test_the_audit_catches_a_factory_without_a_device():
 
 
 def test_eviction_baselines_pass_the_audit(one_thread):
-    from rdkv_hf.baselines import BASELINES
     from rdkv_hf.cache import RDKVCache
+    from rdkv_hf.config import RDKVConfig
+    from rdkv_hf.planners import modes
 
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=16)
     ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(2))
     audit = DeviceAudit()
     with audit:
-        for cls in BASELINES.values():
-            planner = cls(budget=4.0)
-            cache = RDKVCache(model.config, planner.config, planner=planner)
+        for cls in (c for c in modes().values() if c.evicts_only):
+            cache = RDKVCache(model.config, planner=cls(RDKVConfig(budget=4.0)))
             model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, **rdkv_hf.compat.cache_kwargs(cache))
     assert not audit.violations, "\n".join(sorted(set(audit.violations)))

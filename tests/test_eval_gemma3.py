@@ -31,7 +31,7 @@ def ids(seed=0, n=PROMPT + CONT + 1):
 
 def test_global_and_sliding_bytes_are_split(model):
     pre = ev.prefill(model, ids()[:, :PROMPT])
-    assert ev.global_layers(model) == pre.global_layers == (2,)
+    assert ev.compressed_layers(model) == pre.global_layers == (2,)
     # One KV head of 16 dims: K and V of every prompt token in the global layer, the last
     # window - 1 tokens in each sliding layer.
     global_bf16 = PROMPT * D * 2 * 2

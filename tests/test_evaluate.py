@@ -10,8 +10,10 @@ from transformers import DynamicCache, QuantizedCache
 import rdkv_hf
 from rdkv_hf import RDKVCache
 from rdkv_hf.eval import runner as ev
-from rdkv_hf.baselines import BASELINES, SnapKVPlanner
-from rdkv_hf.calibrate import calibrate
+from rdkv_hf.calibration import calibrate
+from rdkv_hf.config import RDKVConfig
+from rdkv_hf.planners import modes
+from rdkv_hf.planners.eviction import SnapKVPlanner
 from rdkv_hf.cli import main
 from rdkv_hf.compat import cache_kwargs
 
@@ -76,8 +78,7 @@ def test_shared_prefill_fills_the_same_cache_as_the_model(model, profile, spec):
         else:
             if method.kind == "eviction":
                 rdkv_hf.patch(model, budget=2.5, compress_followups=False)
-                planner = SnapKVPlanner(budget=2.5)
-                planner.config = planner.config.replace(compress_followups=False)
+                planner = SnapKVPlanner(RDKVConfig(budget=2.5, compress_followups=False))
                 make = lambda: RDKVCache(model, planner=planner)  # noqa: E731
             else:
                 b = ev.uniform_budget(2, 16, PROMPT) if method.mode == "uniform" else budget
@@ -177,11 +178,11 @@ def test_ruler_cells_score_greedy_answers(tmp_path):
 
 
 def test_methods_registry_builds_every_method_below_full_bytes(model, profile):
-    assert list(ev.METHODS) == ["full", "rdkv", "rdkv+profile", "ratequant", "uniform-2", "uniform-4",
-                                "quanto-2", "quanto-4", "snapkv", "adakv", "streamingllm"]
-    assert {m.name for m in ev.METHODS.values() if m.kind == "eviction"} == set(BASELINES)
+    assert list(ev.all_methods()) == ["full", "rdkv", "rdkv+profile", "ratequant", "uniform-2", "uniform-4",
+                                      "quanto-2", "quanto-4", "snapkv", "adakv", "streamingllm"]
+    assert {m.name for m in ev.all_methods().values() if m.kind == "eviction"} == {n for n, c in modes().items() if c.evicts_only}
     pre = ev.prefill(model, windows(1)[0][:, :PROMPT])
-    for name, method in ev.METHODS.items():
+    for name, method in ev.all_methods().items():
         cache = ev.build_cache(model, pre, method, 2.5 if method.budgeted else None, profile)
         nbytes = ev.cache_nbytes(cache)
         if name == "full":
@@ -227,16 +228,16 @@ def test_variant_options_protect_tokens_and_floor_head_budgets(profile):
     g = torch.Generator().manual_seed(0)
     w_tok, w_ch = torch.rand(1, 2, 40, generator=g) ** 8, torch.rand(1, 2, 16, generator=g)
     real = torch.ones(1, 40, dtype=torch.bool)
-    plain = ev.rdkv_planner(ev.parse_method("rdkv"), 2.0).widths(0, w_tok, w_ch, real)[0]
-    v_bits = ev.rdkv_planner(ev.parse_method("rdkv:sinks=2:recent=3"), 2.0).widths(0, w_tok, w_ch, real)[0]
+    plain = ev.method_planner(ev.parse_method("rdkv"), 2.0).widths(0, w_tok, w_ch, real)[0]
+    v_bits = ev.method_planner(ev.parse_method("rdkv:sinks=2:recent=3"), 2.0).widths(0, w_tok, w_ch, real)[0]
     assert (v_bits[..., :2] == 16).all() and (v_bits[..., -3:] == 16).all()
     assert not (plain[..., :2] == 16).all()  # the protection is what kept them
     # head_floor is an RDKVConfig knob passed through the method spec (0: the profile's allocation as is).
-    base = ev.rdkv_planner(ev.parse_method("rdkv+profile:head_floor=0"), 1.0, profile)
-    floored = ev.rdkv_planner(ev.parse_method("rdkv+profile:head_floor=0.5"), 1.0, profile)
+    base = ev.method_planner(ev.parse_method("rdkv+profile:head_floor=0"), 1.0, profile)
+    floored = ev.method_planner(ev.parse_method("rdkv+profile:head_floor=0.5"), 1.0, profile)
     assert base.config.head_floor == 0.0 and floored.config.head_floor == 0.5
-    both, ref = torch.stack(floored._head_bits), torch.stack(base._head_bits).double()
+    both, ref = torch.stack([floored.k_bits, floored.v_bits]), torch.stack([base.k_bits, base.v_bits]).double()
     assert both.min() >= 0.5 - 1e-9 and both.mean() == pytest.approx(ref.mean())
-    assert ev.rdkv_planner(ev.parse_method("rdkv+profile"), 1.0, profile).config.head_floor == 0.25
+    assert ev.method_planner(ev.parse_method("rdkv+profile"), 1.0, profile).config.head_floor == 0.25
     with pytest.raises(ValueError, match="rdkv\\+profile"):
-        ev.rdkv_planner(ev.parse_method("rdkv:head_floor=0.5"), 1.0)
+        ev.method_planner(ev.parse_method("rdkv:head_floor=0.5"), 1.0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import rdkv_hf
+from rdkv_hf.state import patch_state
 
 from conftest import tiny_model
 
@@ -17,7 +18,7 @@ def test_saved_patched_model_reloads_patched(tmp_path):
 
     again = rdkv_hf.from_pretrained(str(tmp_path))
     assert rdkv_hf.is_patched(again)
-    assert again._rdkv_state.config == model._rdkv_state.config
+    assert patch_state(again).config == patch_state(model).config
     ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(0))
     a = model.generate(ids, max_new_tokens=5, do_sample=False)
     b = again.generate(ids, max_new_tokens=5, do_sample=False)
@@ -29,7 +30,7 @@ def test_keywords_override_saved_settings(tmp_path):
     rdkv_hf.patch(model, budget=3.0)
     model.save_pretrained(tmp_path)
     again = rdkv_hf.from_pretrained(str(tmp_path), tokens=8, dtype=torch.float32)
-    cfg = again._rdkv_state.config
+    cfg = patch_state(again).config
     assert cfg.tokens == 8 and cfg.budget is None
 
 

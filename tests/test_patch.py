@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import rdkv_hf
+from rdkv_hf.state import patch_state
 from rdkv_hf import RDKVCache
 from rdkv_hf.config import RDKVConfig
 
@@ -138,7 +139,7 @@ def test_patch_twice_replaces_settings_and_adds_no_hooks():
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=2.5)
     rdkv_hf.patch(model, budget=4.0)
-    assert model._rdkv_state.config.budget == 4.0
+    assert patch_state(model).config.budget == 4.0
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     rdkv_hf.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
@@ -280,7 +281,7 @@ def test_profile_modes_run_within_budget(mode, tmp_path):
 
 
 def test_public_names():
-    import rdkv_hf.calibrate  # noqa: F401  (importing the module must not shadow the function)
+    import rdkv_hf.calibration  # noqa: F401  (importing the module must not shadow the function)
 
     assert callable(rdkv_hf.calibrate) and not isinstance(rdkv_hf.calibrate, type(rdkv_hf))
     for name in ("patch", "unpatch", "RDKVCache", "RDKVProfile", "from_pretrained", "calibrate"):

@@ -7,10 +7,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from rdkv_hf.calibrate import RD_QUERY_STRIDE, RD_SEQS, calibrate
+from rdkv_hf.calibration import RD_QUERY_STRIDE, RD_SEQS, calibrate
 from rdkv_hf.config import RDKVConfig
-from rdkv_hf.planner import Planner, _on_layers
-from rdkv_hf.profiles import SHIPPED_DIR, RDKVProfile, fingerprint, model_card, shipped_profiles
+from rdkv_hf.fingerprint import fingerprint
+from rdkv_hf.head_budgets import on_layers, profile_rd_bits, ratequant_bits
+from rdkv_hf.planners import make_planner
+from rdkv_hf.profile import RDKVProfile
+from rdkv_hf.profile_card import _layer_bits, model_card
+from rdkv_hf.profile_hub import SHIPPED_DIR, shipped_profiles
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -148,24 +152,24 @@ def test_check_model(model_and_profile):
 @pytest.mark.parametrize("budget", [2.0, 2.5, 3.0, 3.5, 4.0])
 def test_head_bits(model_and_profile, budget):
     _, prof = model_and_profile
-    kb, vb = prof.head_bits(budget)
+    kb, vb = ratequant_bits(prof, budget)
     assert kb.shape == vb.shape == (2, 2) and kb.dtype == torch.long
     assert int(kb.sum() + vb.sum()) == round(budget * 8)
-    kf, vf = prof.head_bits(budget, integer=False)
+    kf, vf = ratequant_bits(prof, budget, integer=False)
     assert abs(torch.cat([kf, vf]).mean().item() - budget) < 1e-9
     assert (torch.cat([kb, vb]) - torch.cat([kf, vf])).abs().max() < 2
-    kb, vb = prof.head_bits(budget, bounds=(1, 8))
+    kb, vb = ratequant_bits(prof, budget, bounds=(1, 8))
     assert int(kb.sum() + vb.sum()) == round(budget * 8)
     with pytest.raises(ValueError, match="bounds"):
-        prof.head_bits(budget, bounds=(5, 6))
+        ratequant_bits(prof, budget, bounds=(5, 6))
 
 
 def test_head_bits_rejects_bad_budgets(model_and_profile):
     _, prof = model_and_profile
     with pytest.raises(ValueError, match="budget"):
-        prof.head_bits(12)
+        ratequant_bits(prof, 12)
     with pytest.raises(TypeError, match="budget"):
-        prof.head_bits("2.5")
+        ratequant_bits(prof, "2.5")
 
 
 def test_eps_tables_feed_rdkv_config(model_and_profile):
@@ -219,7 +223,7 @@ def test_show(model_and_profile):
     text = prof.show(2.5)
     lines = text.splitlines()
     assert len(lines) == 3 + 2 * 2 + 1  # + the note on the RDKV column
-    kb, vb = prof.head_bits(2.5)
+    kb, vb = ratequant_bits(prof, 2.5)
     assert lines[3].split()[:4] == ["0", "0", str(int(kb[0, 0])), str(int(vb[0, 0]))]
     assert "bounds [2, 4]" in text
 
@@ -236,13 +240,14 @@ def test_show_shares_the_budget_among_the_compressed_layers(model_and_profile):
     assert "shared by layers 1 of 2" in lines[1]
     assert lines[3].split()[:2] == ["0", "-"] and lines[3].endswith("not compressed (sliding window)")
     assert len(lines) == 3 + 1 + 2 + 1  # layer 0: one line, no bits; layer 1: one line per head; the RDKV note
-    kb, vb = _on_layers(lambda p: p.head_bits(2.5), prof, [1])
+    kb, vb = on_layers(lambda p: ratequant_bits(p, 2.5), prof, [1])
     assert int(kb[1].sum() + vb[1].sum()) == round(2.5 * 4)  # layer 1 holds the whole budget
     for h in range(2):
         assert lines[4 + h].split()[:4] == ["1", str(h), str(int(kb[1, h])), str(int(vb[1, h]))]
     # The planner of a cache compressing layer 1 gives the same widths (ratequant: codes = budget - 16/head_dim).
     c = RDKVConfig(budget=2.5 + 16 / prof.fingerprint["head_dim"], mode="ratequant", profile="x")
-    pk, pv = Planner(c, prof, layers=[1])._head_bits
+    planner = make_planner(c, prof, layers=[1])
+    pk, pv = planner.k_bits, planner.v_bits
     assert torch.equal(pk[1], kb[1]) and torch.equal(pv[1], vb[1])
     # `layers=` overrides the profile's; all layers give the plain table.
     assert one.show(2.5, layers=[0, 1]).splitlines()[3:] == prof.show(2.5).splitlines()[3:]
@@ -319,7 +324,7 @@ def test_plot_masks_the_layers_not_compressed(model_and_profile, tmp_path, monke
     path = layer_one_only(prof).plot(2.5, tmp_path / "bits.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig, = figures
-    kb, vb = _on_layers(lambda p: p.head_bits(2.5), prof, [1])
+    kb, vb = on_layers(lambda p: ratequant_bits(p, 2.5), prof, [1])
     for ax, bits in zip(fig.axes[:2], (kb, vb)):
         grid = ax.get_images()[0].get_array()
         assert grid.mask[0].all() and not grid.mask[1].any()
@@ -347,11 +352,11 @@ def test_invalid_tensors_are_refused(model_and_profile):
 def test_shipped_gemma_profile_compresses_its_full_attention_layers():
     from transformers import Gemma3TextConfig
 
-    from rdkv_hf.cache import global_layers
+    from rdkv_hf.model_patches import compressed_layers
 
     prof = RDKVProfile.from_pretrained("gemma3-270m")
-    assert prof.compressed_layers == list(global_layers(Gemma3TextConfig(num_hidden_layers=18))) == [5, 11, 17]
-    kb, vb = prof._layer_bits(2.5, True, None, None)[1:]
+    assert prof.compressed_layers == list(compressed_layers(Gemma3TextConfig(num_hidden_layers=18))) == [5, 11, 17]
+    kb, vb = _layer_bits(prof, 2.5, True, None, None)[1:]
     assert int(kb.sum() + vb.sum()) == round(2.5 * 2 * 3) and kb[[0, 1, 2, 3, 4]].sum() == 0
     text = prof.show(2.5)
     assert "shared by layers 5, 11, 17 of 18" in text and text.count("not compressed (sliding window)") == 15
@@ -366,7 +371,7 @@ def test_shipped_profiles_load(name):
     prof = RDKVProfile.from_pretrained(name)
     L, H = prof.num_layers, prof.num_kv_heads
     for budget in (2.5, 3.0, 4.0):
-        kb, vb = prof.head_bits(budget)
+        kb, vb = ratequant_bits(prof, budget)
         assert int(kb.sum() + vb.sum()) == round(budget * 2 * L * H)
     RDKVConfig(eps_k=prof.eps_tables()[0], eps_v=prof.eps_tables()[1])
 
@@ -378,21 +383,19 @@ def test_shipped_smollm2_profile_matches_the_real_model():
     model, _ = models.load_model("smollm2-135m")
     prof = RDKVProfile.from_pretrained("smollm2-135m-instruct")
     prof.check_model(model)
-    kb, vb = prof.head_bits(2.5)
+    kb, vb = ratequant_bits(prof, 2.5)
     assert kb.shape == vb.shape == (30, 3)
     assert int(kb.sum() + vb.sum()) == 450
 
 
 def test_every_model_of_rdkv_hf_models_has_its_shipped_profile():
-    from rdkv_hf.eval.runner import default_profile
-    from rdkv_hf.eval.models import MODELS, SHIPPED_PROFILES
-    from rdkv_hf.profiles import shipped_profiles
+    from rdkv_hf.eval.models import MODELS, SHIPPED_PROFILES, shipped_profile
 
     assert set(SHIPPED_PROFILES) == set(MODELS)
     assert sorted(SHIPPED_PROFILES.values()) == shipped_profiles()
     kinds = {"smollm2-135m": ("llama", 30), "gemma3-270m": ("gemma3_text", 18)}
     for model_name, (model_type, layers) in kinds.items():
-        prof = default_profile(model_name)
+        prof = shipped_profile(model_name)
         assert (prof.fingerprint["model_type"], prof.num_layers) == (model_type, layers)
 
 
@@ -409,27 +412,27 @@ def test_rd_head_bits_follow_the_steepest_curves(model_and_profile):
     steep = torch.tensor([1.0, 0.5, 0.1, 0.01])
     p = _with_curves(prof, torch.stack([steep, flat, flat, steep]))
     for budget in (0.5, 1.3, 2.0, 3.7, 4.0):
-        bits = p.rd_head_bits(budget)
+        bits = profile_rd_bits(p, budget)
         assert bits.shape == (2, 2) and abs(bits.mean().item() - budget) < 1e-9
         assert bits[0, 0] == bits[1, 1] >= bits[0, 1] == bits[1, 0] and bits.min() >= 0.5 and bits.max() <= 4.0
     # budget 1.75: the steep heads take their first two segments (0.5->1->2) before any flat one
-    assert p.rd_head_bits(1.75).tolist() == [[2.0, 1.5], [1.5, 2.0]]
+    assert profile_rd_bits(p, 1.75).tolist() == [[2.0, 1.5], [1.5, 2.0]]
     # sensitivity weighs the curves: a flat head 100x as sensitive wins over a steep one
     sens = torch.tensor([[1.0, 100.0], [1.0, 1.0]])
-    bits = _with_curves(prof, torch.stack([steep, flat, steep, steep]), sens).rd_head_bits(1.0)
+    bits = profile_rd_bits(_with_curves(prof, torch.stack([steep, flat, steep, steep]), sens), 1.0)
     assert bits[0, 1] == bits.max()
     with pytest.raises(ValueError, match=r"`budget` must be in \[0.5, 4\]"):
-        p.rd_head_bits(0.25)
+        profile_rd_bits(p, 0.25)
 
 
 def test_rd_head_bits_skip_the_non_convex_points(model_and_profile):
     _, prof = model_and_profile
     bumpy = torch.tensor([1.0, 0.95, 0.2, 0.19])  # 1 bit barely helps: the hull goes 0.5 -> 2 straight
     p = _with_curves(prof, torch.stack([bumpy, bumpy, bumpy, bumpy]))
-    from rdkv_hf.profiles import _lower_hull
+    from rdkv_hf.head_budgets import _lower_hull
 
     assert _lower_hull([(0.5, 1.0), (1.0, 0.95), (2.0, 0.2), (4.0, 0.19)]) == [((0.5, 1.0), (2.0, 0.2)), ((2.0, 0.2), (4.0, 0.19))]
-    assert abs(p.rd_head_bits(1.25).mean().item() - 1.25) < 1e-9
+    assert abs(profile_rd_bits(p, 1.25).mean().item() - 1.25) < 1e-9
 
 
 def test_profiles_without_rd_curves_load_and_plan_as_before(model_and_profile, tmp_path):
@@ -439,10 +442,10 @@ def test_profiles_without_rd_curves_load_and_plan_as_before(model_and_profile, t
     loaded = RDKVProfile.from_pretrained(old.save_pretrained(tmp_path / "old"))
     assert not loaded.has_rd_curves
     with pytest.raises(ValueError, match="no RDKV curves"):
-        loaded.rd_head_bits(2.0)
+        profile_rd_bits(loaded, 2.0)
     cfg = RDKVConfig(budget=2.0, mode="rdkv+profile", profile="x")
-    kb, vb = Planner(cfg, loaded)._head_bits
-    k2, v2 = Planner(cfg, prof)._head_bits
+    a, b = make_planner(cfg, loaded), make_planner(cfg, prof)
+    kb, vb, k2, v2 = a.k_bits, a.v_bits, b.k_bits, b.v_bits
     assert not torch.equal(kb, k2)  # RateQuant's K/V budgets vs RDKV's curves split by k_share
     assert torch.allclose(k2, v2) and abs(torch.cat([k2, v2]).double().mean().item() - 2.0) < 1e-9
     with pytest.raises(ValueError, match="give all of"):

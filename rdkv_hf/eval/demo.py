@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from ..cache import RDKVCache, global_layers, layer_nbytes
+from ..cache import RDKVCache, layer_nbytes
+from ..model_patches import compressed_layers
 from ..patch import patch, unpatch
 from ..compat import cache_kwargs, output_cache
+from ..config import DEFAULT_BUDGET
 
 
 class _StepClock(LogitsProcessor):
@@ -53,15 +55,15 @@ def timed_generate(model, tokenizer, input_ids, answer, label, cache, max_new_to
     )
     text = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
     per_layer = layer_nbytes(output_cache(out))
-    glob = sum(per_layer[i] for i in global_layers(model))
+    glob = sum(per_layer[i] for i in compressed_layers(model))
     steps = len(clock.times)
     rate = (steps - 1) / (clock.times[-1] - clock.times[0]) if steps > 1 else float("nan")
     return Run(label, text.strip(), answer in text, sum(per_layer), clock.times[0] - t0, rate, glob)
 
 
-def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int = 2500, seed: int = 0,
+def run_demo(model_name: str = "smollm2-135m", budget: float = DEFAULT_BUDGET, context: int = 2500, seed: int = 0,
              profile: str | None = "default", max_new_tokens: int = 24, threads: int | None = None) -> list[Run]:
-    from .models import load_model
+    from .models import load_model, shipped_profile_name
     from .prompts import recall_prompt
 
     if threads:
@@ -74,14 +76,14 @@ def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int
     input_ids, answer = recall_prompt(tokenizer, n_tokens=context, seed=seed, chat=chat)
     print(f"prompt: {input_ids.shape[1]} tokens ({'chat template' if chat else 'raw text, base model'}) "
           f"with a 5-digit code to recall (answer {answer})")
-    glob, n_layers = global_layers(model), model.config.num_hidden_layers
+    glob, n_layers = compressed_layers(model), model.config.num_hidden_layers
     if len(glob) < n_layers:
         print(f"RDKV compresses the {len(glob)} full-attention layers ({', '.join(map(str, glob))}); the other "
               f"{n_layers - len(glob)} are sliding-window layers with Transformers' bounded cache in both runs")
     print()
 
     runs = [timed_generate(model, tokenizer, input_ids, answer, "full cache", DynamicCache(config=model.config), max_new_tokens)]
-    prof = _default_profile(model_name) if profile == "default" else profile
+    prof = shipped_profile_name(model_name) if profile == "default" else profile
     try:
         patch(model, budget=budget, profile=prof)  # validates before it changes anything
     except ValueError as err:
@@ -97,14 +99,6 @@ def run_demo(model_name: str = "smollm2-135m", budget: float = 2.5, context: int
         unpatch(model)
     _print(runs)
     return runs
-
-
-def _default_profile(model_name: str) -> str | None:
-    from .models import SHIPPED_PROFILES
-    from ..profiles import shipped_profiles
-
-    name = SHIPPED_PROFILES.get(model_name)
-    return name if name in shipped_profiles() else None
 
 
 def _print(runs: list[Run]) -> None:

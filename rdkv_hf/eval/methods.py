@@ -1,22 +1,24 @@
 """The methods `rdkv-hf eval` compares, and how each one's cache is filled from one shared prompt forward.
 
-* :data:`METHODS`: the registry (full cache, RDKV and its profile modes, uniform KIVI-style widths,
-  Transformers' QuantizedCache with quanto, the eviction baselines); :func:`parse_method` reads
-  ``"name"`` or ``"name:key=value:key=value"``.
+* :func:`methods`: the methods (the full cache, Transformers' QuantizedCache with quanto, and one per
+  mode of :mod:`rdkv_hf.planners`: RDKV and its profile modes, uniform KIVI-style widths, the
+  eviction baselines); :func:`parse_method` reads ``"name"`` or ``"name:key=value:key=value"``.
 * :func:`prefill`: one full-precision forward of the prompt that keeps every layer's post-RoPE K/V
   and last queries (:class:`Prefill`).
 * :func:`build_cache`: a method's cache after that prompt, compressed exactly as its attention
   would have compressed it (RDKV and the baselines compress each layer right after the layer's
   full-precision prompt attention; ``QuantizedCache`` attends the prompt unquantized).
 * :func:`cache_nbytes`: the bytes a cache holds, measured from its stored tensors
-  (:func:`rdkv_hf.cache.layer_nbytes` per layer); :func:`global_layers` says which layers are full-attention
-  (the ones RDKV and the baselines compress; a sliding-window layer keeps Transformers' bounded
-  cache in every method).
+  (:func:`rdkv_hf.cache.layer_nbytes` per layer); :func:`compressed_layers` says which layers RDKV
+  and the baselines compress (a sliding-window layer keeps Transformers' bounded cache in every
+  method).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,14 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import prompt_weights
-from ..baselines import BASELINES
-from ..cache import RDKVCache, RDKVLayer, global_layers, layer_nbytes
+from ..cache import RDKVCache, RDKVLayer, layer_nbytes
 from ..config import RDKVConfig
-from ..planner import Planner
+from ..model_patches import compressed_layers
+from ..overrides import AttentionOverride
+from ..planners import Planner, make_planner, modes
 
 logger = logging.getLogger(__name__)
-
-_CAPTURE = "rdkv_eval_capture"  # attention function name used for the shared prompt forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,26 +71,26 @@ class Method:
         return self.label + " [" + ", ".join(f"{k}={_format_value(v)}" for k, v in self.options) + "]"
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("full", "full cache", "full", budgeted=False),
-        Method("rdkv", "RDKV", "rdkv", budgeted=True, mode="rdkv"),
-        Method("rdkv+profile", "RDKV + profile", "rdkv", budgeted=True, mode="rdkv+profile", needs_profile=True),
-        Method("ratequant", "RateQuant", "rdkv", budgeted=True, mode="ratequant", needs_profile=True),
-        Method("uniform-2", "uniform KIVI-2", "rdkv", budgeted=False, mode="uniform", width=2),
-        Method("uniform-4", "uniform KIVI-4", "rdkv", budgeted=False, mode="uniform", width=4),
-        Method("quanto-2", "HF QuantizedCache quanto-2", "quanto", budgeted=False, width=2),
-        Method("quanto-4", "HF QuantizedCache quanto-4", "quanto", budgeted=False, width=4),
-        Method("snapkv", "SnapKV", "eviction", budgeted=True),
-        Method("adakv", "AdaKV", "eviction", budgeted=True),
-        Method("streamingllm", "StreamingLLM", "eviction", budgeted=True),
-    )
-}
+@functools.cache
+def methods() -> dict[str, Method]:
+    """Every method by name: the full cache, Transformers' QuantizedCache at 2 and 4 bits, and each
+    mode of :mod:`rdkv_hf.planners` (a mode with ``fixed_widths`` gives one unbudgeted method per
+    width, ``uniform-2`` and ``uniform-4``), in the order of the tables."""
+    found = [(0, Method("full", "full cache", "full", budgeted=False))]
+    found += [(50, Method(f"quanto-{w}", f"HF QuantizedCache quanto-{w}", "quanto", budgeted=False, width=w)) for w in (2, 4)]
+    for name, cls in modes().items():
+        kind = "eviction" if cls.evicts_only else "rdkv"
+        if cls.fixed_widths:
+            found += [(cls.rank, Method(f"{name}-{w}", f"{cls.label} KIVI-{w}", kind, budgeted=False, mode=name, width=w))
+                      for w in cls.fixed_widths]
+        else:
+            found.append((cls.rank, Method(name, cls.label, kind, budgeted=True, mode=name, needs_profile=cls.needs_profile)))
+    return {m.name: m for _, m in sorted(found, key=lambda rm: rm[0])}
+
 
 # Options a method spec may carry ("rdkv:window=64:pool_kernel=7"), by kind. RDKV kinds take
 # RDKVConfig knobs (`head_floor` for rdkv+profile only, e.g. "rdkv+profile:head_floor=0" for the
-# profile's allocation as is) plus the evaluation-only variants `sinks` and `recent` (see _VariantPlanner).
+# profile's allocation as is) plus the evaluation-only variants `sinks` and `recent` (see ProtectedPlanner).
 _RDKV_OPTIONS = ("window", "pool_kernel", "pool", "carry", "k_share", "head_floor", "widths", "high_precision_dtype", "backend", "sinks",
                  "recent")
 _OPTIONS = {
@@ -125,12 +126,13 @@ def parse_method(spec: str) -> Method:
     Raises:
         ValueError: naming the unknown method or option and listing the valid ones.
     """
+    known = methods()
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a method must be a non-empty string, got {spec!r}; valid methods: {', '.join(METHODS)}")
+        raise ValueError(f"a method must be a non-empty string, got {spec!r}; valid methods: {', '.join(known)}")
     name, *items = spec.strip().split(":")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    method = METHODS[name]
+    if name not in known:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(known)}")
+    method = known[name]
     options = []
     for item in filter(None, items):
         key, eq, value = item.partition("=")
@@ -169,7 +171,8 @@ class Prefill:
     global_bf16_bytes: int = 0
 
 
-_captured: dict | None = None  # layer_idx -> (query window, key, value, scaling) during a capture
+# During a capture: {"window": n, layer_idx: (query window, key, value, scaling)}, per context.
+_captured: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rdkv_eval_capture", default=None)
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -182,10 +185,11 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if _captured is not None:
-        window = _captured["window"]
+    captured = _captured.get()
+    if captured is not None:
+        window = captured["window"]
         s = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _captured[module.layer_idx] = (query[:, :, -window:].clone(), key, value, s)
+        captured[module.layer_idx] = (query[:, :, -window:].clone(), key, value, s)
     sliding = kwargs.get("sliding_window")
     T = query.shape[2]
     if sliding and T > sliding and query.shape[0] == 1 and key.shape[2] == T and not dropout:
@@ -219,36 +223,27 @@ def _sliding_prompt_attention(query, key, value, window: int, scaling: float) ->
     return out.transpose(1, 2).contiguous()
 
 
-def _register_capture() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(_CAPTURE, _capture_attention)
-    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)  # without it there would be no causal mask
+_CAPTURE_ATTENTION = AttentionOverride("rdkv_eval_capture", _capture_attention)
 
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, window: int = 32) -> Prefill:
     """Run the prompt ``input_ids [1, T]`` once in full precision and keep what every method needs."""
-    global _captured
-    _register_capture()
-    previous = model.config._attn_implementation
-    _captured = {"window": window}
+    got = {"window": window}
+    token = _captured.set(got)
     start = time.perf_counter()
     try:
-        model.set_attn_implementation(_CAPTURE)
-        out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-        got = _captured
+        with _CAPTURE_ATTENTION(model):
+            out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     finally:
-        _captured = None
-        model.set_attn_implementation(previous)
+        _captured.reset(token)
     layers = sorted(k for k in got if isinstance(k, int))
     if layers != list(range(model.config.get_text_config(decoder=True).num_hidden_layers)):
         raise RuntimeError(f"the prompt forward reached the attention of layers {layers} only")
     q, k, v, s = zip(*(got[i] for i in layers))
     full = _full_cache(model, k, v)
     bf16 = [layer.keys.numel() * 2 + layer.values.numel() * 2 for layer in full.layers]
-    glob = global_layers(model)
+    glob = compressed_layers(model)
     return Prefill(list(k), list(v), list(q), list(s), out.logits[0, -1].float(), input_ids.shape[1], sum(bf16),
                    time.perf_counter() - start, glob, sum(bf16[i] for i in glob))
 
@@ -266,18 +261,14 @@ def _full_cache(model, keys, values):
 # Building each method's cache from the prefill
 
 
-class _VariantPlanner(Planner):
-    """Evaluation-only variants of RDKV, to measure cheap fixes without changing the defaults:
+class ProtectedPlanner(Planner):
+    """Evaluation-only variant of any mode, to measure cheap fixes without changing the defaults:
+    the first ``sinks`` / last ``recent`` prompt tokens of every head are kept at 16 bits (their
+    weight is raised above every other token's), paid from the same budget."""
 
-    * ``sinks`` / ``recent``: the first / last that many prompt tokens of every head are kept at
-      16 bits (their weight is raised above every other token's), paid from the same budget.
-
-    (The head floor of ``rdkv+profile``, first measured here, is now ``RDKVConfig.head_floor``.)
-    """
-
-    def __init__(self, config, profile, layers=None, sinks: int = 0, recent: int = 0):
-        super().__init__(config, profile, layers)
-        self.sinks, self.recent = int(sinks), int(recent)
+    def __init__(self, inner: Planner, sinks: int = 0, recent: int = 0):
+        self.inner, self.sinks, self.recent = inner, int(sinks), int(recent)
+        self.config, self.profile, self.layers = inner.config, inner.profile, inner.layers
 
     def widths(self, layer_idx, w_tok, w_ch, real):
         if self.sinks or self.recent:
@@ -286,7 +277,7 @@ class _VariantPlanner(Planner):
             protect = ((pos <= self.sinks) | (from_end < self.recent)) & real
             top = w_tok.amax(-1, keepdim=True).clamp(min=1e-30) * 1e6
             w_tok = torch.where(protect[:, None, :], top, w_tok)
-        return super().widths(layer_idx, w_tok, w_ch, real)
+        return self.inner.widths(layer_idx, w_tok, w_ch, real)
 
 
 def uniform_budget(width: int, head_dim: int, tokens: int) -> float:
@@ -307,38 +298,27 @@ def build_cache(model, pre: Prefill, method: Method, budget: float | None, profi
         for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
             cache.update(k, v, i)
         return cache
-    if method.kind == "eviction":
-        planner = BASELINES[method.name](budget=budget, **opts)
-        # Follow-ups (the continuation) stay in full precision, as for RDKV below.
-        planner.config = planner.config.replace(compress_followups=False)
-        cache = RDKVCache(model.config, planner.config, planner=planner)
-    else:
-        if method.mode == "uniform":
-            budget = uniform_budget(method.width, pre.keys[0].shape[-1], pre.tokens)
-        planner = rdkv_planner(method, budget, profile, layers=global_layers(model))
-        cache = RDKVCache(model.config, planner.config, planner=planner)
+    if method.width is not None:  # a fixed width (uniform KIVI-2): the budget that stores it
+        budget = uniform_budget(method.width, pre.keys[0].shape[-1], pre.tokens)
+    cache = RDKVCache(model.config, planner=method_planner(method, budget, profile, layers=compressed_layers(model)))
     _fill_rdkv(cache, pre)
     return cache
 
 
-def rdkv_planner(method: Method, budget: float, profile=None, layers=None) -> Planner:
-    """The planner of an ``"rdkv"``-kind method; raises ``ValueError`` if the budget does not suit it.
-
-    Only the profile methods get the profile: plain ``rdkv`` keeps RDKVConfig's default tables.
+def method_planner(method: Method, budget: float, profile=None, layers=None) -> Planner:
+    """The planner of a method that runs on RDKV's cache (its modes and the eviction baselines);
+    raises ``ValueError`` if the budget does not suit it. Follow-ups (a continuation) stay in full
+    precision. Only the profile methods get the profile: plain ``rdkv`` keeps RDKVConfig's tables.
     """
     opts = dict(method.options)
     variant = {k: opts.pop(k) for k in ("sinks", "recent") if k in opts}
     if "head_floor" in opts and method.mode != "rdkv+profile":
         raise ValueError(f"`head_floor` applies to method 'rdkv+profile' only, not {method.name!r}")
-    profile_id = None
-    if method.needs_profile:
-        if profile is None:
-            raise ValueError(f"method {method.name!r} needs a profile; pass `profile=` or drop the method")
-        profile_id = getattr(profile, "name_or_path", None) or "<in-memory profile>"
-    else:
-        profile = None
-    cfg = RDKVConfig(budget=budget, mode=method.mode, profile=profile_id, compress_followups=False, **opts)
-    return _VariantPlanner(cfg, profile, layers, **variant) if variant else Planner(cfg, profile, layers)
+    if method.needs_profile and profile is None:
+        raise ValueError(f"method {method.name!r} needs a profile; pass `profile=` or drop the method")
+    cfg = RDKVConfig(budget=budget, mode=method.mode, compress_followups=False, **opts)
+    planner = make_planner(cfg, profile if method.needs_profile else None, layers)
+    return ProtectedPlanner(planner, **variant) if variant else planner
 
 
 def check_cell(method: Method, budget, profile=None, model=None) -> str | None:
@@ -348,12 +328,12 @@ def check_cell(method: Method, budget, profile=None, model=None) -> str | None:
     with sliding-window layers, such as Gemma 3)."""
     if method.kind == "quanto" and model is not None:
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        if len(global_layers(model)) < n_layers:
+        if len(compressed_layers(model)) < n_layers:
             return "Transformers' QuantizedCache supports only models whose layers are all full attention"
-    if method.kind != "rdkv" or method.mode == "uniform":
+    if method.kind != "rdkv" or method.width is not None:
         return None
     try:
-        rdkv_planner(method, budget, profile)
+        method_planner(method, budget, profile)
     except ValueError as err:
         return str(err)
     return None
@@ -366,7 +346,7 @@ def _fill_rdkv(cache: RDKVCache, pre: Prefill) -> None:
         layer.update(k, v)
         if not isinstance(layer, RDKVLayer):
             continue
-        cfg = layer.planner.config
+        cfg = layer.config
         if cfg.window > pre.queries[i].shape[2]:
             raise ValueError(f"`window`={cfg.window} exceeds the {pre.queries[i].shape[2]} queries the prefill kept; raise its window")
         w_tok, w_ch, real = prompt_weights(pre.queries[i], layer.keys, None, pre.scalings[i], k.shape[-2], cfg)

@@ -37,8 +37,27 @@ class _Source:
     description: str
 
 
-# The profile shipped in rdkv_hf/profiles/ for each model (used by the demo and `rdkv-hf eval`).
+# The profile shipped in rdkv_hf/data/profiles/ for each model (used by the demo and `rdkv-hf eval`).
 SHIPPED_PROFILES = {"smollm2-135m": "smollm2-135m-instruct", "gemma3-270m": "gemma3-270m"}
+
+
+def shipped_profile_name(model_name: str) -> str | None:
+    """The name of the profile shipped for model `model_name` (None if there is none)."""
+    from ..profile_hub import shipped_profiles
+
+    name = SHIPPED_PROFILES.get(model_name)
+    return name if name in shipped_profiles() else None
+
+
+def shipped_profile(model_name: str):
+    """The :class:`~rdkv_hf.RDKVProfile` shipped for `model_name` (None, with a warning, if absent)."""
+    from ..profile import RDKVProfile
+
+    name = shipped_profile_name(model_name)
+    if name is None:
+        logger.warning("no shipped profile for %s: rdkv+profile and ratequant are skipped", model_name)
+        return None
+    return RDKVProfile.from_pretrained(name)
 
 MODELS = {
     "smollm2-135m": _Source(

@@ -25,8 +25,8 @@ layer right after that layer's (full-precision) prompt attention, and ``Quantize
 prompt unquantized. So each window or sample runs its prompt once, keeps every layer's post-RoPE K/V
 and last queries, and fills each method's cache from them exactly as the attention would have
 (``tests/test_evaluate.py`` checks this against the patched model's own prefill, bit for bit).
-The methods and that shared prefill live in :mod:`rdkv_hf.eval_methods`, the reports in
-:mod:`rdkv_hf.eval_report`.
+The methods and that shared prefill live in :mod:`rdkv_hf.eval.methods`, the reports in
+:mod:`rdkv_hf.eval.report`.
 """
 
 from __future__ import annotations
@@ -43,30 +43,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import tasks as ruler
 from ..compat import cache_kwargs
+from . import tasks as ruler
 from .methods import (
-    METHODS,
     Method,
     Prefill,
     _full_cache,
     build_cache,
     cache_nbytes,
     check_cell,
-    global_layers,
+    compressed_layers,
     layer_nbytes,
+    method_planner,
+    methods as all_methods,
     parse_method,
     prefill,
-    rdkv_planner,
     uniform_budget,
 )
+from .models import shipped_profile
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "METHODS", "Method", "Prefill", "EvalSettings", "ResultStore", "build_cache", "cache_nbytes", "cell_key",
-    "MODEL_DEFAULTS", "check_cell", "default_profile", "evaluate", "global_layers", "greedy_decode", "layer_nbytes", "parse_method", "prefill", "rdkv_planner",
-    "relative_errors", "teacher_forced", "uniform_budget",
+    "Method", "Prefill", "EvalSettings", "ResultStore", "build_cache", "cache_nbytes", "cell_key", "compressed_layers",
+    "MODEL_DEFAULTS", "check_cell", "evaluate", "greedy_decode", "layer_nbytes", "method_planner", "all_methods",
+    "parse_method", "prefill", "relative_errors", "shipped_profile", "teacher_forced", "uniform_budget",
 ]
 
 TASK_KINDS = ("ppl", "ruler", "distortion")
@@ -152,7 +153,7 @@ class EvalSettings:
 
     model_name: str
     tasks: tuple = TASK_KINDS
-    methods: tuple = tuple(METHODS)
+    methods: tuple = dataclasses.field(default_factory=lambda: tuple(all_methods()))
     budgets: tuple = DEFAULT_BUDGETS
     lengths: tuple = DEFAULT_LENGTHS
     samples: int = 2
@@ -170,7 +171,7 @@ class EvalSettings:
             raise ValueError(f"unknown task(s) {bad or self.tasks}; valid tasks: {', '.join(TASK_KINDS)}")
         self.methods = tuple(parse_method(m).spec for m in self.methods)
         if not self.methods:
-            raise ValueError(f"give at least one method; valid methods: {', '.join(METHODS)}")
+            raise ValueError(f"give at least one method; valid methods: {', '.join(all_methods())}")
         self.budgets = tuple(float(b) for b in self.budgets)
         bad = [b for b in self.budgets if not 0 < b <= 16]
         if bad:
@@ -428,15 +429,3 @@ MODEL_DEFAULTS = {
     "gemma3-270m": dict(budgets=(0.4, 1.6, 2.5), lengths=(4096, 8192, 16384), windows=2, ppl_length=8192,
                         ruler_tasks=("niah_single", "niah_multikey"), haystack="text"),
 }
-
-
-def default_profile(model_name: str):
-    """The profile shipped for a model of ``rdkv_hf.models`` (None, with a warning, if absent)."""
-    from .models import SHIPPED_PROFILES
-    from ..profiles import RDKVProfile, shipped_profiles
-
-    name = SHIPPED_PROFILES.get(model_name)
-    if name is None or name not in shipped_profiles():
-        logger.warning("no shipped profile for %s: rdkv+profile and ratequant are skipped", model_name)
-        return None
-    return RDKVProfile.from_pretrained(name)

@@ -1,6 +1,6 @@
 """Registry of per-architecture patchers, keyed by ``config.model_type``."""
 
-from .base import Patcher
+from .base import Patcher, full_attention_layers
 from .gemma3 import Gemma3Patcher
 from .llama import LlamaPatcher
 from .mistral import MistralPatcher
@@ -16,4 +16,12 @@ def patcher_for(model) -> Patcher:
     return PATCHERS[model_type]
 
 
-__all__ = ["PATCHERS", "Patcher", "patcher_for"]
+def compressed_layers(model_or_config) -> tuple[int, ...]:
+    """Indices of the layers an RDKV cache (and the eviction baselines) compress in a model (or
+    its config): its patcher's choice, the full-attention layers for a model type without one."""
+    config = getattr(model_or_config, "config", model_or_config)
+    patcher = PATCHERS.get(config.get_text_config(decoder=True).model_type)
+    return patcher.compressed_layers(config) if patcher is not None else full_attention_layers(config)
+
+
+__all__ = ["PATCHERS", "Patcher", "compressed_layers", "patcher_for"]

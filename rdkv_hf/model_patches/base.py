@@ -10,8 +10,16 @@ from __future__ import annotations
 import logging
 
 from torch import nn
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 logger = logging.getLogger(__name__)
+
+
+def full_attention_layers(config) -> tuple[int, ...]:
+    """Indices of the full-attention layers of a model's (text) config. Sliding-window layers
+    (Gemma 3: five of every six) keep Transformers' own cache, bounded by the window."""
+    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
 class Patcher:
@@ -31,6 +39,10 @@ class Patcher:
             if getattr(m, "layer_idx", i) != i:
                 raise ValueError(f"attention module {i} reports layer_idx={m.layer_idx}; the RDKV cache is indexed by layer")
         return mods
+
+    def compressed_layers(self, config) -> tuple[int, ...]:
+        """The layers whose cache RDKV compresses: the full-attention ones."""
+        return full_attention_layers(config)
 
     def check(self, model: nn.Module) -> list[str]:
         """Raise for what cannot work; return warnings for what works with limits."""

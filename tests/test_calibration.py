@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from rdkv_hf.calibrate import EPS_WIDTHS, calibrate, fit_exponential
+import rdkv_hf
+from rdkv_hf.calibration import EPS_WIDTHS, calibrate, fit_exponential
+from rdkv_hf.head_budgets import ratequant_bits
 from rdkv_hf.quant import fake_quantize
 from rdkv_hf.compat import cache_kwargs, output_cache
 
@@ -119,7 +121,7 @@ def test_other_architectures(arch):
     assert prof.fingerprint["model_type"] == model.config.model_type
     assert prof.fingerprint["head_dim"] == (16 if arch == "qwen3" else 16)
     assert (prof.sens_k > 0).all() and (prof.beta_v > 1).all()
-    kb, vb = prof.head_bits(2.5)
+    kb, vb = ratequant_bits(prof, 2.5)
     assert int(kb.sum() + vb.sum()) == round(2.5 * 2 * 2 * 2)
 
 
@@ -175,7 +177,7 @@ def test_bad_arguments_are_named(texts, kwargs, match):
 
 def test_a_patched_model_is_refused():
     model = tiny_model("llama")
-    model._rdkv_state = object()  # what rdkv_hf.patch leaves on a model
+    rdkv_hf.patch(model, budget=2.5)
     with pytest.raises(ValueError, match="unpatch"):
         calibrate(model, calib_ids(n=1, T=16), progress=False)
 
@@ -184,7 +186,7 @@ def test_rdkv_curves_match_the_cache_on_the_first_layer(llama_profile):
     """Layer 0 sees the same input with any cache, so its measured curve is the error a patched
     model makes there: prompt = the first 3/4 of the sequence, compressed; the rest attends to it."""
     import rdkv_hf
-    from rdkv_hf.calibrate import RD_BUDGETS, RD_PROMPT, RD_QUERY_STRIDE, RD_SEQS
+    from rdkv_hf.calibration import RD_BUDGETS, RD_PROMPT, RD_QUERY_STRIDE, RD_SEQS
 
     model, prof = llama_profile
     ids = calib_ids()[:RD_SEQS]  # the calibration sequences the curves are measured on
@@ -229,7 +231,7 @@ def test_rdkv_curves_use_only_the_first_sequences(monkeypatch):
 
     model = tiny_model("llama")
     ids = calib_ids(n=4)
-    monkeypatch.setattr(sys.modules["rdkv_hf.calibrate"], "RD_SEQS", 2)
+    monkeypatch.setattr(sys.modules["rdkv_hf.calibration"], "RD_SEQS", 2)
     four = calibrate(model, ids, batch_size=3, progress=False)
     two = calibrate(model, ids[:2], progress=False)
     assert torch.allclose(four.rd_dist, two.rd_dist, rtol=1e-5) and torch.allclose(four.sens_o, two.sens_o, rtol=1e-5)

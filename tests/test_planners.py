@@ -1,13 +1,20 @@
-import dataclasses
+"""The modes of rdkv_hf.planners: RDKVConfig.head_floor and the head budgets of 'rdkv+profile'."""
 
-"""RDKVConfig.head_floor and the head budgets of mode 'rdkv+profile' (planner.profile_head_bits)."""
+import dataclasses
 
 import pytest
 import torch
 
 from rdkv_hf import RDKVProfile
 from rdkv_hf.config import RDKVConfig
-from rdkv_hf.planner import Planner, floor_head_bits, profile_head_bits
+from rdkv_hf.head_budgets import floor_head_bits, ratequant_bits
+from rdkv_hf.planners import make_planner
+
+
+def profile_head_bits(config, profile, layers=None):
+    """The per-head K and V budgets a profile mode's planner draws from `profile`."""
+    planner = make_planner(config, profile, layers)
+    return planner.k_bits, planner.v_bits
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def test_floor_is_respected_and_the_mean_kept(prof, budget, floor):
 @pytest.mark.parametrize("budget", [1.0, 2.5])
 def test_zero_floor_reproduces_the_profile_allocation(prof, budget):
     kb, vb = profile_head_bits(cfg(budget, head_floor=0), prof)
-    k0, v0 = prof.head_bits(budget, integer=False, bounds=(0, min(16, int(budget * 4))))
+    k0, v0 = ratequant_bits(prof, budget, integer=False, bounds=(0, min(16, int(budget * 4))))
     assert torch.equal(kb, k0) and torch.equal(vb, v0)
     if budget == 1.0:
         assert (torch.stack([k0, v0]) == 0).any()  # the shipped profile does evict whole heads without it
@@ -50,7 +57,7 @@ def test_default_floor_lifts_starved_heads_and_keeps_the_order(prof):
     above = old > 0.25
     # Above the floor the allocation is the profile's, scaled by one factor: order kept.
     assert torch.equal(torch.argsort(old[above]), torch.argsort(new[above]))
-    assert Planner(cfg(1.0), prof)._head_bits[1].min() >= 0.25 - 1e-12
+    assert make_planner(cfg(1.0), prof).v_bits.min() >= 0.25 - 1e-12
 
 
 def test_floor_head_bits_edge_cases():
@@ -83,8 +90,8 @@ def test_head_floor_round_trips_and_other_modes_ignore_it():
     # Plain rdkv has equal head budgets: the floor changes nothing there.
     w_tok, w_ch = torch.rand(1, 2, 40, generator=torch.Generator().manual_seed(0)), torch.rand(1, 2, 16)
     real = torch.ones(1, 40, dtype=torch.bool)
-    a = Planner(RDKVConfig(budget=2.0, head_floor=0.0)).widths(0, w_tok, w_ch, real)
-    b = Planner(RDKVConfig(budget=2.0, head_floor=0.5)).widths(0, w_tok, w_ch, real)
+    a = make_planner(RDKVConfig(budget=2.0, head_floor=0.0)).widths(0, w_tok, w_ch, real)
+    b = make_planner(RDKVConfig(budget=2.0, head_floor=0.5)).widths(0, w_tok, w_ch, real)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -94,7 +101,7 @@ def test_profile_budgets_are_shared_by_the_compressed_layers_only(prof, mode, bu
     # and the compressed ones hold the whole budget, exactly what a profile of only them gives.
     layers = [5, 11, 17, 23, 29]
     c = RDKVConfig(budget=budget, mode=mode, profile="x")
-    kb, vb = Planner(c, prof, layers=layers)._head_bits
+    kb, vb = profile_head_bits(c, prof, layers)
     others = [i for i in range(30) if i not in layers]
     assert kb[others].abs().sum() == 0 and vb[others].abs().sum() == 0
     k_sub, v_sub = profile_head_bits(c, prof.select_layers(layers))
@@ -110,24 +117,24 @@ def test_rdkv_cache_of_a_sliding_window_model_plans_its_global_layers():
     from conftest import tiny_model
 
     from rdkv_hf import RDKVCache
-    from rdkv_hf.calibrate import calibrate
+    from rdkv_hf.calibration import calibrate
 
     model = tiny_model("gemma3")  # layers: sliding, sliding, full
     profile = calibrate(model, torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(0)), progress=False)
     cache = RDKVCache(model.config, RDKVConfig(budget=2.0, mode="rdkv+profile", profile="x"), profile=profile)
-    kb, vb = cache.planner._head_bits
+    kb, vb = cache.planner.k_bits, cache.planner.v_bits
     assert cache.rdkv_layers == [2]
     assert kb[:2].abs().sum() == 0 and vb[:2].abs().sum() == 0
     assert torch.stack([kb[2], vb[2]]).mean().item() == pytest.approx(2.0, abs=1e-9)
     with pytest.raises(ValueError, match="`layers` must be indices"):
-        Planner(cache.rdkv_config, profile, layers=[7])
+        make_planner(cache.rdkv_config, profile, layers=[7])
 
 
 
 @pytest.mark.parametrize("budget", [0.4, 0.9])
 def test_rdkv_profile_refuses_budgets_below_one_bit(prof, budget):
     with pytest.raises(ValueError, match=r"needs `budget` in \[1, 8\] bits, got .*use mode='rdkv'"):
-        Planner(cfg(budget), prof)
+        make_planner(cfg(budget), prof)
 
 
 def test_shipped_profiles_plan_from_their_rdkv_curves_below_one_bit():

@@ -1,4 +1,4 @@
-"""Measure an :class:`~rdkv_hf.profiles.RDKVProfile` for a model: sensitivities and distortion fits.
+"""Measure an :class:`~rdkv_hf.RDKVProfile` for a model: sensitivities and distortion fits.
 
 One forward and one backward per batch of calibration sequences give everything:
 
@@ -31,6 +31,7 @@ One forward and one backward per batch of calibration sequences give everything:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -38,8 +39,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .quant import minmax, step_size
 from .compat import cache_kwargs
+from .overrides import AttentionOverride
+from .quant import minmax, step_size
+from .state import patch_state
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ RD_BUDGETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # bits per element 
 RD_PROMPT = 0.75  # share of each calibration sequence compressed for them; the rest are the queries
 RD_QUERY_STRIDE = 2  # every other one of those queries is measured
 RD_SEQS = 8  # on the first sequences only (about a tenth of the calibration time on SmolLM2)
-_CAPTURE = "rdkv_calibrate_capture"
 
 
 def calibrate(
@@ -83,15 +85,16 @@ def calibrate(
         model_id: Hub id of the model, recorded in the profile's model card.
         progress: show a tqdm bar.
     """
-    from .cache import global_layers
-    from .profiles import RDKVProfile, fingerprint, weight_norms
+    from .fingerprint import fingerprint, weight_norms
+    from .model_patches import compressed_layers
+    from .profile import RDKVProfile
 
     widths = sorted({int(b) for b in widths})
     if len(widths) < 2 or not all(1 <= b <= 8 for b in widths):
         raise ValueError(f"`widths` must hold at least 2 distinct integers in 1..8, got {widths}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    if getattr(model, "_rdkv_state", None) is not None:
+    if patch_state(model) is not None:
         raise ValueError("`model` is patched by rdkv_hf; calibrate the original model (call rdkv_hf.unpatch(model) first)")
     ids, source = _calibration_ids(texts, tokenizer, n_seqs, seq_len, seed)
     fp = fingerprint(model)
@@ -100,7 +103,7 @@ def calibrate(
         logger.warning("calibrating a %s model; float32 gives more accurate gradients and fits", dtype)
 
     start = time.perf_counter()
-    stats = _Stats(fp["num_layers"], fp["num_kv_heads"], widths, rd_layers=global_layers(model))
+    stats = _Stats(fp["num_layers"], fp["num_kv_heads"], widths, rd_layers=compressed_layers(model))
     was_training = model.training
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.eval()
@@ -140,7 +143,7 @@ def calibrate(
         quantizer=dict(RDKVProfile.DEFAULT_QUANTIZER),
         calibration=calibration,
         weight_norms=weight_norms(model),
-        compressed_layers=list(global_layers(model)),  # Gemma 3: the full-attention layers only
+        compressed_layers=list(compressed_layers(model)),  # Gemma 3: the full-attention layers only
         **fits,
     )
 
@@ -331,32 +334,37 @@ def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
     stats.loss += loss.item()
 
 
+# What the capturing attention keeps during one calibration forward: (store, wanted layers), per context.
+_capture: contextvars.ContextVar[tuple[dict, set] | None] = contextvars.ContextVar("rdkv_calibration_capture", default=None)
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa, keeping for the wanted layers the post-RoPE queries and the attention output (its
+    gradient retained): ``store[layer] = (query, output, scaling)``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    capture = _capture.get()
+    if capture is not None and module.layer_idx in capture[1]:
+        if out.requires_grad:
+            out.retain_grad()
+        capture[0][module.layer_idx] = (query.detach().float(), out, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return out, weights
+
+
+_CAPTURE_ATTENTION = AttentionOverride("rdkv_calibrate_capture", _capture_attention)
+
+
 @contextlib.contextmanager
 def _capturing_attention(model, store: dict, layers):
     """Run the model's attention through sdpa, keeping for `layers` the post-RoPE queries and the
     attention output (with its gradient retained): ``store[layer] = (query, output, scaling)``."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    wanted = set(layers)
-
-    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if module.layer_idx in wanted:
-            if out.requires_grad:
-                out.retain_grad()
-            store[module.layer_idx] = (query.detach().float(), out, scaling if scaling is not None else query.shape[-1] ** -0.5)
-        return out, weights
-
-    AttentionInterface.register(_CAPTURE, forward)
-    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(_CAPTURE)
+    token = _capture.set((store, set(layers)))
     try:
-        yield store
+        with _CAPTURE_ATTENTION(model):
+            yield store
     finally:
-        model.set_attn_implementation(previous)
+        _capture.reset(token)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Eviction-only baselines on the same packed cache, for comparisons at matched bytes.
+"""Eviction-only baselines on the same packed cache, for comparisons at matched bytes (modes
+``snapkv``, ``adakv`` and ``streamingllm``).
 
 Re-implemented after kvpress's published definitions (kvpress itself pins transformers < 5.3):
 
@@ -18,23 +19,22 @@ from __future__ import annotations
 
 import torch
 
-from .config import RDKVConfig
-from .planner import Planner
+from .base import Planner
 
 
 class EvictionPlanner(Planner):
-    """Keeps ``round(budget / 16 * T)`` tokens per head at 16 bits; subclasses choose which."""
+    """Keeps ``floor(budget / 16 * T)`` tokens per head at 16 bits; subclasses choose which."""
 
-    name = "eviction"
+    evicts_only = True
+    takes_tokens = False
 
-    def __init__(self, budget: float, window: int = 32, high_precision_dtype: str | None = None):
+    def __init__(self, config, profile=None, layers=None):
         # kvpress's definitions: average pooling, no carry (RDKV's own addition).
-        super().__init__(RDKVConfig(budget=budget, window=window, carry=0.0, high_precision_dtype=high_precision_dtype))
-        self.budget = budget
+        super().__init__(config.replace(carry=0.0, pool="avg"), profile, layers)
 
     def n_keep(self, real: torch.Tensor) -> torch.Tensor:
         """``[B]`` tokens to keep per head of each batch row."""
-        return torch.floor(real.sum(1).double() * self.budget / 16).long()
+        return torch.floor(real.sum(1).double() * self.config.budget / 16).long()
 
     def scores(self, w_tok: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -62,6 +62,8 @@ def _recent_rank(real: torch.Tensor) -> torch.Tensor:
 
 class SnapKVPlanner(EvictionPlanner):
     name = "snapkv"
+    label = "SnapKV"
+    rank = 60
 
     def scores(self, w_tok, real):
         in_window = (_recent_rank(real) < self.config.window)[:, None, :]
@@ -70,6 +72,8 @@ class SnapKVPlanner(EvictionPlanner):
 
 class StreamingLLMPlanner(EvictionPlanner):
     name = "streamingllm"
+    label = "StreamingLLM"
+    rank = 80
     sinks = 4
 
     def scores(self, w_tok, real):
@@ -81,6 +85,8 @@ class StreamingLLMPlanner(EvictionPlanner):
 
 class AdaKVPlanner(SnapKVPlanner):
     name = "adakv"
+    label = "AdaKV"
+    rank = 70
     alpha_safeguard = 0.2
 
     def keep_mask(self, w_tok, real):
@@ -103,6 +109,3 @@ class AdaKVPlanner(SnapKVPlanner):
                 flat[top] = True
                 keep[b] = flat.reshape(H, T)
         return keep & real[:, None, :]
-
-
-BASELINES = {p.name: p for p in (SnapKVPlanner, AdaKVPlanner, StreamingLLMPlanner)}

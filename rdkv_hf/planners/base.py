@@ -1,0 +1,84 @@
+"""The planner base: how one cache turns a layer's token and channel weights into widths."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ..config import RDKVConfig
+
+_REGISTRY: dict[str, type[Planner]] = {}
+
+
+def registered() -> dict[str, type[Planner]]:
+    return dict(_REGISTRY)
+
+
+class Planner:
+    """Turns weights into widths for one cache.
+
+    A subclass with a ``name`` is a mode (``RDKVConfig(mode=name)``); it checks its settings in
+    ``__init__`` and implements :meth:`widths`. Its ``config`` is the one the cache runs with (the
+    mode set to its name, and any knob the mode fixes, such as the baselines' ``carry=0``).
+
+    Args:
+        config: the :class:`~rdkv_hf.RDKVConfig`.
+        profile: an :class:`~rdkv_hf.RDKVProfile` (modes with ``needs_profile``; others ignore it).
+        layers: indices of the layers this planner compresses (None: all); a profile's head
+            budgets are shared among those layers only (Gemma 3: its full-attention layers).
+    """
+
+    name: ClassVar[str | None] = None  # the mode this class implements (None: not a mode)
+    label: ClassVar[str] = ""  # for tables and plots
+    needs_profile: ClassVar[bool] = False
+    takes_tokens: ClassVar[bool] = True  # a budget given as `tokens` per head (else only `budget` in bits)
+    evicts_only: ClassVar[bool] = False  # keeps tokens at 16 bits or evicts them (the eviction baselines)
+    fixed_widths: ClassVar[tuple[int, ...]] = ()  # the evaluation runs it at these widths, not over budgets
+    rank: ClassVar[int] = 100  # its place in the evaluation's tables
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is not None:
+            other = _REGISTRY.get(name)
+            if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"two planners claim mode {name!r}: {other.__qualname__} and {cls.__qualname__}")
+            _REGISTRY[name] = cls
+
+    def __init__(self, config: RDKVConfig, profile=None, layers=None):
+        if self.name is not None and config.mode != self.name:
+            config = config.replace(mode=self.name)
+        if self.needs_profile and profile is None:
+            raise ValueError(f"mode={self.name!r} needs a profile: patch(model, budget=..., profile=repo_id_or_dir)")
+        if not self.takes_tokens and config.budget is None:
+            raise ValueError(f"mode={self.name!r} takes `budget` in bits per element, not `tokens`")
+        self.config = config
+        self.profile = profile if self.needs_profile else None
+        self.layers = None if layers is None else tuple(int(i) for i in layers)
+
+    def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """Storage dtype of the 16-bit zone for a model running in `model_dtype`."""
+        return self.config.keep_dtype(model_dtype)
+
+    def widths(self, layer_idx: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor):
+        """Widths of the tokens of one forward of layer `layer_idx`.
+
+        Args:
+            w_tok: ``[B, kv_heads, T]`` token weights; w_ch: ``[B, kv_heads, D]`` channel weights.
+            real: ``[B, T]`` bool, non-padding tokens.
+        Returns:
+            ``(v_bits [B, kv_heads, T], k_bits [B, kv_heads, D])`` long widths (0 evicts).
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+def rows(real: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(real [B * heads, T], tokens [B * heads] float64)``: the real tokens of every (row, head)."""
+    B, T = real.shape
+    real_rows = real[:, None, :].expand(B, heads, T).reshape(B * heads, T)
+    return real_rows, real_rows.sum(1).double()

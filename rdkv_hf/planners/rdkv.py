@@ -1,0 +1,36 @@
+"""``rdkv``: every KV head gets the same budget; RDKV spends it on V tokens, then K channels."""
+
+from __future__ import annotations
+
+import torch
+
+from ..allocate import allocate_rdkv
+from .base import Planner, rows
+
+
+class RDKVPlanner(Planner):
+    name = "rdkv"
+    label = "RDKV"
+    rank = 10
+
+    def head_budgets(self, layer_idx: int, B: int, H: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_avg, v_avg)`` bits per element of each of the ``B * H`` rows (K and V split by
+        ``k_share``); `tokens` ``[B * H]`` real tokens of each row."""
+        bits = torch.tensor([self.config.budget_bits(int(t)) for t in tokens], dtype=torch.float64, device=tokens.device)
+        return self.config.split_kv(bits)
+
+    def eps_tables(self, layer_idx: int) -> tuple[dict, dict]:
+        """``(eps_k, eps_v)``: the distortion of each width, relative to eviction."""
+        return self.config.eps_k, self.config.eps_v
+
+    def widths(self, layer_idx, w_tok, w_ch, real):
+        B, H, T = w_tok.shape
+        D = w_ch.shape[-1]
+        real_rows, t_real = rows(real, H)
+        k_avg, v_avg = self.head_budgets(layer_idx, B, H, t_real)
+        eps_k, eps_v = self.eps_tables(layer_idx)
+        v, k = allocate_rdkv(
+            w_tok.reshape(B * H, T), w_ch.reshape(B * H, D), real_rows,
+            v_avg * t_real * D, k_avg * t_real * D, self.config.widths, eps_v, eps_k,
+        )
+        return v.reshape(B, H, T), k.reshape(B, H, D)
