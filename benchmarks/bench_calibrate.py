@@ -61,11 +61,11 @@ def forward_backward(model, ids: torch.Tensor, batch_size: int, backward: bool) 
         F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).backward()
 
 
-def timed(fn, *args) -> tuple[float, float]:
+def timed(fn, *args, **kwargs) -> tuple[float, float]:
     load = OtherLoad()
     load.start()
     t = time.perf_counter()
-    fn(*args)
+    fn(*args, **kwargs)
     return time.perf_counter() - t, load.stop()
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         rows.append((f"{n} x {args.seq_len}", "forward, no gradients", fwd, other_f, ""))
         rows.append((f"{n} x {args.seq_len}", "forward + backward to the inputs", fb, other_b, ""))
         for _ in range(args.repeat):
-            sec, other = timed(lambda: rdkv_hf.calibrate(model, ids, progress=False))
+            sec, other = timed(rdkv_hf.calibrate, model, ids, progress=False)
             rows.append((f"{n} x {args.seq_len}", "rdkv_hf.calibrate", sec, other, f"{sec / floor:.2f}x the floor"))
     print()
     print("| tokens | what | seconds | other cores | note |")

@@ -10,7 +10,7 @@ from .cache import RDKVCache
 from .calibration import calibrate
 from .config import RDKVConfig
 from .loading import from_pretrained
-from .patch import is_patched, patch, patched, unpatch
+from .patching import is_patched, patch, patched, unpatch
 from .profile import RDKVProfile
 from .version import __version__
 

@@ -54,7 +54,7 @@ def _offered() -> weakref.WeakSet:
     return _offers.layers
 
 
-def take_layer(layer_idx: int, key: torch.Tensor) -> "RDKVLayer | None":
+def take_layer(layer_idx: int, key: torch.Tensor) -> RDKVLayer | None:
     """The :class:`RDKVLayer` whose ``update`` returned `key` in this thread (None if none did).
 
     Raises ``RuntimeError`` if layer `layer_idx` of a cache holding compressed tokens offered other

@@ -20,9 +20,8 @@ One forward and one backward per batch of calibration sequences give everything:
   ``sens_o[l, h]`` the mean squared gradient of the loss at those outputs. ``sens_o * rd_dist`` is
   the loss increase the allocation across heads minimizes (quantization-only curves ignore that
   RDKV evicts inside each head). Only the layers a cache compresses are measured, on the first
-  ``RD_SEQS`` sequences. The curves vary more between sequences than between the queries of one
-  (SmolLM2, head budgets at 2.5 bits: mean change 0.11 bits when every other query is dropped,
-  0.52 bits from 4 other sequences), hence many sequences and a query stride.
+  ``RD_SEQS`` sequences. The curves vary more between sequences than between the queries of one,
+  hence many sequences and a query stride (``benchmarks/results/knobs.md``).
 - **RDKV epsilon tables** (RDKV App. B) at widths 2, 4, 8 per layer: ``eps_V = sum (V - V^)^2 /
   sum V^2`` (per-token quantization) and ``eps_K`` = mean over channels of the per-channel MSE over
   the per-channel variance (per-channel quantization).
@@ -33,16 +32,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import math
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .compat import cache_kwargs
 from .overrides import AttentionOverride
 from .quant import minmax, step_size
 from .state import patch_state
+
+if TYPE_CHECKING:
+    from .profile import RDKVProfile
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +54,23 @@ EPS_WIDTHS = (2, 4, 8)
 RD_BUDGETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # bits per element of the RDKV curves
 RD_PROMPT = 0.75  # share of each calibration sequence compressed for them; the rest are the queries
 RD_QUERY_STRIDE = 2  # every other one of those queries is measured
-RD_SEQS = 8  # on the first sequences only (about a tenth of the calibration time on SmolLM2)
+RD_SEQS = 8  # on the first sequences only
 
 
 def calibrate(
-    model,
-    texts=None,
+    model: nn.Module,
+    texts: torch.Tensor | Sequence[str] | None = None,
     *,
     tokenizer=None,
     n_seqs: int = 16,
     seq_len: int = 512,
-    widths=range(2, 7),
+    widths: Iterable[int] = range(2, 7),
     seed: int = 0,
     batch_size: int = 4,
     model_id: str | None = None,
     progress: bool = True,
-):
-    """Calibrate `model` and return its :class:`~rdkv_hf.profiles.RDKVProfile`.
+) -> RDKVProfile:
+    """Calibrate `model` and return its :class:`~rdkv_hf.RDKVProfile`.
 
     Every layer is measured; the profile's ``compressed_layers`` records the full-attention layers,
     the ones a cache compresses (all of them unless the model has sliding-window layers).
@@ -372,11 +376,17 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     """Compress the first ``RD_PROMPT`` of the tokens as the cache would at each of ``RD_BUDGETS``
     and add the output errors of the later queries (and their output gradients) to `stats`.
 
+    The cache's own steps do the work: RDKV's token and channel weights and allocation (equal head
+    budgets, as mode ``"rdkv"``), :func:`~rdkv_hf.storage.pack_segment` and
+    :func:`~rdkv_hf.attention.attend` over the packed prompt and the uncompressed rest, all budgets
+    in one batch of ``len(RD_BUDGETS) * B`` rows.
+
     q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]``; o, go: ``[B, T, Hq, D]`` output and its gradient.
     """
     from .allocate import allocate_rdkv
-    from .attention import prompt_weights
+    from .attention import attend, prompt_weights
     from .config import RDKVConfig
+    from .storage import Segment, pack_segment
 
     B, Hq, T, D = q.shape
     H = k.shape[1]
@@ -391,15 +401,7 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     stats.rd_count[layer] += B * Cq * g * D
     cfg0 = RDKVConfig()
     w_tok, w_ch, real = prompt_weights(q[:, :, :P], k[:, :, :P], None, scaling, P, cfg0)
-    qg = (q[:, :, rows] * scaling).reshape(B, H, g * Cq, D)
-    # The tail (the queries' own tokens, never compressed) once for all budgets, shifted by its max.
-    causal = (torch.arange(C, device=q.device)[None, :] <= (rows - P)[:, None]).repeat(g, 1)  # [g*Cq, C]
-    tail = (qg @ k[:, :, P:].transpose(-1, -2)).masked_fill_(~causal, -math.inf)
-    m_tail = tail.amax(-1, keepdim=True)
-    p_tail = tail.sub_(m_tail).exp_()
-    num_tail, den_tail = p_tail @ v[:, :, P:], p_tail.sum(-1, keepdim=True)
-    # All budgets at once: RDKV's allocation (equal head budgets, as Planner in mode "rdkv") on
-    # R = len(RD_BUDGETS) copies of the rows, each with its own budget.
+    # All budgets at once: R = len(RD_BUDGETS) copies of the (batch, head) rows, each with its budget.
     R = len(RD_BUDGETS)
     bits = torch.tensor(RD_BUDGETS, dtype=torch.float64, device=q.device).repeat_interleave(B * H)
     real_rows = real[:, None, :].expand(B, H, P).reshape(B * H, P).repeat(R, 1)
@@ -408,42 +410,16 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
         w_tok.reshape(B * H, P).repeat(R, 1), w_ch.reshape(B * H, D).repeat(R, 1), real_rows,
         v_avg, k_avg, cfg0.widths, cfg0.eps_v, cfg0.eps_k,
     )
-    k_hat, v_hat, kept = _fake_rdkv(k[:, :, :P], v[:, :, :P], v_bits.reshape(R, B, H, P), k_bits.reshape(R, B, H, D),
-                                    cfg0.keep_dtype(torch.float32))
-    logits = (qg @ k_hat.transpose(-1, -2)).masked_fill_(~kept[..., None, :], -math.inf)  # [R, B, H, g*Cq, P]
-    # One softmax over the kept prompt tokens and the tail: a common max m, the tail rescaled by exp(m_tail - m).
-    m = torch.maximum(logits.amax(-1, keepdim=True), m_tail)
-    p_prompt = logits.sub_(m).exp_()
-    rescale = (m_tail - m).exp_()
-    out = (p_prompt @ v_hat + rescale * num_tail) / (p_prompt.sum(-1, keepdim=True) + rescale * den_tail)
-    err = (out.reshape(R, B, H, g, Cq, D) - exact.reshape(1, B, H, g, Cq, D)).square().sum((1, 3, 4, 5))  # [R, H]
+    rep = lambda x: x.repeat(R, 1, 1, 1)  # noqa: E731  [B, ...] -> [R * B, ...], budget-major
+    heads, buffers = pack_segment(rep(k[:, :, :P]).reshape(R * B * H, P, D), rep(v[:, :, :P]).reshape(R * B * H, P, D),
+                                  v_bits, k_bits, cfg0.keep_dtype(torch.float32))
+    segment = Segment(heads, R * B, H, real.sum(1).repeat(R).cpu(), buffers)
+    # Each measured query sees the packed prompt and the rest of the sequence up to itself.
+    causal = torch.arange(C, device=q.device)[None, :] <= (rows - P)[:, None]  # [Cq, C]
+    out, _ = attend(rep(q[:, :, rows]), [segment], rep(k[:, :, P:]), rep(v[:, :, P:]),
+                    causal.expand(R * B, 1, Cq, C), scaling, backend="auto")
+    err = (out.float().reshape(R, B, H, g, Cq, D) - exact.reshape(1, B, H, g, Cq, D)).square().sum((1, 3, 4, 5))  # [R, H]
     stats.rd_sse[layer] += err.T.to("cpu", torch.float64)
-
-
-def _fake_rdkv(k, v, v_bits, k_bits, keep_dtype):
-    """What the cache keeps of ``k, v [B, H, P, D]`` for each of R allocations: widths
-    ``v_bits [R, B, H, P]`` (per token, 0 evicts) and ``k_bits [R, B, H, D]`` (per channel over the
-    kept tokens), dequantized as :func:`rdkv_hf.quant.quantize` does, width 16 in `keep_dtype`.
-
-    Returns ``(k_hat, v_hat, kept [R, B, H, P] bool)``, ``k_hat, v_hat [R, B, H, P, D]``; evicted
-    tokens are zero.
-    """
-    kept = v_bits > 0
-    # V: a token's (scale, min) does not depend on the allocation, so each width is quantized once.
-    v_hat = torch.zeros(v_bits.shape + v.shape[-1:], device=v.device)
-    lo, hi = minmax(v, -1)
-    for b in v_bits.unique().tolist():
-        if b == 0:
-            continue
-        vb = v.to(keep_dtype).float() if b >= 16 else _dequant(v, lo.float(), step_size(lo, hi, (1 << b) - 1).float(), (1 << b) - 1)
-        v_hat = torch.where((v_bits == b)[..., None], vb, v_hat)
-    # K: a channel's statistics are over the tokens each allocation keeps.
-    kb = k_bits[..., None, :]  # [R, B, H, 1, D]
-    lo, hi = minmax(k.expand(kept.shape + k.shape[-1:]), -2, mask=kept[..., None])
-    levels = ((1 << kb.clamp(1, 8)) - 1).float()
-    k_hat = _dequant(k, lo.float(), step_size(lo, hi, levels).float(), levels)
-    k_hat = torch.where(kb >= 16, k.to(keep_dtype).float(), k_hat)
-    return k_hat.masked_fill_((kb == 0) | ~kept[..., None], 0.0), v_hat, kept
 
 
 def _dequant(x, lo, scale, levels):

@@ -159,7 +159,7 @@ class RDKVConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RDKVConfig":
+    def from_dict(cls, d: dict) -> RDKVConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -169,5 +169,5 @@ class RDKVConfig:
             d["widths"] = tuple(d["widths"])
         return cls(**d)
 
-    def replace(self, **changes) -> "RDKVConfig":
+    def replace(self, **changes) -> RDKVConfig:
         return dataclasses.replace(self, **changes)

@@ -16,9 +16,12 @@ a cache setting. We therefore do not offer it.
 from __future__ import annotations
 
 import logging
+import os
+
+from torch import nn
 
 from .config import RDKVConfig
-from .patch import CONFIG_KEY, patch
+from .patching import CONFIG_KEY, patch
 from .planners import planner_class
 
 logger = logging.getLogger(__name__)
@@ -26,7 +29,7 @@ logger = logging.getLogger(__name__)
 _SETTINGS = {"budget", "tokens", "profile", "mode", "config"}
 
 
-def from_pretrained(path_or_id: str, *, model_class=None, **kwargs):
+def from_pretrained(path_or_id: str | os.PathLike, *, model_class: type | None = None, **kwargs) -> nn.Module:
     """Load a causal LM and patch it with RDKV.
 
     Settings come from the ``"rdkv"`` entry of its ``config.json`` (written by ``save_pretrained``

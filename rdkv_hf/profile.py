@@ -154,7 +154,7 @@ class RDKVProfile:
             if R < 2 or (self.rd_budgets.diff() <= 0).any() or self.rd_budgets[0] <= 0:
                 raise ValueError(f"{where}: `rd_budgets` must be at least 2 increasing positive budgets, got {self.rd_budgets.tolist()}")
 
-    def select_layers(self, layers) -> "RDKVProfile":
+    def select_layers(self, layers) -> RDKVProfile:
         """The profile of only `layers` (e.g. the full-attention layers a cache compresses): every
         per-layer tensor indexed by them, ``fingerprint["num_layers"]`` set to their number, and
         ``compressed_layers`` the new indices of those of `layers` that were compressed."""

@@ -155,7 +155,8 @@ def model_card(profile, repo_id: str) -> str:
     if rd is not None:
         rows = [row + f" {' '.join(f'{b:.1f}' for b in rd[i].tolist()) if i in layers else '-'} |" for i, row in enumerate(rows)]
     rd_col, rd_sep, rd_col_text = ("", "", "") if rd is None else (
-        f" RDKV bits @{DEFAULT_BUDGET:g} |", "---|", f", and RDKV bits the\nbudget of each head (K and V together) in `rdkv+profile` at {DEFAULT_BUDGET:g} bits")
+        f" RDKV bits @{DEFAULT_BUDGET:g} |", "---|",
+        f", and RDKV bits the\nbudget of each head (K and V together) in `rdkv+profile` at {DEFAULT_BUDGET:g} bits")
     rd_cal = ""
     if rd is not None and "rd_seqs" in cal:
         stride = cal["rd_query_stride"]

@@ -127,7 +127,7 @@ class SegmentBuffers:
     groups: torch.Tensor  # int64 [NG, 7]
     head_dim: int
 
-    def select(self, rows: torch.Tensor) -> "SegmentBuffers":
+    def select(self, rows: torch.Tensor) -> SegmentBuffers:
         """The same buffers with head table rows ``rows`` (heads may repeat: beams share them)."""
         return SegmentBuffers(self.words, self.meta, self.raw, self.perm, self.heads[rows], self.groups, self.head_dim)
 
@@ -357,7 +357,7 @@ class Segment:
         if self.buffers is None:
             self.buffers = buffers_from_heads(self.heads)
 
-    def select(self, batch_index: torch.Tensor) -> "Segment":
+    def select(self, batch_index: torch.Tensor) -> Segment:
         """Rows for a new batch (beam reorder, repeat, select): heads are shared, not copied."""
         idx = batch_index.tolist()
         rows = [b * self.kv_heads + h for b in idx for h in range(self.kv_heads)]

@@ -31,7 +31,7 @@ class CacheSummary:
         return self.bf16_bytes / self.nbytes if self.nbytes else float("nan")
 
     @classmethod
-    def from_cache(cls, cache, batch_index: int = 0) -> "CacheSummary":
+    def from_cache(cls, cache, batch_index: int = 0) -> CacheSummary:
         """Per-head rows for one batch row (`batch_index`); totals cover the whole cache (an
         :class:`~rdkv_hf.RDKVCache`: its ``rdkv_layers`` hold packed segments)."""
         compressed = set(cache.rdkv_layers)

@@ -18,7 +18,7 @@ import torch
 DATA_DIR = Path(__file__).parent / "data"
 SPLITS = {"calib": "kjv_calib.txt", "eval": "kjv_eval.txt"}
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_text(split: str = "calib") -> str:
     """The shipped text of `split` ("calib" or "eval"): paragraphs (one per chapter) joined by blank lines."""
     if split not in SPLITS:

@@ -1,5 +1,6 @@
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rdkv_hf.allocate import allocate_rdkv, carry_forward, lagrangian_widths, token_weights, unit_costs
 from rdkv_hf.config import DEFAULT_EPS_K, DEFAULT_EPS_V, DEFAULT_WIDTHS

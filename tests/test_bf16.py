@@ -8,13 +8,12 @@ The bound: RDKV's decode logits are no further from unpatched sdpa than unpatche
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import DynamicCache
 
 import rdkv_hf
 from rdkv_hf import RDKVCache
 from rdkv_hf.compat import cache_kwargs
-
-from conftest import tiny_model
 
 
 def teacher_forced_logits(model, ids, steps, cache):

@@ -1,13 +1,12 @@
 import pytest
 import torch
+from conftest import TOL, tiny_model
 
 import rdkv_hf
 from rdkv_hf.attention import attend, head_partials_reference
 from rdkv_hf.cache import RDKVCache, RDKVLayer, Segment, pack_head
-from rdkv_hf.config import RDKVConfig
-
-from conftest import TOL, tiny_model
 from rdkv_hf.compat import cache_kwargs
+from rdkv_hf.config import RDKVConfig
 
 
 def _rand_head(T=50, D=16, seed=0):

@@ -5,9 +5,9 @@ from conftest import tiny_model
 
 import rdkv_hf
 from rdkv_hf.calibration import EPS_WIDTHS, calibrate, fit_exponential
+from rdkv_hf.compat import cache_kwargs, output_cache
 from rdkv_hf.head_budgets import ratequant_bits
 from rdkv_hf.quant import fake_quantize
-from rdkv_hf.compat import cache_kwargs, output_cache
 
 
 def calib_ids(n=4, T=48, seed=0):

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch.overrides import TorchFunctionMode
 
 import rdkv_hf
 from rdkv_hf.calibration import calibrate
-
-from conftest import tiny_model
 
 PACKAGE = str(Path(rdkv_hf.__file__).parent)
 TORCH = str(Path(torch.__file__).parent)

@@ -11,8 +11,8 @@ from transformers import DynamicCache
 
 import rdkv_hf
 from rdkv_hf import RDKVCache
-from rdkv_hf.eval import runner as ev
 from rdkv_hf.compat import cache_kwargs
+from rdkv_hf.eval import runner as ev
 
 PROMPT, CONT, WINDOW, D = 40, 8, 8, 16
 

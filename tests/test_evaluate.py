@@ -9,13 +9,13 @@ from transformers import DynamicCache, QuantizedCache
 
 import rdkv_hf
 from rdkv_hf import RDKVCache
-from rdkv_hf.eval import runner as ev
 from rdkv_hf.calibration import calibrate
-from rdkv_hf.config import RDKVConfig
-from rdkv_hf.planners import modes
-from rdkv_hf.planners.eviction import SnapKVPlanner
 from rdkv_hf.cli import main
 from rdkv_hf.compat import cache_kwargs
+from rdkv_hf.config import RDKVConfig
+from rdkv_hf.eval import runner as ev
+from rdkv_hf.planners import modes
+from rdkv_hf.planners.eviction import SnapKVPlanner
 
 PROMPT, CONT = 96, 24
 

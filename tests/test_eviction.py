@@ -1,13 +1,12 @@
 import torch
+from conftest import tiny_model
 
 import rdkv_hf
 from rdkv_hf import RDKVCache
+from rdkv_hf.compat import cache_kwargs
 from rdkv_hf.config import RDKVConfig
 from rdkv_hf.planners import modes
 from rdkv_hf.planners.eviction import AdaKVPlanner, SnapKVPlanner, StreamingLLMPlanner
-
-from conftest import tiny_model
-from rdkv_hf.compat import cache_kwargs
 
 
 def _inputs(B=2, H=3, T=100, seed=0):

@@ -6,13 +6,12 @@ import os
 
 import pytest
 import torch
+from conftest import TOL
 
 from rdkv_hf import quant
 from rdkv_hf.attention import attend, head_partials_reference
 from rdkv_hf.cache import Segment
 from rdkv_hf.storage import G_BITS, pack_segment
-
-from conftest import TOL
 
 WIDTH_MIXES = {
     "rdkv": [0, 2, 4, 8, 16],  # RDKV's default widths

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import rdkv_hf
 from rdkv_hf.state import patch_state
-
-from conftest import tiny_model
 
 
 def test_saved_patched_model_reloads_patched(tmp_path):

@@ -9,7 +9,6 @@ import types
 
 import pytest
 import torch
-
 from conftest import tiny_tokenizer
 
 from rdkv_hf import text

@@ -2,16 +2,14 @@ import warnings
 
 import pytest
 import torch
+from conftest import TOL, tiny_model
 from transformers import DynamicCache
 
 import rdkv_hf
-from rdkv_hf.state import patch_state
-from rdkv_hf import RDKVCache
-from rdkv_hf.config import RDKVConfig
-
-from conftest import TOL, tiny_model
-from rdkv_hf import compat
+from rdkv_hf import RDKVCache, compat
 from rdkv_hf.compat import cache_kwargs, output_cache
+from rdkv_hf.config import RDKVConfig
+from rdkv_hf.state import patch_state
 
 EXACT = dict(budget=16, high_precision_dtype="float32")  # 16 bits kept in the model's fp32
 

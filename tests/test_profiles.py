@@ -445,7 +445,7 @@ def test_profiles_without_rd_curves_load_and_plan_as_before(model_and_profile, t
         profile_rd_bits(loaded, 2.0)
     cfg = RDKVConfig(budget=2.0, mode="rdkv+profile", profile="x")
     a, b = make_planner(cfg, loaded), make_planner(cfg, prof)
-    kb, vb, k2, v2 = a.k_bits, a.v_bits, b.k_bits, b.v_bits
+    kb, k2, v2 = a.k_bits, b.k_bits, b.v_bits
     assert not torch.equal(kb, k2)  # RateQuant's K/V budgets vs RDKV's curves split by k_share
     assert torch.allclose(k2, v2) and abs(torch.cat([k2, v2]).double().mean().item() - 2.0) < 1e-9
     with pytest.raises(ValueError, match="give all of"):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_tokenizer
 
 from rdkv_hf.eval import tasks

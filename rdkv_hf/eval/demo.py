@@ -17,10 +17,10 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from ..cache import RDKVCache, layer_nbytes
-from ..model_patches import compressed_layers
-from ..patch import patch, unpatch
 from ..compat import cache_kwargs, output_cache
 from ..config import DEFAULT_BUDGET
+from ..model_patches import compressed_layers
+from ..patching import patch, unpatch
 
 
 class _StepClock(LogitsProcessor):

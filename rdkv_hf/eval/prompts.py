@@ -16,9 +16,8 @@ import torch
 
 from ..text import load_text
 
-# The recall prompt. SmolLM2-135M-Instruct needs an instruction before the text: with the bare text
-# followed by the question it answered 0/5 at 2.5K tokens (it explains the "code" instead); with this
-# wording it answered 30/30 (5 seeds x 6 depths). At 4K it drops to 2/5.
+# The recall prompt. A small instruct model needs the instruction before the text (why this wording:
+# benchmarks/results/knobs.md).
 RECALL_FACT = "The secret code of the blue door is {code}."
 RECALL_QUESTION = "What is the secret code of the blue door?"
 RECALL_INTRO = (

@@ -55,10 +55,12 @@ from .methods import (
     compressed_layers,
     layer_nbytes,
     method_planner,
-    methods as all_methods,
     parse_method,
     prefill,
     uniform_budget,
+)
+from .methods import (
+    methods as all_methods,
 )
 from .models import shipped_profile
 
@@ -73,9 +75,7 @@ __all__ = [
 TASK_KINDS = ("ppl", "ruler", "distortion")
 DEFAULT_BUDGETS = (1.0, 1.5, 2.5, 4.0)
 DEFAULT_LENGTHS = (1024, 2048, 3072)
-# The RULER tasks SmolLM2-135M-Instruct answers with the full cache at 1K-3K (noise haystack):
-# niah_single 100%, niah_multikey 80% (benchmarks/task_baseline.py, 5 seeds). On vt, niah_multivalue,
-# niah_multiquery, cwe and fwe it scores 5-40%, mostly from copying the solved example or one value.
+# The RULER tasks SmolLM2-135M-Instruct answers with the full cache (benchmarks/results/knobs.md).
 DEFAULT_RULER_TASKS = ("niah_single", "niah_multikey")
 RESULTS_FILE = "results.jsonl"
 
@@ -287,8 +287,8 @@ def evaluate(model, tokenizer, settings: EvalSettings, out_dir, profile=None, pr
     Returns:
         the records of every cell of the grid (finished now or before).
     """
+    from ..patching import is_patched, patch, unpatch
     from .report import write_reports
-    from ..patch import is_patched, patch, unpatch
 
     if is_patched(model):
         raise ValueError("evaluate() patches the model itself for each method; call rdkv_hf.unpatch(model) first")
@@ -421,10 +421,7 @@ QUICK = dict(budgets=(1.5, 2.5), lengths=(1024,), samples=1, windows=1, ppl_leng
 
 # `rdkv-hf eval --model NAME` defaults where they differ from EvalSettings' (which suit SmolLM2).
 # Gemma-3-270m (base, 32K positions) is evaluated at long contexts: RULER-style tasks at 4K-16K and
-# perplexity after an 8K prompt. Budgets 0.4 and 1.6 bits are 2.5% and 10% of the global layers'
-# bf16 bytes. With the full cache at 4K (raw prompts, 2 samples each) it scored niah_single 100,
-# niah_multikey 50, niah_multivalue 25, niah_multiquery 12.5 in KJV text (runs/gemma3-baseline/text)
-# and 50, 0, 62.5, 25 with vt, cwe 0 and fwe 33 in the noise haystack (runs/gemma3-baseline/noise).
+# perplexity after an 8K prompt; why these tasks and budgets: benchmarks/results/knobs.md.
 MODEL_DEFAULTS = {
     "gemma3-270m": dict(budgets=(0.4, 1.6, 2.5), lengths=(4096, 8192, 16384), windows=2, ppl_length=8192,
                         ruler_tasks=("niah_single", "niah_multikey"), haystack="text"),

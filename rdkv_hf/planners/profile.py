@@ -38,10 +38,13 @@ class ProfilePlanner(RDKVPlanner):
                 return head_budgets.floor_head_bits(*cfg.split_kv(head), floor)
 
             return head_budgets.on_layers(split, profile, self.layers)
-        # Below 1 bit RateQuant's quantization curves (fitted at 2..6 bits) mislead: see
-        # benchmarks/results/profile-floor.md.
+        # Below 1 bit RateQuant's quantization curves (fitted at 2..6 bits) mislead
+        # (benchmarks/results/knobs.md).
         if not 1 <= cfg.budget <= 8:
-            raise ValueError(f"mode='rdkv+profile' needs `budget` in [1, 8] bits, got {cfg.budget} (this profile has no RDKV curves); use mode='rdkv' outside it")
+            raise ValueError(
+                f"mode='rdkv+profile' needs `budget` in [1, 8] bits, got {cfg.budget} (this profile has no RDKV curves); "
+                "use mode='rdkv' outside it"
+            )
         lo, hi = 0, min(16, int(cfg.budget * 4))  # integer bounds; eviction makes low budgets meaningful
         return head_budgets.on_layers(
             lambda p: head_budgets.floor_head_bits(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import types
 import warnings
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -23,6 +25,7 @@ from .cache import RDKVCache
 from .config import RDKVConfig
 from .model_patches import compressed_layers, patcher_for
 from .planners import make_planner
+from .profile import RDKVProfile
 from .state import PatchState, patch_state, set_patch_state
 
 logger = logging.getLogger(__name__)
@@ -31,12 +34,10 @@ CONFIG_KEY = "rdkv"  # model.config.rdkv: the settings save_pretrained writes to
 _lock = threading.RLock()  # patch/unpatch of any model: one at a time
 
 
-def _load_profile(profile, model):
-    from .profile import RDKVProfile
-
+def _load_profile(profile, model) -> RDKVProfile | None:
     if profile is None:
         return None
-    if isinstance(profile, str):
+    if isinstance(profile, (str, os.PathLike)):
         profile = RDKVProfile.from_pretrained(profile)
     if not isinstance(profile, RDKVProfile):
         raise TypeError(f"`profile` must be an RDKVProfile, a Hub repo id or a directory, got {type(profile).__name__}")
@@ -60,8 +61,9 @@ def _resolve_config(budget, tokens, profile, mode, config, options) -> RDKVConfi
     return RDKVConfig(**given, mode=mode, profile=profile_id, **options)
 
 
-def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None = None, profile=None,
-          mode: str | None = None, config: RDKVConfig | None = None, **options) -> nn.Module:
+def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None = None,
+          profile: RDKVProfile | str | os.PathLike | None = None, mode: str | None = None,
+          config: RDKVConfig | None = None, **options) -> nn.Module:
     """Compress this model's KV cache with RDKV; returns the same model.
 
     Args:
@@ -184,7 +186,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, budget: float | None = None, **kwargs):
+def patched(model: nn.Module, budget: float | None = None, **kwargs) -> Iterator[nn.Module]:
     """``with rdkv_hf.patched(model, budget=2.5): model.generate(...)``; on exit the model is as it
     was before the block (unpatched, or patched with its previous settings: blocks nest)."""
     before = patch_state(model)
