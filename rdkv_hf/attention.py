@@ -55,8 +55,8 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
 def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device) -> torch.Tensor:
     """``[B, q, kv]`` bool: which query sees which tail token (causal, aligned to the end)."""
     if mask is not None:
-        if mask.dtype != torch.bool:  # an additive float mask
-            mask = mask > -1e30
+        if mask.dtype != torch.bool:  # an additive float mask: 0 where visible, the dtype's minimum where not
+            mask = mask > torch.finfo(mask.dtype).min / 2
         return mask[:, 0].expand(B, q, kv)
     qi = torch.arange(q, device=device)[:, None] + (kv - q)
     return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)

@@ -126,10 +126,16 @@ class SegmentBuffers:
     heads: torch.Tensor  # int64 [R, 6]
     groups: torch.Tensor  # int64 [NG, 7]
     head_dim: int
+    max_tokens: int | None = None  # at least the largest ``n`` of any head row (kernels size their grid by it)
+
+    def __post_init__(self):
+        if self.max_tokens is None:  # read once here, not at every decode step (a GPU sync)
+            self.max_tokens = int(self.heads[:, 0].max()) if self.heads.shape[0] else 0
 
     def select(self, rows: torch.Tensor) -> SegmentBuffers:
         """The same buffers with head table rows ``rows`` (heads may repeat: beams share them)."""
-        return SegmentBuffers(self.words, self.meta, self.raw, self.perm, self.heads[rows], self.groups, self.head_dim)
+        return SegmentBuffers(self.words, self.meta, self.raw, self.perm, self.heads[rows], self.groups, self.head_dim,
+                              self.max_tokens)
 
     def view_head(self, r: int) -> PackedHead:
         """:class:`PackedHead` of row `r` whose groups are views on the buffers (no copy)."""
@@ -207,6 +213,7 @@ class _Builder:
             heads=torch.tensor(self.heads, dtype=torch.int64, device=dev).reshape(-1, 6),
             groups=torch.tensor(self.groups, dtype=torch.int64, device=dev).reshape(-1, 7),
             head_dim=self.head_dim,
+            max_tokens=max((h[0] for h in self.heads), default=0),
         )
 
 

@@ -138,3 +138,12 @@ def test_compressed_cache_read_by_an_unpatched_attention_is_an_error():
 def test_token_budget_matches_bits():
     cfg = RDKVConfig(tokens=64)
     assert cfg.budget is None and cfg.budget_bits(1024) == 1.0 and cfg.budget_bits(32) == 16.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_additive_float_masks_of_any_dtype_hide_their_masked_tokens(dtype):
+    from rdkv_hf.attention import _tail_visibility
+
+    allowed = torch.tensor([[True, False, True], [True, True, False]])[None, None]  # [1, 1, q=2, kv=3]
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    assert torch.equal(_tail_visibility(additive, 1, 2, 3, "cpu"), allowed[:, 0])

@@ -125,7 +125,7 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None):
         ``(max [R, G], sum [R, G], acc [R, G, D])`` as ``head_partials_reference``.
     """
     R, G, D = _check(buffers, q, block_t)
-    n_max = int(buffers.heads[:, 0].max()) if R else 0
+    n_max = buffers.max_tokens if R else 0
     n_chunks = max(1, triton.cdiv(n_max, block_t))
     cm = torch.empty(R, n_chunks, G, dtype=torch.float32, device=q.device)
     cl = torch.empty_like(cm)
