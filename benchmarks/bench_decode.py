@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from rdkv_hf.compat import cache_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,7 +299,8 @@ def prefill_job(job: dict) -> dict:
         make = lambda: DynamicCache(config=model.config)  # noqa: E731
     else:
         import rdkv_hf
-        from rdkv_hf import attention, cache as cache_mod
+        from rdkv_hf import attention
+        from rdkv_hf import cache as cache_mod
 
         rdkv_hf.patch(model, budget=job["budget"])
         _time(attention, "prompt_weights", timers, "scoring")

@@ -93,8 +93,8 @@ def run(args) -> list[dict]:
     import torch
 
     from rdkv_hf.eval import runner as ev
-    from rdkv_hf.eval.report import write_reports
     from rdkv_hf.eval.models import load_model
+    from rdkv_hf.eval.report import write_reports
 
     if args.threads:
         torch.set_num_threads(args.threads)

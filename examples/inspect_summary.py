@@ -1,4 +1,7 @@
-"""Compress a long prompt and look at what RDKV kept, per layer and KV head."""
+"""Compress a long prompt and look at what RDKV kept, per layer and KV head.
+
+Transformers 5.24 and later take the cache as `cache=`; earlier releases as `past_key_values=`.
+"""
 
 import torch
 
@@ -13,7 +16,7 @@ input_ids, answer = recall_prompt(tokenizer, n_tokens=2000, seed=3)
 rdkv_hf.patch(model, budget=2.5)
 cache = RDKVCache(model)
 with torch.no_grad():
-    model(input_ids, past_key_values=cache, logits_to_keep=1)   # prefill: compressed layer by layer
+    model(input_ids, cache=cache, logits_to_keep=1)   # prefill: compressed layer by layer
 
 summary = cache.summary()
 print(summary)                       # a table: kept tokens, V and K widths, realized bits

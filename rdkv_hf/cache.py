@@ -29,6 +29,7 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
+from . import compat
 from .config import RDKVConfig
 from .model_patches import compressed_layers
 from .planners import Planner, make_planner
@@ -142,10 +143,12 @@ class RDKVLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         tail = self.keys.shape[-2] if self.is_initialized else 0
-        return tail + query_length, self.seen - tail
+        return tail + compat.query_length(query_length), self.seen - tail
 
     def get_max_length(self) -> int:
         return -1
+
+    get_max_cache_shape = get_max_length  # the abstract method's name before Transformers 5.13
 
     def reset(self) -> None:
         self.keys = self.values = None

@@ -5,18 +5,28 @@
   :data:`CACHE_ARG` is the name the installed release takes, :func:`cache_kwargs` builds the keyword,
   :func:`given_cache` reads a cache given under either name and :func:`output_cache` reads it back
   from an output.
+* :func:`layer_types`: the attention type of each decoder layer (``get_layer_types_and_kwargs``
+  since 5.14; before, read from the config as ``DynamicCache`` did).
+* :func:`query_length`: ``CacheLayerMixin.get_mask_sizes`` takes the number of new tokens since 5.4
+  and their ``cache_position`` tensor before.
 * :func:`check_transformers` refuses a release outside the tested range with the fix in the message.
 
-Nothing else in the package spells either name of the cache argument.
+Nothing else in the package spells either name of the cache argument or reads these internals.
 """
 
 from __future__ import annotations
 
+import torch
 import transformers
 from packaging.version import Version
 
+try:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+except ImportError:  # transformers < 5.14
+    get_layer_types_and_kwargs = None
+
 # The range pyproject.toml declares and CI tests at both ends (.ci/run).
-MIN_TRANSFORMERS = "5.0.0"
+MIN_TRANSFORMERS = "4.57.6"
 MAX_TRANSFORMERS_EXCLUSIVE = "6"
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
@@ -49,11 +59,36 @@ def output_cache(outputs):
     return None
 
 
+def layer_types(text_config) -> list[str]:
+    """``"full_attention"``, ``"sliding_attention"``, ``"chunked_attention"``, ... per decoder layer,
+    as Transformers' ``DynamicCache(config=...)`` builds its layers."""
+    if get_layer_types_and_kwargs is not None:
+        return list(get_layer_types_and_kwargs(text_config)[0])
+    types = getattr(text_config, "layer_types", None)
+    if types is None:
+        n = text_config.num_hidden_layers
+        if getattr(text_config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * n
+        elif getattr(text_config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * n
+        else:
+            types = ["full_attention"] * n
+    shared = getattr(text_config, "num_kv_shared_layers", None)
+    return list(types[:-shared] if shared else types)
+
+
+def query_length(arg) -> int:
+    """The number of new tokens from ``get_mask_sizes``'s argument (an int since 5.4, the new
+    tokens' ``cache_position`` tensor before)."""
+    return int(arg.shape[0]) if isinstance(arg, torch.Tensor) else int(arg)
+
+
 def check_transformers() -> None:
-    """Raise ``ImportError`` when the installed Transformers is outside the supported range."""
+    """Raise ``ImportError`` when the installed Transformers is outside the supported range (patch()
+    calls it: importing rdkv_hf checks nothing)."""
     low, high = Version(MIN_TRANSFORMERS), Version(MAX_TRANSFORMERS_EXCLUSIVE)
     if not low <= TRANSFORMERS_VERSION < high:
         raise ImportError(
-            f"rdkv_hf supports transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS_EXCLUSIVE}; found {transformers.__version__}. "
+            f"rdkv_hf supports transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS_EXCLUSIVE}; found {TRANSFORMERS_VERSION}. "
             f"Install a supported release: pip install 'transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS_EXCLUSIVE}'"
         )

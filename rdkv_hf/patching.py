@@ -82,6 +82,7 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch() takes a Transformers model, got {type(model).__name__}")
+    compat.check_transformers()
     patcher = patcher_for(model)
     cfg = _resolve_config(budget, tokens, profile, mode, config, options)
     prof = _load_profile(profile if profile is not None else cfg.profile, model)

@@ -1,12 +1,12 @@
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
 )

@@ -329,3 +329,13 @@ def test_generate_reads_the_cache_from_either_name_and_refuses_both():
             model.generate(ids, max_new_tokens=2, cache=RDKVCache(model), past_key_values=RDKVCache(model))
     out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     assert isinstance(output_cache(out), RDKVCache)
+
+
+def test_a_transformers_outside_the_tested_range_is_refused_with_the_fix(monkeypatch):
+    from packaging.version import Version
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", Version("6.1.0"))
+    with pytest.raises(ImportError, match=r"supports transformers>=.*,<6; found .*pip install 'transformers>="):
+        rdkv_hf.patch(model, budget=2.5)
+    assert not rdkv_hf.is_patched(model)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from transformers.cache_utils import get_layer_types_and_kwargs
+
+from ..compat import layer_types
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 def full_attention_layers(config) -> tuple[int, ...]:
     """Indices of the full-attention layers of a model's (text) config. Sliding-window layers
     (Gemma 3: five of every six) keep Transformers' own cache, bounded by the window."""
-    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    types = layer_types(config.get_text_config(decoder=True))
     return tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 

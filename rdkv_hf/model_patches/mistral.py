@@ -2,14 +2,13 @@
 config with a sliding window makes every layer a bounded sliding-window layer: those keep
 Transformers' own cache (already bounded by the window) and RDKV compresses nothing there."""
 
-from transformers.cache_utils import get_layer_types_and_kwargs
-
+from ..compat import layer_types
 from .base import Patcher
 
 
 def sliding_layer_warnings(model) -> list[str]:
     text = model.config.get_text_config(decoder=True)
-    types, _ = get_layer_types_and_kwargs(text)
+    types = layer_types(text)
     n_sliding = sum(t != "full_attention" for t in types)
     if not n_sliding:
         return []
