@@ -46,10 +46,26 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
     if q_len > 1 and (not layer.segments or cfg.compress_followups):
-        w_tok, w_ch, real = prompt_weights(query, key, attention_mask, scaling, q_len, cfg, lse)
-        layer.compress_tail(q_len, w_tok, w_ch, real)
+        compress_layer(layer, query, attention_mask, scaling, lse)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
+
+
+def compress_layer(layer, query, mask, scaling, lse=None) -> None:
+    """Pack every tail token of `layer` but the newest ``config.residual`` into a new segment,
+    weighed by the attention of `query`'s last ``config.window`` queries (the forward that just
+    attended, or the last queries a prefill kept). The tail is then always the newest tokens.
+
+    Args:
+        query: ``[B, Hq, q, D]``; mask: the forward's attention mask over the tail (or None).
+        lse: ``[B, Hq, q]`` log-sum-exp over all cached tokens when segments exist (see :func:`attend`).
+    """
+    n_tail = layer.keys.shape[-2]
+    keep = min(layer.config.residual, n_tail)
+    if n_tail > keep:
+        w_tok, w_ch, real = prompt_weights(query, layer.keys, mask, scaling, n_tail, layer.config, lse, keep_last=keep)
+        layer.compress_tail(n_tail, w_tok, w_ch, real, keep_last=keep)
+    layer.pending = 0
 
 
 def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device) -> torch.Tensor:
@@ -62,9 +78,10 @@ def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device)
     return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)
 
 
-def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None):
-    """RDKV weights of the last `n_new` tail tokens from the attention of the last ``cfg.window``
-    queries (pooled and carried as :func:`~rdkv_hf.allocate.token_weights` with `cfg`'s settings).
+def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None, keep_last: int = 0):
+    """RDKV weights of the last `n_new` tail tokens but the newest `keep_last` (those stay in the
+    tail), from the attention of the last ``cfg.window`` queries (pooled over all `n_new` and
+    carried as :func:`~rdkv_hf.allocate.token_weights` with `cfg`'s settings).
 
     Args:
         query: ``[B, Hq, q, D]``; key: ``[B, Hkv, kv, D]`` (tail incl. the new tokens).
@@ -72,7 +89,7 @@ def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None):
         lse: ``[B, Hq, q]`` log-sum-exp of the queries over all cached tokens, when compressed
             segments exist (their mass is part of the softmax); None: the tail is everything.
     Returns:
-        ``(w_tok [B, Hkv, n_new], w_ch [B, Hkv, D], real [B, n_new])``.
+        ``(w_tok [B, Hkv, n], w_ch [B, Hkv, D], real [B, n])`` with ``n = n_new - keep_last``.
     """
     B, Hq, q, D = query.shape
     Hkv, kv = key.shape[1], key.shape[2]
@@ -98,8 +115,10 @@ def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None):
     else:
         norm = lse[:, :, q - W :].reshape(B, Hkv, g, W, 1).float()
     probs = torch.exp(logits - norm).nan_to_num_(0.0)[..., kv - n_new :]
-    w_tok = token_weights(probs, vis[:, :, kv - n_new :], cfg.pool_kernel, cfg.pool, cfg.carry)
-    w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new :].float(), real)
+    n = n_new - keep_last
+    w_tok = token_weights(probs, vis[:, :, kv - n_new :], cfg.pool_kernel, cfg.pool, cfg.carry)[..., :n]
+    real = real[:, :n]
+    w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new : kv - keep_last].float(), real)
     return w_tok, w_ch, real
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 import weakref
 
 import torch
@@ -105,6 +106,13 @@ class RDKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         B, H, _, D = key_states.shape
+        expected = _kv_heads_and_dim(self.text_config)
+        # Under tensor parallelism a rank holds a block of the KV heads: a divisor of the model's.
+        if expected is not None and (D != expected[1] or expected[0] % H):
+            raise ValueError(
+                f"this RDKVCache was built for a model with {expected[0]} KV heads of dimension {expected[1]}, but layer "
+                f"{self.layer_idx} gives {H} of dimension {D}; build the cache for the model you run: RDKVCache(model)"
+            )
         self.keys = key_states.new_zeros(B, H, 0, D)
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.is_initialized = True
@@ -184,29 +192,48 @@ class RDKVLayer(CacheLayerMixin):
 
     # -- compression ---------------------------------------------------------------------------
 
-    def compress_tail(self, n_new: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor) -> None:
-        """Pack the last `n_new` tail tokens into a new segment and drop them from the tail.
+    def compress_tail(self, n_new: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor, keep_last: int = 0) -> None:
+        """Pack the last `n_new` tail tokens but the newest `keep_last` into a new segment and drop
+        them from the tail.
 
         Args:
-            w_tok: ``[B, kv_heads, n_new]`` token weights; w_ch: ``[B, kv_heads, D]``.
-            real: ``[B, n_new]`` bool, non-padding tokens.
+            w_tok: ``[B, kv_heads, n]`` token weights (``n = n_new - keep_last``); w_ch: ``[B, kv_heads, D]``.
+            real: ``[B, n]`` bool, non-padding tokens.
         """
         B, H, n_tail, D = self.keys.shape
-        start = n_tail - n_new
-        k_new, v_new = self.keys[:, :, start:], self.values[:, :, start:]
-        v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real)  # [B, H, T], [B, H, D]
+        start, end = n_tail - n_new, n_tail - keep_last
+        n = end - start
+        k_new, v_new = self.keys[:, :, start:end], self.values[:, :, start:end]
+        v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real)  # [B, H, n], [B, H, D]
+        self._warn_if_emptied(v_bits, k_bits, real)
         keep = self.planner.keep_dtype(self.dtype)
         heads, buffers = pack_segment(
-            k_new.reshape(B * H, n_new, D), v_new.reshape(B * H, n_new, D),
-            v_bits.reshape(B * H, n_new), k_bits.reshape(B * H, D), keep,
+            k_new.reshape(B * H, n, D), v_new.reshape(B * H, n, D),
+            v_bits.reshape(B * H, n), k_bits.reshape(B * H, D), keep,
         )
         self.segments.append(Segment(heads, B, H, real.sum(1).cpu(), buffers))
         # Copy what stays: a slice would keep the whole full-precision tensor alive.
-        self.keys = self.keys[:, :, :start].clone()
-        self.values = self.values[:, :, :start].clone()
+        self.keys = torch.cat([self.keys[:, :, :start], self.keys[:, :, end:]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :start], self.values[:, :, end:]], dim=-2)
         self.pending = 0
         self.unread = False
         _offered().discard(self)
+
+    def _warn_if_emptied(self, v_bits: torch.Tensor, k_bits: torch.Tensor, real: torch.Tensor) -> None:
+        """Loudly say when a head with real tokens keeps no V token or no K channel: the model then
+        attends to nothing there (an extreme `k_share` or a tiny budget on a short prompt)."""
+        has_tokens = real.any(1)[:, None]  # [B, 1]
+        no_v = ((v_bits > 0).sum(-1) == 0) & has_tokens
+        no_k = ((k_bits > 0).sum(-1) == 0) & has_tokens & ~no_v
+        if bool(no_v.any() or no_k.any()):
+            what = "every V token" if bool(no_v.any()) else "every K channel"
+            cfg = self.config
+            warnings.warn(
+                f"rdkv_hf: layer {self.layer_idx} evicted {what} of {int((no_v | no_k).sum())} head(s) holding "
+                f"{int(real.sum(1).max())} tokens (budget={cfg.budget}, tokens={cfg.tokens}, k_share={cfg.k_share}): "
+                "attention there sees none of them; raise `budget` or keep `k_share` away from 0 and 1",
+                stacklevel=2,
+            )
 
     @property
     def nbytes(self) -> int:
@@ -229,6 +256,16 @@ def _tensor_bytes(t) -> int:
         names, _ = t.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
+
+
+def _kv_heads_and_dim(text_config) -> tuple[int, int] | None:
+    """``(kv_heads, head_dim)`` a model config promises (None when it does not say)."""
+    if text_config is None:
+        return None
+    heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
+    dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads if getattr(text_config, "hidden_size", None) else None)
+    return (int(heads), int(dim)) if heads and dim else None
 
 
 def layer_nbytes(cache) -> list[int]:
@@ -289,6 +326,14 @@ class RDKVCache(DynamicCache):
     def rdkv_config(self) -> RDKVConfig:
         """The settings of this cache (its planner's)."""
         return self.planner.config
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"this RDKVCache was built for a model with {len(self.layers)} layers, but layer {layer_idx} writes to "
+                "it; build the cache for the model you run: RDKVCache(model)"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
     def rdkv_layers(self) -> list[int]:

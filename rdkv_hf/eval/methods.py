@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import prompt_weights
+from ..attention import compress_layer
 from ..cache import RDKVCache, RDKVLayer, layer_nbytes
 from ..config import RDKVConfig
 from ..model_patches import compressed_layers
@@ -349,8 +349,7 @@ def _fill_rdkv(cache: RDKVCache, pre: Prefill) -> None:
         cfg = layer.config
         if cfg.window > pre.queries[i].shape[2]:
             raise ValueError(f"`window`={cfg.window} exceeds the {pre.queries[i].shape[2]} queries the prefill kept; raise its window")
-        w_tok, w_ch, real = prompt_weights(pre.queries[i], layer.keys, None, pre.scalings[i], k.shape[-2], cfg)
-        layer.compress_tail(k.shape[-2], w_tok, w_ch, real)
+        compress_layer(layer, pre.queries[i], None, pre.scalings[i])
 
 
 def cache_nbytes(cache) -> int:

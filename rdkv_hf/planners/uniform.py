@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import quant
-from ..allocate import fixed_widths
+from ..allocate import fixed_width_bits, fixed_widths
 from .base import Planner, rows
 
 
@@ -26,12 +25,14 @@ class UniformPlanner(Planner):
 
 
 def uniform_width(budget: float, head_dim: int, tokens: int) -> int:
-    """Largest width 1..8 (or 16) whose K and V cost, metadata included, fits the budget."""
+    """Largest width 1..8 (or 16) whose K and V cost for `tokens` tokens, as stored (whole words of
+    codes, scales and minima), fits the budget."""
     if budget >= 16:
         return 16
     for b in range(8, 0, -1):
-        v_cost = b + 2 * quant.META_BITS / head_dim
-        k_cost = b + 2 * quant.META_BITS / max(tokens, 1)
-        if (v_cost + k_cost) / 2 <= budget:
+        if float(fixed_width_bits(b, b, max(tokens, 1), head_dim)) <= budget:
             return b
-    raise ValueError(f"budget {budget} bits is below the cheapest uniform width (1 bit plus scales); raise `budget`")
+    raise ValueError(
+        f"budget {budget} bits is below the cheapest uniform width for {tokens} tokens (1 bit plus scales, "
+        f"{float(fixed_width_bits(1, 1, max(tokens, 1), head_dim)):.2f} bits); raise `budget`"
+    )
