@@ -26,6 +26,7 @@ from .overrides import AttentionOverride
 logger = logging.getLogger(__name__)
 
 
+@torch.compiler.disable  # packing and ragged segments run eagerly: torch.compile breaks the graph here
 def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Transformers attention interface: ``query [B, Hq, q, D]``, ``key/value [B, Hkv, kv, D]`` (the
     tail returned by the cache). Returns ``([B, q, Hq, D], None)``."""

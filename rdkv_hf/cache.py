@@ -117,6 +117,7 @@ class RDKVLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.is_initialized = True
 
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.pending or (self.unread and self.segments):
             raise RuntimeError(

@@ -93,11 +93,14 @@ def calibrate(
     from .model_patches import compressed_layers
     from .profile import RDKVProfile
 
+    for name, value, least in (("n_seqs", n_seqs, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"calibrate() takes a Transformers model, got {type(model).__name__}")
     widths = sorted({int(b) for b in widths})
     if len(widths) < 2 or not all(1 <= b <= 8 for b in widths):
         raise ValueError(f"`widths` must hold at least 2 distinct integers in 1..8, got {widths}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     if patch_state(model) is not None:
         raise ValueError("`model` is patched by rdkv_hf; calibrate the original model (call rdkv_hf.unpatch(model) first)")
     ids, source = _calibration_ids(texts, tokenizer, n_seqs, seq_len, seed)

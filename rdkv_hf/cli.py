@@ -73,7 +73,9 @@ def _calibrate(args) -> int:
     import time
 
     from .calibration import calibrate
+    from .profile_hub import check_destination
 
+    check_destination(args.out)  # before the work, not after it
     model, tok = _load(args.model, args.gguf_file)
     t = time.perf_counter()
     profile = calibrate(model, tokenizer=tok, n_seqs=args.n_seqs, seq_len=args.seq_len, seed=args.seed,
@@ -101,6 +103,7 @@ def _profile_show(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rdkv-hf", description="RDKV KV-cache compression for HuggingFace Transformers")
     p.add_argument("-v", "--verbose", action="store_true", help="log what rdkv_hf does")
+    p.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="recall a fact from a long prompt with the full cache and with RDKV")
@@ -162,9 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a command; an error is one line on stderr and exit status 1 (the traceback with --debug)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"rdkv-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 (every error becomes one line; --debug shows it whole)
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"rdkv-hf {args.command}: error: {message} (--debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

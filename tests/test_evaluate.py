@@ -196,7 +196,7 @@ def test_methods_registry_builds_every_method_below_full_bytes(model, profile):
             assert 0 < nbytes < pre.bf16_bytes / 2, name
 
 
-def test_bad_method_names_list_the_valid_ones():
+def test_bad_method_names_list_the_valid_ones(capsys):
     with pytest.raises(ValueError, match=r"unknown method 'kivi'; valid methods: full, rdkv, rdkv\+profile"):
         ev.parse_method("kivi")
     with pytest.raises(ValueError, match=r"bad option 'colour=red' for method 'snapkv'.*window"):
@@ -207,9 +207,12 @@ def test_bad_method_names_list_the_valid_ones():
         ev.EvalSettings("tiny", tasks=("mmlu",))
     with pytest.raises(ValueError, match="valid ones: niah_single"):
         ev.EvalSettings("tiny", ruler_tasks=("qa",))
-    # The CLI refuses before it loads any model.
+    # The CLI refuses before it loads any model, in one line.
+    assert main(["eval", "--methods", "rdkv,nope"]) == 1
+    err = capsys.readouterr().err
+    assert "valid methods" in err and err.count("\n") == 1 and "Traceback" not in err
     with pytest.raises(ValueError, match="valid methods"):
-        main(["eval", "--methods", "rdkv,nope"])
+        main(["--debug", "eval", "--methods", "rdkv,nope"])
 
 
 def test_profile_methods_are_skipped_without_a_profile(model, tmp_path, caplog):

@@ -107,6 +107,7 @@ def test_missing_tensor_and_shape_mismatch(model_and_profile, saved):
 
     tensors = load_file(saved / "profile.safetensors")
     config = json.loads((saved / "config.json").read_text())
+    del config["tensors_sha256"]  # as saved before the hash was recorded: the tensors are checked one by one
     config["fingerprint"]["num_layers"] = 3
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(3, 2\)"):

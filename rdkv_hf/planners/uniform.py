@@ -18,8 +18,9 @@ class UniformPlanner(Planner):
         B, H, T = w_tok.shape
         D = w_ch.shape[-1]
         real_rows, t_real = rows(real, H)
-        t = int(t_real.max())
-        b = torch.full((B * H,), float(uniform_width(self.config.budget_bits(t), D, t)), device=w_tok.device)
+        # Each row's own width: K's per-channel scales cost more over a padded row's fewer tokens.
+        fit = {t: uniform_width(self.config.budget_bits(t), D, t) for t in set(int(t) for t in t_real.tolist()) if t > 0}
+        b = torch.tensor([float(fit.get(int(t), 16)) for t in t_real.tolist()], device=w_tok.device)
         v, k = fixed_widths(real_rows, b, b, D)
         return v.reshape(B, H, T), k.reshape(B, H, D)
 
