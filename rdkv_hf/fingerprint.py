@@ -82,4 +82,5 @@ def weight_norms(model) -> torch.Tensor:
 
 
 def describe(fp: dict) -> str:
-    return ", ".join(f"{k}={fp.get(k)}" for k in FINGERPRINT_KEYS)
+    keys = FINGERPRINT_KEYS + tuple(k for k in HASHES if k not in FINGERPRINT_KEYS and fp.get(k) is not None)
+    return ", ".join(f"{k}={fp.get(k)}" for k in keys)
