@@ -20,8 +20,8 @@ class RateQuantPlanner(Planner):
     takes_tokens = False
     rank = 30
 
-    def __init__(self, config, profile=None, layers=None):
-        super().__init__(config, profile, layers)
+    def __init__(self, config, profile=None, layers=None, heads=None):
+        super().__init__(config, profile, layers, heads)
         cfg = self.config
         check_quantizer(self.profile)
         head_dim = int(self.profile.fingerprint["head_dim"])
@@ -31,12 +31,13 @@ class RateQuantPlanner(Planner):
                 f"mode='ratequant' needs `budget` between {1 + 16 / head_dim:.2f} and {8 + 16 / head_dim:.2f} "
                 f"bits (codes of 1..8 bits plus scales), got {cfg.budget}"
             )
-        self.k_bits, self.v_bits = head_budgets.on_layers(
-            lambda p: head_budgets.ratequant_bits(p, code_bits, integer=True), self.profile, self.layers)
+        self.k_bits, self.v_bits = (self.own_heads(b) for b in head_budgets.on_layers(
+            lambda p: head_budgets.ratequant_bits(p, code_bits, integer=True), self.profile, self.layers))
 
     def widths(self, layer_idx, w_tok, w_ch, real):
         B, H, T = w_tok.shape
         D = w_ch.shape[-1]
+        self.check_heads(layer_idx, H, self.k_bits)
         real_rows, _ = rows(real, H)
         dev = w_tok.device
         v, k = fixed_widths(real_rows, self.v_bits[layer_idx].to(dev).repeat(B), self.k_bits[layer_idx].to(dev).repeat(B), D)
