@@ -4,6 +4,8 @@
 * ``quantize_pack``: Triton quantize + pack of rows (reference: ``rdkv_hf.quant``).
 * ``decode_partials``: Triton decode partials over a packed segment (reference:
   ``rdkv_hf.attention.head_partials_reference``).
+* ``paged_decode``: Triton decode partials over a paged segment, the serving-engine layout
+  prototype (reference: ``rdkv_hf.paged.paged_partials_reference``).
 
 The Triton modules import ``triton`` at their top: import them only when :func:`triton_available`.
 """
@@ -31,3 +33,18 @@ def launch_context(t: torch.Tensor):
 def triton_device_ok(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
     return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def merge_chunk_partials(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor, out=None):
+    """Merge split-K partials of chunks by log-sum-exp: ``cm, cl [R, C, G]``, ``cacc [R, C, G, D]``
+    -> ``(max [R, G], sum [R, G], acc [R, G, D])``, written into `out` when given. Chunks without
+    tokens (``max = -inf``) count for nothing."""
+    M = cm.amax(1)
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)
+    R, _, G, D = cacc.shape
+    m_out, l_out, acc_out = out if out is not None else (torch.empty_like(M), torch.empty_like(M), torch.empty(R, G, D, device=cacc.device))
+    m_out.copy_(M)
+    l_out.copy_((cl * f).sum(1))
+    acc_out.copy_((cacc * f[..., None]).sum(1))
+    return m_out, l_out, acc_out

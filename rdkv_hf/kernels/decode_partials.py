@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..storage import G_COLS_COUNT, H_COLS_COUNT
-from . import launch_context, triton_device_ok
+from . import launch_context, merge_chunk_partials, triton_device_ok
 
 
 @triton.jit
@@ -138,14 +138,7 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None):
                 HC=H_COLS_COUNT, GC=G_COLS_COUNT, BLOCK_G=triton.next_power_of_2(G), BLOCK_D=triton.next_power_of_2(D),
                 BLOCK_T=block_t, BLOCK_C=16,
             )
-    M = cm.amax(1)  # [R, G]
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)  # chunks without tokens have m = -inf
-    m_out, l_out, acc_out = out if out is not None else (torch.empty_like(M), torch.empty_like(M), torch.empty(R, G, D, device=q.device))
-    m_out.copy_(M)
-    l_out.copy_((cl * f).sum(1))
-    acc_out.copy_((cacc * f[..., None]).sum(1))
-    return m_out, l_out, acc_out
+    return merge_chunk_partials(cm, cl, cacc, out)  # chunks without tokens have m = -inf
 
 
 def _check(buffers, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
