@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import TOL, tiny_model
+from conftest import TOL, run_triton_tests_in_interpreter, tiny_model
 from test_kernels import WIDTH_MIXES, _assert_partials_close, _poisoned
 
 import rdkv_hf
@@ -90,14 +90,7 @@ needs_triton = pytest.mark.skipif(
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the Triton tests run in this process")
 def test_interpreter_child_runs_the_paged_triton_tests():
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.strip().splitlines()[-1], proc.stdout[-2000:]
+    run_triton_tests_in_interpreter(__file__)
 
 
 @needs_triton
@@ -126,7 +119,7 @@ def test_triton_paged_partials_validate():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _, buffers = _segment(2, 8, 16, "rdkv", seed=0)
     paged = page_segment(buffers, page_words=96).to(device)
-    with pytest.raises(ValueError, match="2 head rows of dim 16"):
+    with pytest.raises(ValueError, match="paged segment has 2 heads of dim 16"):
         paged_partials(paged, torch.zeros(3, 1, 16, device=device))
     with pytest.raises(ValueError, match="contiguous float32"):
         paged_partials(paged, torch.zeros(2, 1, 16, dtype=torch.float16, device=device))

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..storage import G_COLS_COUNT, H_COLS_COUNT
-from . import launch_context, merge_chunk_partials, triton_device_ok
+from . import check_decode_inputs, launch_context, merge_chunk_partials
 
 
 @triton.jit
@@ -142,22 +142,8 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None):
 
 
 def _check(buffers, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"`q` must be a [R, G, D] tensor, got {getattr(q, 'shape', type(q))}")
-    R, G, D = q.shape
-    if q.dtype != torch.float32 or not q.is_contiguous():
-        raise ValueError(f"`q` must be contiguous float32, got {q.dtype}, contiguous={q.is_contiguous()}")
-    if not triton_device_ok(q):
-        raise ValueError(f"`q` must be on a CUDA device (or the CPU with TRITON_INTERPRET=1), got {q.device}")
-    if buffers.heads.shape[0] != R or buffers.head_dim != D:
-        raise ValueError(f"`q` is [{R}, {G}, {D}] but the segment has {buffers.heads.shape[0]} heads of dim {buffers.head_dim}")
-    if block_t < 16 or block_t & (block_t - 1):
-        raise ValueError(f"`block_t` must be a power of two >= 16, got {block_t}")
-    for name in ("heads", "groups", "words", "meta", "raw", "perm"):
-        t = getattr(buffers, name)
-        if t.device != q.device or not t.is_contiguous():
-            raise ValueError(f"segment buffer `{name}` must be contiguous on {q.device}, got {t.device}")
-    return R, G, D
+    tensors = {name: getattr(buffers, name) for name in ("heads", "groups", "words", "meta", "raw", "perm")}
+    return check_decode_inputs(q, block_t, buffers.heads.shape[0], buffers.head_dim, tensors, "segment buffer")
 
 
 def available() -> bool:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..paged import HEADER_WORDS
-from . import launch_context, merge_chunk_partials, triton_device_ok
+from . import check_decode_inputs, launch_context, merge_chunk_partials
 
 
 @triton.jit
@@ -147,21 +147,7 @@ def paged_partials(paged, q: torch.Tensor, block_t: int = 16, out=None):
 
 
 def _check(paged, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"`q` must be a [R, G, D] tensor, got {getattr(q, 'shape', type(q))}")
-    R, G, D = q.shape
-    if q.dtype != torch.float32 or not q.is_contiguous():
-        raise ValueError(f"`q` must be contiguous float32, got {q.dtype}, contiguous={q.is_contiguous()}")
-    if not triton_device_ok(q):
-        raise ValueError(f"`q` must be on a CUDA device (or the CPU with TRITON_INTERPRET=1), got {q.device}")
-    if paged.rows.shape[0] != R or paged.head_dim != D:
-        raise ValueError(f"`q` is [{R}, {G}, {D}] but the paged segment has {paged.rows.shape[0]} head rows of dim {paged.head_dim}")
-    if block_t < 16 or block_t & (block_t - 1):
-        raise ValueError(f"`block_t` must be a power of two >= 16, got {block_t}")
     if paged.page_words <= HEADER_WORDS:
         raise ValueError(f"pages of {paged.page_words} words cannot hold a {HEADER_WORDS}-word header")
-    for name in ("pages", "block_table", "rows", "k_groups", "k_meta", "perm"):
-        t = getattr(paged, name)
-        if t.device != q.device or not t.is_contiguous():
-            raise ValueError(f"paged segment `{name}` must be contiguous on {q.device}, got {t.device}")
-    return R, G, D
+    tensors = {name: getattr(paged, name) for name in ("pages", "block_table", "rows", "k_groups", "k_meta", "perm")}
+    return check_decode_inputs(q, block_t, paged.rows.shape[0], paged.head_dim, tensors, "paged segment")
