@@ -53,8 +53,8 @@ def kv_head_range(model) -> tuple[int, int] | None:
     """The global KV heads ``[start, stop)`` this process holds under tensor parallelism; None when
     it holds all of them (or `model` is a config). Raises ``ValueError`` for a sharding that splits
     a head, differs between layers, or is a plain tensor rdkv_hf cannot place."""
-    if not isinstance(model, nn.Module):
-        return None
+    if not isinstance(model, nn.Module) or not any(is_dtensor(p) for p in model.parameters()):
+        return None  # not tensor parallel (nor an architecture whose K/V projections are read here)
     n_heads, head_dim = head_shape(model.config)
     blocks = set()
     for i, (k_proj, v_proj) in enumerate(kv_projections(model)):

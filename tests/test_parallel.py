@@ -78,6 +78,8 @@ def test_tensor_parallel_ranks_generate_the_single_process_tokens(saved, tmp_pat
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     ranks = [json.loads((tmp_path / "tp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert single["heads"] is None and [r["heads"] for r in ranks] == [[0, 1], [1, 2]]
+    # the weights hash the same gathered from 2 shards as in one process (so the profile matches)
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"] == single["fingerprint"] == fingerprint(AutoModelForCausalLM.from_pretrained(saved / "model"))
     lines = []
     for case in cases:
         name = case["name"]

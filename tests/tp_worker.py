@@ -4,8 +4,9 @@
 
 Loads the saved model with its tensor-parallel plan, runs every case of CASES_JSON (greedy generate
 of a prompt, unpatched or patched with the case's settings) and writes ``OUT_DIR/rank<r>.json``:
-per case the generated tokens, this rank's KV heads and per-head budgets, and on rank 0 the
-summaries of all ranks gathered into one. Also ``python tests/tp_worker.py ...`` without torchrun:
+the model's fingerprint (its K/V weights gathered from the shards), this rank's KV heads, and per
+case the generated tokens, the rank's per-head budgets and on rank 0 the summaries of all ranks
+gathered into one. Also ``python tests/tp_worker.py ...`` without torchrun:
 the single-process run the ranks are compared with (``rank0.json``).
 """
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import rdkv_hf
 from rdkv_hf import compat
+from rdkv_hf.fingerprint import fingerprint
 from rdkv_hf.parallel import kv_head_range
 from rdkv_hf.state import patch_state
 
@@ -34,7 +36,7 @@ def run(model_dir: str, cases_file: str, out_dir: str) -> None:
     spec = json.loads(Path(cases_file).read_text())
     ids = torch.tensor(spec["ids"])
     mask = torch.tensor(spec["mask"])
-    results = {"rank": rank, "heads": kv_head_range(model), "cases": {}}
+    results = {"rank": rank, "heads": kv_head_range(model), "fingerprint": fingerprint(model), "cases": {}}
     for case in spec["cases"]:
         settings = case["settings"]
         if settings is None:
