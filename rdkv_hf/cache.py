@@ -33,6 +33,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache
 from . import compat
 from .config import RDKVConfig
 from .model_patches import compressed_layers
+from .parallel import kv_head_range
 from .planners import Planner, make_planner
 from .state import patch_state
 from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack_segment  # noqa: F401 (re-exported)
@@ -308,7 +309,7 @@ class RDKVCache(DynamicCache):
             raise TypeError(f"`config` must be an RDKVConfig, got {type(config).__name__}")
         layers = compressed_layers(model_config)
         if planner is None and config is not None:
-            planner = make_planner(config, profile, layers)
+            planner = make_planner(config, profile, layers, heads=kv_head_range(model_or_config))
         if planner is None:
             state = patch_state(model_or_config)
             if state is None:

@@ -9,6 +9,9 @@
   since 5.14; before, read from the config as ``DynamicCache`` did).
 * :func:`query_length`: ``CacheLayerMixin.get_mask_sizes`` takes the number of new tokens since 5.4
   and their ``cache_position`` tensor before.
+* :func:`tensor_parallel_kwargs`: the ``from_pretrained`` keywords that load a model with its
+  tensor-parallel plan (``distributed_config=DistributedConfig(tp_plan=...)`` where
+  ``DistributedConfig`` takes a plan, 5.x; ``tp_plan=`` before, deprecated after).
 * :func:`check_transformers` refuses a release outside the tested range with the fix in the message.
 
 Nothing else in the package spells either name of the cache argument or reads these internals.
@@ -81,6 +84,17 @@ def query_length(arg) -> int:
     """The number of new tokens from ``get_mask_sizes``'s argument (an int since 5.4, the new
     tokens' ``cache_position`` tensor before)."""
     return int(arg.shape[0]) if isinstance(arg, torch.Tensor) else int(arg)
+
+
+def tensor_parallel_kwargs(plan="auto") -> dict:
+    """``from_pretrained`` keywords for tensor parallelism with `plan` (``"auto"``: the model's own)."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:  # pragma: no cover - every supported release has the module
+        DistributedConfig = None
+    if DistributedConfig is not None and "tp_plan" in getattr(DistributedConfig, "__dataclass_fields__", {}):
+        return {"distributed_config": DistributedConfig(tp_plan=plan)}
+    return {"tp_plan": plan}
 
 
 def check_transformers() -> None:

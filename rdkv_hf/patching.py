@@ -24,6 +24,7 @@ from .attention import RDKV_ATTENTION
 from .cache import RDKVCache
 from .config import RDKVConfig
 from .model_patches import compressed_layers, patcher_for
+from .parallel import kv_head_range
 from .planners import make_planner
 from .profile import RDKVProfile
 from .state import PatchState, patch_state, set_patch_state
@@ -78,7 +79,8 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
         **options: other :class:`RDKVConfig` fields (``window``, ``backend``, ...).
 
     Patching twice replaces the settings; a patch that fails leaves the model as it was (patched
-    with its previous settings, if it had any).
+    with its previous settings, if it had any). A tensor-parallel model is patched on every rank
+    (the profile check gathers the K/V weights; each rank gets the budgets of its own KV heads).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch() takes a Transformers model, got {type(model).__name__}")
@@ -89,7 +91,7 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
         cfg = cfg.replace(profile=os.path.abspath(cfg.profile))  # config.json names it from any working directory
     prof = _load_profile(profile if profile is not None else cfg.profile, model)
     _check_backend(cfg.backend, model)
-    planner = make_planner(cfg, prof, compressed_layers(model))
+    planner = make_planner(cfg, prof, compressed_layers(model), heads=kv_head_range(model))
     notes = patcher.check(model)
     patcher.attention_modules(model)  # checks the layout
     with _lock:

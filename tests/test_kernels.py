@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import TOL, run_triton_tests_in_interpreter
 
 from rdkv_hf import quant
 from rdkv_hf.attention import attend, head_partials_reference
@@ -178,14 +178,7 @@ def interpret():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the Triton tests run in this process")
 def test_interpreter_child_runs_the_triton_tests():
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.strip().splitlines()[-1], proc.stdout[-2000:]
+    run_triton_tests_in_interpreter(__file__)
 
 
 @needs_triton

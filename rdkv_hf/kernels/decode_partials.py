@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..storage import G_COLS_COUNT, H_COLS_COUNT
-from . import launch_context, triton_device_ok
+from . import check_decode_inputs, launch_context, merge_chunk_partials
 
 
 @triton.jit
@@ -138,33 +138,12 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None):
                 HC=H_COLS_COUNT, GC=G_COLS_COUNT, BLOCK_G=triton.next_power_of_2(G), BLOCK_D=triton.next_power_of_2(D),
                 BLOCK_T=block_t, BLOCK_C=16,
             )
-    M = cm.amax(1)  # [R, G]
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)  # chunks without tokens have m = -inf
-    m_out, l_out, acc_out = out if out is not None else (torch.empty_like(M), torch.empty_like(M), torch.empty(R, G, D, device=q.device))
-    m_out.copy_(M)
-    l_out.copy_((cl * f).sum(1))
-    acc_out.copy_((cacc * f[..., None]).sum(1))
-    return m_out, l_out, acc_out
+    return merge_chunk_partials(cm, cl, cacc, out)  # chunks without tokens have m = -inf
 
 
 def _check(buffers, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"`q` must be a [R, G, D] tensor, got {getattr(q, 'shape', type(q))}")
-    R, G, D = q.shape
-    if q.dtype != torch.float32 or not q.is_contiguous():
-        raise ValueError(f"`q` must be contiguous float32, got {q.dtype}, contiguous={q.is_contiguous()}")
-    if not triton_device_ok(q):
-        raise ValueError(f"`q` must be on a CUDA device (or the CPU with TRITON_INTERPRET=1), got {q.device}")
-    if buffers.heads.shape[0] != R or buffers.head_dim != D:
-        raise ValueError(f"`q` is [{R}, {G}, {D}] but the segment has {buffers.heads.shape[0]} heads of dim {buffers.head_dim}")
-    if block_t < 16 or block_t & (block_t - 1):
-        raise ValueError(f"`block_t` must be a power of two >= 16, got {block_t}")
-    for name in ("heads", "groups", "words", "meta", "raw", "perm"):
-        t = getattr(buffers, name)
-        if t.device != q.device or not t.is_contiguous():
-            raise ValueError(f"segment buffer `{name}` must be contiguous on {q.device}, got {t.device}")
-    return R, G, D
+    tensors = {name: getattr(buffers, name) for name in ("heads", "groups", "words", "meta", "raw", "perm")}
+    return check_decode_inputs(q, block_t, buffers.heads.shape[0], buffers.head_dim, tensors, "segment buffer")
 
 
 def available() -> bool:

@@ -28,9 +28,9 @@ class EvictionPlanner(Planner):
     evicts_only = True
     takes_tokens = False
 
-    def __init__(self, config, profile=None, layers=None):
+    def __init__(self, config, profile=None, layers=None, heads=None):
         # kvpress's definitions: average pooling, no carry (RDKV's own addition).
-        super().__init__(config.replace(carry=0.0, pool="avg"), profile, layers)
+        super().__init__(config.replace(carry=0.0, pool="avg"), profile, layers, heads)
 
     def n_keep(self, real: torch.Tensor) -> torch.Tensor:
         """``[B]`` tokens to keep per head of each batch row."""

@@ -24,8 +24,8 @@ class RateQuantPlanner(Planner):
     takes_tokens = False
     rank = 30
 
-    def __init__(self, config, profile=None, layers=None):
-        super().__init__(config, profile, layers)
+    def __init__(self, config, profile=None, layers=None, heads=None):
+        super().__init__(config, profile, layers, heads)
         cfg = self.config
         check_quantizer(self.profile)
         head_dim = int(self.profile.fingerprint["head_dim"])
@@ -43,7 +43,8 @@ class RateQuantPlanner(Planner):
                 f"mode='ratequant' stores at least {cheapest:.2f} bits per element with head_dim {head_dim} (1-bit "
                 f"codes, scales included), above `budget`={cfg.budget}; raise `budget` or use mode='rdkv'"
             )
-        self.k_bits, self.v_bits = self._allocate(round(code_bits * self._components()))  # the nominal widths
+        # The nominal widths of this cache's heads (the fit for a prompt length is over all heads).
+        self.k_bits, self.v_bits = (self.own_heads(b) for b in self._allocate(round(code_bits * self._components())))
         self._fitted: dict[int, tuple] = {}
 
     def _components(self) -> int:
@@ -57,8 +58,8 @@ class RateQuantPlanner(Planner):
             lambda p: head_budgets.ratequant_bits(p, mean, integer=True, bounds=bounds or self.bounds), self.profile, self.layers)
 
     def widths_for(self, tokens: int):
-        """``(k_bits, v_bits)`` ``[layers, kv_heads]`` whose stored bits for `tokens` compressed
-        tokens average at most ``budget`` over the compressed layers."""
+        """``(k_bits, v_bits)`` ``[layers, kv_heads]`` of all heads, whose stored bits for `tokens`
+        compressed tokens average at most ``budget`` over the compressed layers."""
         if tokens not in self._fitted:
             layers = list(self.layers if self.layers is not None else range(self.profile.num_layers))
             total, bounds = round(self.code_bits * self._components()), self.bounds
@@ -81,8 +82,10 @@ class RateQuantPlanner(Planner):
     def widths(self, layer_idx, w_tok, w_ch, real):
         B, H, T = w_tok.shape
         D = w_ch.shape[-1]
+        self.check_heads(layer_idx, H, self.k_bits)
         real_rows, t_real = rows(real, H)
-        fits = [self.widths_for(int(t)) if t > 0 else (self.k_bits, self.v_bits) for t in t_real.tolist()]
+        fits = [tuple(self.own_heads(b) for b in self.widths_for(int(t))) if t > 0 else (self.k_bits, self.v_bits)
+                for t in t_real.tolist()]
         dev = w_tok.device
         kb = torch.stack([f[0][layer_idx, r % H] for r, f in enumerate(fits)]).to(dev)
         vb = torch.stack([f[1][layer_idx, r % H] for r, f in enumerate(fits)]).to(dev)
