@@ -8,6 +8,11 @@ the tasks with helper threads that join only if they wake up in time, so a busy 
 parallelism rather than stalls at a barrier (OpenMP's end-of-region barrier waits for every
 thread: on a shared 2-core machine that made 2 threads 3-4x slower than 1).
 
+Dtypes: the queries are float32 (``attention.attend`` converts a bf16 or float16 model's queries
+once per step, ``[B, kv_heads, group * q, head_dim]`` values, before calling any backend); the
+16-bit zone is read in the dtype it was stored in (float32, float16 or bfloat16, converted to float32
+in registers); codes, float16 scales and minima as packed; the partials come back in float32.
+
 The library has no Python or torch headers, so it builds in about 5 s of CPU
 (``g++ -O3 -march=native -pthread``) and is cached under ``$RDKV_HF_CACHE/kernels`` (default
 ``~/.cache/rdkv_hf/kernels``), keyed by the source, the flags and the CPU.
