@@ -253,6 +253,7 @@ def allocate_rdkv(
     widths: tuple,
     eps_v: dict,
     eps_k: dict,
+    v_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RDKV's two-stage allocation for rows of one layer: V tokens first, then K channels over
     the kept tokens.
@@ -261,6 +262,7 @@ def allocate_rdkv(
         w_tok: ``[R, T]`` token weights; w_ch: ``[R, D]`` channel weights.
         real: ``[R, T]`` bool, real tokens (padding is always evicted).
         v_budget, k_budget: ``[R]`` bits for the row's V and K.
+        v_dim: elements of one V token (None: ``D``).
     Returns:
         ``(v_bits [R, T], k_bits [R, D])`` long widths.
     """
@@ -269,7 +271,7 @@ def allocate_rdkv(
     wt = torch.tensor(widths, device=w_tok.device)
     ev = torch.tensor([eps_v[b] for b in widths], device=w_tok.device)
     ek = torch.tensor([eps_k[b] for b in widths], device=w_tok.device)
-    v_cost = unit_costs(wt, torch.full((R,), D, device=w_tok.device))
+    v_cost = unit_costs(wt, torch.full((R,), v_dim or D, device=w_tok.device))
     v_opt = lagrangian_widths(w_tok, v_cost, ev, v_budget, valid=real)
     v_bits = wt[v_opt]
     n_kept = (v_bits > 0).sum(1)

@@ -6,7 +6,10 @@ Layout of one layer:
   segment holds one :class:`PackedHead` per (batch row, KV head); heads are ragged. All heads of
   a segment live in one set of flat buffers (see ``storage.py``), which the kernels walk.
 * ``keys`` / ``values``: the full-precision tail ``[B, kv_heads, n_tail, D]`` (decoded tokens and
-  the tokens of the forward being compressed).
+  the tokens of the forward being compressed); V's width may differ from K's.
+* ``latent``: for a cache that holds a latent rather than keys and values (DeepSeek's multi-head
+  latent attention since Transformers 5), how the attention reads it (``model_patches``); None
+  otherwise.
 
 A :class:`PackedHead` stores its kept tokens sorted by V width (16 first, then 8, 4, 2, ...):
 
@@ -31,7 +34,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
 from . import compat
 from .config import RDKVConfig
-from .model_patches import compressed_layers
+from .model_patches import compressed_layers, latent_attention
 from .planners import Planner, make_planner
 from .state import patch_state
 from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack_segment  # noqa: F401 (re-exported)
@@ -62,7 +65,8 @@ def take_layer(layer_idx: int, key: torch.Tensor) -> RDKVLayer | None:
     keys: the model changed what its cache returned before attending, so it would not see them."""
     offered = _offered()
     for layer in list(offered):
-        if layer.keys is key:
+        # A latent layer's attention receives keys expanded from what update returned: its index binds it.
+        if layer.keys is key or (layer.latent is not None and layer.layer_idx == layer_idx):
             offered.discard(layer)
             layer.unread = False
             return layer
@@ -87,16 +91,18 @@ class RDKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, planner: Planner, text_config=None):
+    def __init__(self, layer_idx: int, planner: Planner, text_config=None, latent=None):
         """`planner`: turns the weights of this layer's tokens into widths; its ``config`` holds
         every setting the layer and its attention use. `text_config`: the model's (text) config,
         to check that its attention reads the packed segments (an unpatched attention would attend
-        to the full-precision tail only)."""
+        to the full-precision tail only). `latent`: how to attend a latent cache (see the module
+        docstring), None for keys and values."""
         super().__init__()
         self.layer_idx = layer_idx
         self.planner = planner
         self.config = planner.config
         self.text_config = text_config
+        self.latent = latent
         self.segments: list[Segment] = []
         self.seen = 0
         self.pending = 0  # tokens of a multi-token forward that the attention has yet to compress
@@ -188,16 +194,19 @@ class RDKVLayer(CacheLayerMixin):
         """Pack the last `n_new` tail tokens into a new segment and drop them from the tail.
 
         Args:
-            w_tok: ``[B, kv_heads, n_new]`` token weights; w_ch: ``[B, kv_heads, D]``.
+            w_tok: ``[B, kv_heads, n_new]`` token weights; w_ch: ``[B, kv_heads, D]`` (K's channels
+                as attended: a latent layer's absorbed ones).
             real: ``[B, n_new]`` bool, non-padding tokens.
         """
-        B, H, n_tail, D = self.keys.shape
+        keys, values = (self.keys, self.values) if self.latent is None else self.latent.keys_values(self)
+        B, H, n_tail, D = keys.shape
+        Dv = values.shape[-1]
         start = n_tail - n_new
-        k_new, v_new = self.keys[:, :, start:], self.values[:, :, start:]
-        v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real)  # [B, H, T], [B, H, D]
+        k_new, v_new = keys[:, :, start:], values[:, :, start:]
+        v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real, v_dim=Dv)  # [B, H, T], [B, H, D]
         keep = self.planner.keep_dtype(self.dtype)
         heads, buffers = pack_segment(
-            k_new.reshape(B * H, n_new, D), v_new.reshape(B * H, n_new, D),
+            k_new.reshape(B * H, n_new, D), v_new.reshape(B * H, n_new, Dv),
             v_bits.reshape(B * H, n_new), k_bits.reshape(B * H, D), keep,
         )
         self.segments.append(Segment(heads, B, H, real.sum(1).cpu(), buffers))
@@ -234,16 +243,18 @@ def _tensor_bytes(t) -> int:
 def layer_nbytes(cache) -> list[int]:
     """Bytes each layer of a cache holds: RDKVLayer.nbytes, or every stored tensor of a
     Transformers layer (QuantizedCache: packed codes, scales and shifts, plus its full-precision
-    residual; a sliding-window layer: the last ``window - 1`` tokens it keeps)."""
+    residual; a sliding-window layer: the last ``window - 1`` tokens it keeps; a linear-attention
+    layer of a hybrid model: its convolution and recurrent states)."""
     out = []
     for layer in cache.layers:
+        states = sum(_tensor_bytes(t) for name in ("conv_states", "recurrent_states") for t in (getattr(layer, name, None) or {}).values())
         if isinstance(layer, RDKVLayer):
             out.append(layer.nbytes)
         elif not getattr(layer, "is_initialized", False):
-            out.append(0)
+            out.append(states)
         else:
             n = _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
-            out.append(n + _tensor_bytes(layer.keys) + _tensor_bytes(layer.values))
+            out.append(states + n + _tensor_bytes(layer.keys) + _tensor_bytes(layer.values))
     return out
 
 
@@ -269,6 +280,7 @@ class RDKVCache(DynamicCache):
         if config is not None and not isinstance(config, RDKVConfig):
             raise TypeError(f"`config` must be an RDKVConfig, got {type(config).__name__}")
         layers = compressed_layers(model_config)
+        latent = latent_attention(model_config)
         if planner is None and config is not None:
             planner = make_planner(config, profile, layers)
         if planner is None:
@@ -283,7 +295,7 @@ class RDKVCache(DynamicCache):
         self.planner = planner
         text_config = model_config.get_text_config(decoder=True)
         for i in layers:
-            self.layers[i] = RDKVLayer(i, planner, text_config)
+            self.layers[i] = RDKVLayer(i, planner, text_config, latent)
 
     @property
     def rdkv_config(self) -> RDKVConfig:

@@ -31,3 +31,12 @@ def launch_context(t: torch.Tensor):
 def triton_device_ok(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
     return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def check_softcap(softcap) -> float:
+    """The cap as the kernels take it (0.0: none); raises for anything but None or a positive number."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"`softcap` must be None or a positive number, got {softcap!r}")
+    return float(softcap)

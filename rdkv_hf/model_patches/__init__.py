@@ -1,27 +1,140 @@
-"""Registry of per-architecture patchers, keyed by ``config.model_type``."""
+"""The registry of supported decoder families, keyed by ``config.model_type``: one table of truth.
 
-from .base import Patcher, full_attention_layers
-from .gemma3 import Gemma3Patcher
-from .llama import LlamaPatcher
-from .mistral import MistralPatcher
-from .qwen3 import Qwen3Patcher
+Most families differ from Llama only in what reaches the shared attention (q/k norms, soft-capping,
+sinks, sliding or chunked layers) and are one entry of the generic :class:`Patcher`; a file exists
+only where a family differs (``multimodal.py``: the text decoder inside a VLM; ``deepseek_v3.py``:
+multi-head latent attention). :func:`supported_architectures` lists the registry for the README's
+support matrix and ``rdkv-hf info``; :data:`UNSUPPORTED` names the architectures refused, and why.
+A model type the installed Transformers does not have is listed all the same (nothing is imported).
+"""
 
-PATCHERS: dict[str, Patcher] = {t: p() for p in (LlamaPatcher, Qwen3Patcher, MistralPatcher, Gemma3Patcher) for t in p.model_types}
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import compat
+from .base import EVERY_LAYER, EVERY_UNLESS_SLIDING, FULL_LAYERS, Patcher, full_attention_layers
+from .deepseek_v3 import MLAPatcher
+from .multimodal import MultimodalPatcher
+
+_MISTRAL_WINDOW = ("every layer; a config with `sliding_window` set (Mistral v0.1 style) makes every layer sliding and RDKV "
+                   "compresses nothing (a warning says so)")
+_NO_PROFILE = "no profiles (`calibrate` needs `k_proj`/`v_proj` in every layer)"
+_FLOAT32_PREFILL = "the prompt attends in float32 with its logits materialized, as eager does (Transformers' sdpa has no {})"
+
+_ENTRIES: tuple[Patcher, ...] = (
+    Patcher("llama"),
+    Patcher("qwen2", EVERY_UNLESS_SLIDING),
+    Patcher("qwen2_moe", EVERY_UNLESS_SLIDING, "Transformers 5 or newer (4.57's attention bypasses the attention interface; refused "
+            "with that message)"),
+    Patcher("qwen3", EVERY_UNLESS_SLIDING),
+    Patcher("qwen3_moe", EVERY_UNLESS_SLIDING),
+    Patcher("mistral", _MISTRAL_WINDOW),
+    Patcher("ministral", FULL_LAYERS),
+    Patcher("mixtral", _MISTRAL_WINDOW),
+    Patcher("phi3", _MISTRAL_WINDOW, _NO_PROFILE + " (fused `qkv_proj`)"),
+    Patcher("gemma2", FULL_LAYERS, "soft-capped logits (`attn_logit_softcapping`): " + _FLOAT32_PREFILL.format("soft-capping")),
+    Patcher("gemma3_text", FULL_LAYERS),
+    MultimodalPatcher("gemma3", "gemma3_text", FULL_LAYERS + " (the text decoder's; image tokens are compressed like text)"),
+    Patcher("olmo2"),
+    Patcher("granite"),
+    Patcher("smollm3", EVERY_UNLESS_SLIDING),
+    Patcher("glm4"),
+    Patcher("cohere2", FULL_LAYERS),
+    Patcher("gpt_oss", FULL_LAYERS, "attention sinks (`s_aux`): every layer's attention runs in float32, " + _FLOAT32_PREFILL.format("sinks")),
+    MLAPatcher(
+        "deepseek_v3", "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3Attention", EVERY_LAYER,
+        "multi-head latent attention: Transformers 5 caches the latent, which RDKV compresses in absorbed form (K = latent + "
+        "roped key, V = latent), so b bits per element hold 1.89 b/16 of the bf16 latent's bytes; " + _NO_PROFILE,
+    ),
+    Patcher(
+        "qwen3_next", "the full-attention layers (one in four); the Gated DeltaNet layers keep their recurrent states",
+        "Transformers 5 or newer (4.57 keeps its own Qwen3NextDynamicCache, refused with that message); " + _NO_PROFILE,
+    ),
+    Patcher("llama4_text", "the full-attention (NoPE) layers; chunked-attention layers keep Transformers' cache"),
+    MultimodalPatcher("qwen2_5_vl", "qwen2_5_vl_text", EVERY_UNLESS_SLIDING + " (the text decoder's; image tokens are compressed like text)"),
+    MultimodalPatcher("llava", None, "as its text decoder's family (which must be in this table)"),
+)
+
+PATCHERS: dict[str, Patcher] = {p.model_type: p for p in _ENTRIES}
+
+# Architectures whose cache is not a list of attention layers RDKV can replace: refused with the reason.
+UNSUPPORTED: dict[str, str] = {
+    "mamba": "a state-space model: its cache holds recurrent states, no keys and values to compress",
+    "mamba2": "a state-space model: its cache holds recurrent states, no keys and values to compress",
+    "falcon_mamba": "a state-space model: its cache holds recurrent states, no keys and values to compress",
+    "rwkv": "a recurrent model: no keys and values to compress",
+    "xlstm": "a recurrent model: its cache is its own xLSTMCache, no keys and values to compress",
+    "falcon_h1": "every layer runs Mamba and attention side by side, kept in one hybrid cache layer that RDKV's layer cannot replace",
+    "zamba": "its hybrid layers keep Mamba states and attention in one cache layer that RDKV's layer cannot replace",
+    "zamba2": "its hybrid layers keep Mamba states and attention in one cache layer that RDKV's layer cannot replace",
+    "gemma3n": "later layers reuse earlier layers' keys and values (KV sharing), which would read a compressed layer uncompressed",
+    "minimax": "its cache is its own MiniMaxCache (lightning attention states), not a list of attention layers",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One row of the support matrix."""
+
+    model_type: str
+    compresses: str
+    limits: str
+    installed: bool  # the installed Transformers has this model type
+
+
+def supported_architectures() -> list[Architecture]:
+    """The registry as a table: each model type, which layers RDKV compresses, and its limits."""
+    return [Architecture(p.model_type, p.compresses, p.limits, compat.has_model_type(p.model_type)) for p in _ENTRIES]
+
+
+def support_table(installed: bool = False) -> str:
+    """The support matrix as a Markdown table (the README's is this text; `installed` adds a column
+    saying whether the installed Transformers has each model type)."""
+    head = ["model type", "compressed", "limits"] + ([f"in transformers {compat.TRANSFORMERS_VERSION}"] if installed else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in supported_architectures():
+        cells = [f"`{a.model_type}`", a.compresses, a.limits or "-"] + (["yes" if a.installed else "no"] if installed else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Refused, with the reason: " + "; ".join(f"`{t}` ({why})" for t, why in UNSUPPORTED.items()) + "."]
+    return "\n".join(lines)
 
 
 def patcher_for(model) -> Patcher:
-    model_type = model.config.get_text_config(decoder=True).model_type
+    """The patcher of `model`'s ``config.model_type``; raises ``ValueError`` naming an unsupported
+    type (and why, for the known ones) with the supported list."""
+    config = model.config
+    model_type = config.model_type
+    supported = f"supported: {sorted(PATCHERS)}"
+    if model_type in UNSUPPORTED:
+        raise ValueError(f"rdkv_hf cannot compress model_type {model_type!r}: {UNSUPPORTED[model_type]}; {supported}")
     if model_type not in PATCHERS:
-        raise ValueError(f"rdkv_hf does not support model_type {model_type!r} yet; supported: {sorted(PATCHERS)}")
-    return PATCHERS[model_type]
+        raise ValueError(f"rdkv_hf does not support model_type {model_type!r} yet; {supported}")
+    patcher = PATCHERS[model_type]
+    if isinstance(patcher, MultimodalPatcher):
+        text_type = config.get_text_config(decoder=True).model_type
+        text_families = [t for t, p in PATCHERS.items() if not isinstance(p, MultimodalPatcher)]
+        if not patcher.serves_decoder(text_type, text_families):
+            raise ValueError(f"rdkv_hf supports {model_type!r} with a text decoder of a supported family; this one's is "
+                             f"{text_type!r}; {supported}")
+    return patcher
 
 
 def compressed_layers(model_or_config) -> tuple[int, ...]:
     """Indices of the layers an RDKV cache (and the eviction baselines) compress in a model (or
     its config): its patcher's choice, the full-attention layers for a model type without one."""
     config = getattr(model_or_config, "config", model_or_config)
-    patcher = PATCHERS.get(config.get_text_config(decoder=True).model_type)
+    patcher = PATCHERS.get(config.model_type)
     return patcher.compressed_layers(config) if patcher is not None else full_attention_layers(config)
 
 
-__all__ = ["PATCHERS", "Patcher", "compressed_layers", "patcher_for"]
+def latent_attention(model_or_config):
+    """How RDKV's attention reads the cache of a model whose cache holds a latent (DeepSeek's MLA
+    on Transformers 5), None for keys and values."""
+    config = getattr(model_or_config, "config", model_or_config)
+    patcher = PATCHERS.get(config.model_type)
+    return patcher.latent_attention(config) if patcher is not None else None
+
+
+__all__ = ["PATCHERS", "UNSUPPORTED", "Architecture", "Patcher", "compressed_layers", "latent_attention", "patcher_for",
+           "support_table", "supported_architectures"]

@@ -34,7 +34,7 @@ class RateQuantPlanner(Planner):
         self.k_bits, self.v_bits = head_budgets.on_layers(
             lambda p: head_budgets.ratequant_bits(p, code_bits, integer=True), self.profile, self.layers)
 
-    def widths(self, layer_idx, w_tok, w_ch, real):
+    def widths(self, layer_idx, w_tok, w_ch, real, v_dim=None):
         B, H, T = w_tok.shape
         D = w_ch.shape[-1]
         real_rows, _ = rows(real, H)
