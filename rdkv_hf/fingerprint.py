@@ -11,9 +11,16 @@ FINGERPRINT_KEYS = ("model_type", "architecture", "num_layers", "num_kv_heads", 
 
 
 def kv_projections(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """``[(k_proj, v_proj)]`` of every decoder layer (``model.model.layers[i].self_attn``)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
+    """``[(k_proj, v_proj)]`` of every decoder layer (``self_attn`` of the layers where the
+    registry's patcher finds them; ``model.model.layers`` for a model type outside it)."""
+    from .model_patches import PATCHERS
+
+    patcher = PATCHERS.get(getattr(model.config, "model_type", None))
+    if patcher is not None:
+        layers = patcher.decoder_layers(model)
+    else:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
     out = []
@@ -31,9 +38,9 @@ def fingerprint(model) -> dict:
     The hash is the first 16 hex chars of a sha256 over the K and V projection weights (and biases)
     of every layer, rounded to bfloat16, so a float32 and a bfloat16 load of the same checkpoint agree.
     """
-    cfg = model.config
+    cfg = model.config.get_text_config(decoder=True)  # a VLM's shapes are its text decoder's
     n_heads = cfg.num_attention_heads
-    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     h = hashlib.sha256()
     for k_proj, v_proj in kv_projections(model):
         for module in (k_proj, v_proj):
@@ -45,7 +52,7 @@ def fingerprint(model) -> dict:
                 h.update(f"{name}{tuple(t.shape)}".encode())
                 h.update(t.view(torch.int16).numpy().tobytes())
     return {
-        "model_type": cfg.model_type,
+        "model_type": model.config.model_type,
         "architecture": archs[0],
         "num_layers": int(cfg.num_hidden_layers),
         "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or n_heads),

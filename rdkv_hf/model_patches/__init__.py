@@ -19,8 +19,6 @@ from .multimodal import MultimodalPatcher
 
 _MISTRAL_WINDOW = ("every layer; a config with `sliding_window` set (Mistral v0.1 style) makes every layer sliding and RDKV "
                    "compresses nothing (a warning says so)")
-_NO_PROFILE = "no profiles (`calibrate` needs `k_proj`/`v_proj` in every layer)"
-_FLOAT32_PREFILL = "the prompt attends in float32 with its logits materialized, as eager does (Transformers' sdpa has no {})"
 
 _ENTRIES: tuple[Patcher, ...] = (
     Patcher("llama"),
@@ -32,8 +30,9 @@ _ENTRIES: tuple[Patcher, ...] = (
     Patcher("mistral", _MISTRAL_WINDOW),
     Patcher("ministral", FULL_LAYERS),
     Patcher("mixtral", _MISTRAL_WINDOW),
-    Patcher("phi3", _MISTRAL_WINDOW, _NO_PROFILE + " (fused `qkv_proj`)"),
-    Patcher("gemma2", FULL_LAYERS, "soft-capped logits (`attn_logit_softcapping`): " + _FLOAT32_PREFILL.format("soft-capping")),
+    Patcher("phi3", _MISTRAL_WINDOW, "no profiles: its K and V come from one fused `qkv_proj`", profiles=False),
+    Patcher("gemma2", FULL_LAYERS, "soft-capped logits (`attn_logit_softcapping`): a prompt's attention runs in float32 with its "
+            "logits materialized, as eager (Transformers' sdpa cannot soft-cap)"),
     Patcher("gemma3_text", FULL_LAYERS),
     MultimodalPatcher("gemma3", "gemma3_text", FULL_LAYERS + " (the text decoder's; image tokens are compressed like text)"),
     Patcher("olmo2"),
@@ -41,19 +40,21 @@ _ENTRIES: tuple[Patcher, ...] = (
     Patcher("smollm3", EVERY_UNLESS_SLIDING),
     Patcher("glm4"),
     Patcher("cohere2", FULL_LAYERS),
-    Patcher("gpt_oss", FULL_LAYERS, "attention sinks (`s_aux`): every layer's attention runs in float32, " + _FLOAT32_PREFILL.format("sinks")),
+    Patcher("gpt_oss", FULL_LAYERS, "attention sinks (`s_aux`): every attention (sliding layers' too) runs in float32, a prompt's "
+            "with its logits materialized, as eager (Transformers' sdpa ignores sinks)"),
     MLAPatcher(
         "deepseek_v3", "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3Attention", EVERY_LAYER,
         "multi-head latent attention: Transformers 5 caches the latent, which RDKV compresses in absorbed form (K = latent + "
-        "roped key, V = latent), so b bits per element hold 1.89 b/16 of the bf16 latent's bytes; " + _NO_PROFILE,
+        "roped key, V = latent), so b bits per element hold 1.89 b/16 of the bf16 latent's bytes",
     ),
     Patcher(
         "qwen3_next", "the full-attention layers (one in four); the Gated DeltaNet layers keep their recurrent states",
-        "Transformers 5 or newer (4.57 keeps its own Qwen3NextDynamicCache, refused with that message); " + _NO_PROFILE,
+        "Transformers 5 or newer (4.57 keeps its own Qwen3NextDynamicCache, refused with that message)", profiles=False,
     ),
     Patcher("llama4_text", "the full-attention (NoPE) layers; chunked-attention layers keep Transformers' cache"),
     MultimodalPatcher("qwen2_5_vl", "qwen2_5_vl_text", EVERY_UNLESS_SLIDING + " (the text decoder's; image tokens are compressed like text)"),
-    MultimodalPatcher("llava", None, "as its text decoder's family (which must be in this table)"),
+    MultimodalPatcher("llava", None, "as its text decoder's family (which must be in this table)",
+                      "profiles only where its text decoder's family has them"),
 )
 
 PATCHERS: dict[str, Patcher] = {p.model_type: p for p in _ENTRIES}
@@ -79,22 +80,24 @@ class Architecture:
 
     model_type: str
     compresses: str
+    profiles: bool  # rdkv_hf.calibrate measures a profile of it (modes rdkv+profile, ratequant)
     limits: str
     installed: bool  # the installed Transformers has this model type
 
 
 def supported_architectures() -> list[Architecture]:
     """The registry as a table: each model type, which layers RDKV compresses, and its limits."""
-    return [Architecture(p.model_type, p.compresses, p.limits, compat.has_model_type(p.model_type)) for p in _ENTRIES]
+    return [Architecture(p.model_type, p.compresses, p.profiles, p.limits, compat.has_model_type(p.model_type)) for p in _ENTRIES]
 
 
 def support_table(installed: bool = False) -> str:
     """The support matrix as a Markdown table (the README's is this text; `installed` adds a column
     saying whether the installed Transformers has each model type)."""
-    head = ["model type", "compressed", "limits"] + ([f"in transformers {compat.TRANSFORMERS_VERSION}"] if installed else [])
+    head = ["model type", "compressed", "profiles", "limits"] + ([f"in transformers {compat.TRANSFORMERS_VERSION}"] if installed else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in supported_architectures():
-        cells = [f"`{a.model_type}`", a.compresses, a.limits or "-"] + (["yes" if a.installed else "no"] if installed else [])
+        cells = [f"`{a.model_type}`", a.compresses, "yes" if a.profiles else "no", a.limits or "-"]
+        cells += ["yes" if a.installed else "no"] if installed else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Refused, with the reason: " + "; ".join(f"`{t}` ({why})" for t, why in UNSUPPORTED.items()) + "."]
     return "\n".join(lines)

@@ -75,10 +75,14 @@ class Patcher:
         compresses: which layers RDKV compresses, for the support table.
         limits: what does not work or works differently, for the support table ("" if nothing).
         layers: where the decoder layers are, from the top-level model (the first path that exists).
+        profiles: whether :func:`rdkv_hf.calibrate` measures a profile of it (it needs ``k_proj``
+            and ``v_proj`` in every layer's ``self_attn``).
     """
 
-    def __init__(self, model_type: str, compresses: str = EVERY_LAYER, limits: str = "", layers: tuple[str, ...] = ("model.layers",)):
+    def __init__(self, model_type: str, compresses: str = EVERY_LAYER, limits: str = "", layers: tuple[str, ...] = ("model.layers",),
+                 profiles: bool = True):
         self.model_type, self.compresses, self.limits, self.layers = model_type, compresses, limits, layers
+        self.profiles = profiles
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_type!r})"

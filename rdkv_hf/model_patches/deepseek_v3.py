@@ -58,7 +58,7 @@ class MLAPatcher(Patcher):
     """A DeepSeek-style MLA family; `attention_class` is its attention module, ``module:Class``."""
 
     def __init__(self, model_type: str, attention_class: str, compresses: str, limits: str = ""):
-        super().__init__(model_type, compresses, limits)
+        super().__init__(model_type, compresses, limits, profiles=False)  # no k_proj / v_proj: no profiles
         self.attention_class = attention_class
 
     def latent_attention(self, config):

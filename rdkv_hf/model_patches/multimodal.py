@@ -19,7 +19,7 @@ class MultimodalPatcher(Patcher):
     family of the registry when `decoder` is None (LLaVA)."""
 
     def __init__(self, model_type: str, decoder: str | None, compresses: str = FULL_LAYERS, limits: str = ""):
-        super().__init__(model_type, compresses, limits, layers=DECODER_PATHS)
+        super().__init__(model_type, compresses, limits, layers=DECODER_PATHS, profiles=True)
         self.decoder = decoder
 
     def serves_decoder(self, text_model_type: str, supported) -> bool:
