@@ -38,17 +38,16 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
     [B, Hkv, kv, Dv]`` (the tail returned by the cache); ``softcap`` and ``s_aux [Hq]`` in `kwargs`
     where the model passes them. Returns ``([B, q, Hq, Dv], None)``."""
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    plain = softcap is None and sinks is None  # what Transformers' sdpa serves
     layer = take_layer(getattr(module, "layer_idx", None), key)
-    if layer is None:  # not an RDKVCache layer (a sliding-window layer, another cache, no cache)
-        if softcap is None and sinks is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if module.training and dropout > 0:
-            raise ValueError("RDKV attention serves inference; call model.eval() (attention dropout is on)")
-        out, _ = attend(query, [], key, value, attention_mask, _scaling(scaling, query), softcap=softcap, sinks=sinks)
-        return out.transpose(1, 2).contiguous(), None
+    if layer is None and plain:  # not an RDKVCache layer (a sliding-window layer, another cache, no cache)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if module.training and dropout > 0:
         raise ValueError("RDKV compresses an inference cache; call model.eval() (attention dropout is on)")
-    scaling = _scaling(scaling, query)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer is None:  # as above, with soft-capping or sinks
+        out, _ = attend(query, [], key, value, attention_mask, scaling, softcap=softcap, sinks=sinks)
+        return out.transpose(1, 2).contiguous(), None
     q_len = query.shape[2]
     cfg = layer.config
     # A latent cache (DeepSeek's MLA) is attended in its absorbed form; others as they are.
@@ -58,7 +57,7 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
     if layer.segments:
         out, lse = attend(q_at, layer.segments, k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks)
         out = (out if latent is None else latent.output(module, out)).to(query.dtype).transpose(1, 2).contiguous()
-    elif softcap is not None or sinks is not None:
+    elif not plain:
         out, lse = attend(query, [], key, value, attention_mask, scaling, softcap=softcap, sinks=sinks)
         out = out.transpose(1, 2).contiguous()
     else:
@@ -68,10 +67,6 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
         layer.compress_tail(q_len, w_tok, w_ch, real)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
-
-
-def _scaling(scaling, query) -> float:
-    return scaling if scaling is not None else query.shape[-1] ** -0.5
 
 
 def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -156,6 +156,15 @@ class RDKVLayer(CacheLayerMixin):
 
     get_max_cache_shape = get_max_length  # the abstract method's name before Transformers 5.13
 
+    @classmethod
+    def replacing(cls, layer, layer_idx: int, planner: Planner, text_config=None, latent=None) -> RDKVLayer:
+        """The RDKV layer for Transformers' cache layer `layer` of a full-attention layer: this
+        class, or :class:`RDKVHybridLayer` where the layer also keeps a linear-attention state."""
+        hybrid = compat.LinearAttentionAndFullAttentionLayer
+        if hybrid is not None and isinstance(layer, hybrid):
+            return RDKVHybridLayer(layer_idx, planner, text_config, latent, number_of_states=layer.number_of_states)
+        return cls(layer_idx, planner, text_config, latent)
+
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
@@ -230,6 +239,46 @@ class RDKVLayer(CacheLayerMixin):
         return n
 
 
+if compat.LinearAttentionLayer is not None:
+
+    class RDKVHybridLayer(compat.LinearAttentionLayer, RDKVLayer):
+        """An RDKV layer that also keeps the linear-attention (Mamba) state of a layer running both
+        side by side (Falcon-H1), as Transformers' ``LinearAttentionAndFullAttentionLayer`` does
+        for a ``DynamicLayer``: the state's methods come from the linear layer, the K/V's from RDKV."""
+
+        is_compileable = False
+        is_croppable = False
+
+        def __init__(self, layer_idx, planner, text_config=None, latent=None, number_of_states: int = 1):
+            RDKVLayer.__init__(self, layer_idx, planner, text_config, latent)
+            compat.LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+        def lazy_initialization(self, *args, **kwargs) -> None:
+            if len(args) == 2 and not kwargs:  # from update(keys, values)
+                RDKVLayer.lazy_initialization(self, *args)
+            else:  # from update_conv_state / update_recurrent_state
+                compat.LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+        def reset(self) -> None:
+            compat.LinearAttentionLayer.reset(self)
+            RDKVLayer.reset(self)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            compat.LinearAttentionLayer.reorder_cache(self, beam_idx)
+            RDKVLayer.reorder_cache(self, beam_idx)
+
+        def offload(self) -> None:
+            compat.LinearAttentionLayer.offload(self)
+            RDKVLayer.offload(self)
+
+        def prefetch(self) -> None:
+            compat.LinearAttentionLayer.prefetch(self)
+            RDKVLayer.prefetch(self)
+
+        crop = RDKVLayer.crop  # compressed tokens cannot be rolled back
+        get_max_length = RDKVLayer.get_max_length
+
+
 def _tensor_bytes(t) -> int:
     """Bytes of a tensor, or of every inner tensor of a tensor subclass (quanto's packed tensors)."""
     if t is None:
@@ -249,7 +298,7 @@ def layer_nbytes(cache) -> list[int]:
     for layer in cache.layers:
         states = sum(_tensor_bytes(t) for name in ("conv_states", "recurrent_states") for t in (getattr(layer, name, None) or {}).values())
         if isinstance(layer, RDKVLayer):
-            out.append(layer.nbytes)
+            out.append(states + layer.nbytes)
         elif not getattr(layer, "is_initialized", False):
             out.append(states)
         else:
@@ -295,7 +344,7 @@ class RDKVCache(DynamicCache):
         self.planner = planner
         text_config = model_config.get_text_config(decoder=True)
         for i in layers:
-            self.layers[i] = RDKVLayer(i, planner, text_config, latent)
+            self.layers[i] = RDKVLayer.replacing(self.layers[i], i, planner, text_config, latent)
 
     @property
     def rdkv_config(self) -> RDKVConfig:

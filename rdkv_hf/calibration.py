@@ -91,7 +91,7 @@ def calibrate(
         progress: show a tqdm bar.
     """
     from .fingerprint import fingerprint, weight_norms
-    from .model_patches import compressed_layers
+    from .model_patches import check_profiles, compressed_layers
     from .profile import RDKVProfile
 
     widths = sorted({int(b) for b in widths})
@@ -101,6 +101,7 @@ def calibrate(
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     if patch_state(model) is not None:
         raise ValueError("`model` is patched by rdkv_hf; calibrate the original model (call rdkv_hf.unpatch(model) first)")
+    check_profiles(model)
     ids, source = _calibration_ids(texts, tokenizer, n_seqs, seq_len, seed)
     fp = fingerprint(model)
     dtype = next(model.parameters()).dtype

@@ -15,7 +15,9 @@
   :func:`own_cache_classes` (hybrid models kept their cache in a class of their own before
   Transformers 5, e.g. 4.57's ``Qwen3NextDynamicCache``; since then it is a list of layers) and
   :func:`caches_mla_latent` (DeepSeek's multi-head latent attention caches per-head K and V in
-  4.57 and the latent in 5.x).
+  4.57 and the latent in 5.x); :data:`LinearAttentionLayer` and
+  :data:`LinearAttentionAndFullAttentionLayer` (5.x: Falcon-H1's layers keep a Mamba state and
+  attention in one cache layer; None before).
 
 Nothing else in the package spells either name of the cache argument or reads these internals.
 """
@@ -30,6 +32,11 @@ try:
     from transformers.cache_utils import get_layer_types_and_kwargs
 except ImportError:  # transformers < 5.14
     get_layer_types_and_kwargs = None
+
+try:  # a layer holding a Mamba / linear-attention state (and, in its hybrid subclass, attention too)
+    from transformers.cache_utils import LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
+except ImportError:  # transformers 4.57: hybrid models keep their own cache classes
+    LinearAttentionLayer = LinearAttentionAndFullAttentionLayer = None
 
 # The range pyproject.toml declares and CI tests at both ends (.ci/run).
 MIN_TRANSFORMERS = "4.57.6"

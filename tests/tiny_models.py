@@ -76,6 +76,13 @@ TINY = {
     "llama4_text": ("Llama4ForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, head_dim=8, intermediate_size_mlp=64,
                                                intermediate_size=32, num_local_experts=1, num_experts_per_tok=1, attention_chunk_size=8,
                                                no_rope_layer_interval=2, interleave_moe_layer_step=1)),
+    "falcon_h1": ("FalconH1ForCausalLM", _text(num_attention_heads=3, num_key_value_heads=1, mamba_d_ssm=32, mamba_n_heads=4,
+                                             mamba_d_head=8, mamba_d_state=8, mamba_d_conv=4, mamba_expand=1, mamba_chunk_size=8,
+                                             key_multiplier=0.5)),
+    "zamba2": ("Zamba2ForCausalLM", _text(num_attention_heads=3, num_key_value_heads=3, num_hidden_layers=4, mamba_d_state=8,
+                                          layers_block_type=["linear_attention" if _TRANSFORMERS_5 else "mamba", "hybrid"] * 2,
+                                          n_mamba_heads=4, mamba_expand=1,
+                                          chunk_size=8, use_mamba_kernels=False, adapter_rank=8)),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", dict(
         text_config=_text(num_attention_heads=3, num_key_value_heads=1, **_mrope([2, 3, 3])),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=48, patch_size=14,
@@ -89,9 +96,9 @@ TINY = {
 
 # Attended by Transformers' eager only (its sdpa has no soft-capping, and ignores sinks).
 EAGER_REFERENCE = {"gemma2", "gpt_oss"}
-# Refused before Transformers 5 (4.57 keeps Qwen3-Next's cache in its own class; its Qwen2-MoE
-# attention does not call the attention interface).
-NEEDS_TRANSFORMERS_5 = {"qwen2_moe", "qwen3_next"}
+# Refused before Transformers 5 (4.57 keeps Qwen3-Next's, Falcon-H1's and Zamba2's caches in classes
+# of their own; its Qwen2-MoE attention does not call the attention interface).
+NEEDS_TRANSFORMERS_5 = {"qwen2_moe", "qwen3_next", "falcon_h1", "zamba2"}
 
 
 def tiny_arch(model_type: str, dtype=torch.float32):

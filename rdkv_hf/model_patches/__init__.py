@@ -52,7 +52,14 @@ _ENTRIES: tuple[Patcher, ...] = (
         "Transformers 5 or newer (4.57 keeps its own Qwen3NextDynamicCache, refused with that message)", profiles=False,
     ),
     Patcher("llama4_text", "the full-attention (NoPE) layers; chunked-attention layers keep Transformers' cache"),
-    MultimodalPatcher("qwen2_5_vl", "qwen2_5_vl_text", EVERY_UNLESS_SLIDING + " (the text decoder's; image tokens are compressed like text)"),
+    Patcher("falcon_h1", "the attention of every layer; the Mamba beside it keeps its states (in the same cache layer)",
+            "Transformers 5 or newer (4.57 keeps its own FalconHybridMambaAttentionDynamicCache, refused with that message)"),
+    Patcher("zamba2", "the attention of the hybrid layers (one shared attention block, a cache layer for each use); Mamba layers keep "
+            "their states", "Transformers 5 or newer (4.57 keeps its own Zamba2HybridDynamicCache, refused with that message)",
+            profiles=False),
+    MultimodalPatcher("qwen2_5_vl", "qwen2_5_vl_text", EVERY_UNLESS_SLIDING + " (the text decoder's; image tokens are compressed like text)",
+                      "profiles from Transformers 5 (4.57's model cannot run a forward from embeddings, which calibration does)",
+                      profiles="5"),
     MultimodalPatcher("llava", None, "as its text decoder's family (which must be in this table)",
                       "profiles only where its text decoder's family has them"),
 )
@@ -66,9 +73,6 @@ UNSUPPORTED: dict[str, str] = {
     "falcon_mamba": "a state-space model: its cache holds recurrent states, no keys and values to compress",
     "rwkv": "a recurrent model: no keys and values to compress",
     "xlstm": "a recurrent model: its cache is its own xLSTMCache, no keys and values to compress",
-    "falcon_h1": "every layer runs Mamba and attention side by side, kept in one hybrid cache layer that RDKV's layer cannot replace",
-    "zamba": "its hybrid layers keep Mamba states and attention in one cache layer that RDKV's layer cannot replace",
-    "zamba2": "its hybrid layers keep Mamba states and attention in one cache layer that RDKV's layer cannot replace",
     "gemma3n": "later layers reuse earlier layers' keys and values (KV sharing), which would read a compressed layer uncompressed",
     "minimax": "its cache is its own MiniMaxCache (lightning attention states), not a list of attention layers",
 }
@@ -80,7 +84,7 @@ class Architecture:
 
     model_type: str
     compresses: str
-    profiles: bool  # rdkv_hf.calibrate measures a profile of it (modes rdkv+profile, ratequant)
+    profiles: bool | str  # rdkv_hf.calibrate measures a profile of it (modes rdkv+profile, ratequant); str: from that major release
     limits: str
     installed: bool  # the installed Transformers has this model type
 
@@ -96,7 +100,8 @@ def support_table(installed: bool = False) -> str:
     head = ["model type", "compressed", "profiles", "limits"] + ([f"in transformers {compat.TRANSFORMERS_VERSION}"] if installed else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in supported_architectures():
-        cells = [f"`{a.model_type}`", a.compresses, "yes" if a.profiles else "no", a.limits or "-"]
+        profiles = f"Transformers {a.profiles}+" if isinstance(a.profiles, str) else "yes" if a.profiles else "no"
+        cells = [f"`{a.model_type}`", a.compresses, profiles, a.limits or "-"]
         cells += ["yes" if a.installed else "no"] if installed else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Refused, with the reason: " + "; ".join(f"`{t}` ({why})" for t, why in UNSUPPORTED.items()) + "."]
@@ -123,6 +128,19 @@ def patcher_for(model) -> Patcher:
     return patcher
 
 
+def check_profiles(model) -> None:
+    """Raise ``ValueError`` when :func:`rdkv_hf.calibrate` cannot measure a profile of `model`'s
+    family (the table's "profiles" column); a model type outside the registry is left to try."""
+    patcher = PATCHERS.get(model.config.model_type)
+    if patcher is None or patcher.profiles_here():
+        return
+    if isinstance(patcher.profiles, str):
+        raise ValueError(f"profiles of {patcher.model_type} need Transformers {patcher.profiles} or newer, found "
+                         f"{compat.TRANSFORMERS_VERSION}: pip install -U 'transformers<{compat.MAX_TRANSFORMERS_EXCLUSIVE}'")
+    raise ValueError(f"rdkv_hf cannot measure a profile of {patcher.model_type}: calibration needs `self_attn.k_proj` and "
+                     "`v_proj` in every layer; patch it without one (mode 'rdkv')")
+
+
 def compressed_layers(model_or_config) -> tuple[int, ...]:
     """Indices of the layers an RDKV cache (and the eviction baselines) compress in a model (or
     its config): its patcher's choice, the full-attention layers for a model type without one."""
@@ -139,5 +157,5 @@ def latent_attention(model_or_config):
     return patcher.latent_attention(config) if patcher is not None else None
 
 
-__all__ = ["PATCHERS", "UNSUPPORTED", "Architecture", "Patcher", "compressed_layers", "latent_attention", "patcher_for",
+__all__ = ["PATCHERS", "UNSUPPORTED", "Architecture", "Patcher", "check_profiles", "compressed_layers", "latent_attention", "patcher_for",
            "support_table", "supported_architectures"]

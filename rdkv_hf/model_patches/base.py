@@ -32,11 +32,16 @@ _KIND = {
 }
 
 
+# Layer types whose cache holds the keys and values of full (global) attention: "hybrid" layers
+# (Falcon-H1) run Mamba beside it and keep both in one cache layer.
+FULL_ATTENTION = ("full_attention", "hybrid")
+
+
 def full_attention_layers(config) -> tuple[int, ...]:
     """Indices of the full-attention layers of a model's (text) config. Sliding-window layers
     (Gemma 3: five of every six) keep Transformers' own cache, bounded by the window."""
     types = layer_types(config.get_text_config(decoder=True))
-    return tuple(i for i, t in enumerate(types) if t == "full_attention")
+    return tuple(i for i, t in enumerate(types) if t in FULL_ATTENTION)
 
 
 def layer_notes(config) -> list[str]:
@@ -44,7 +49,7 @@ def layer_notes(config) -> list[str]:
     how many and why; none when every layer is full attention."""
     text = config.get_text_config(decoder=True)
     types = layer_types(text)
-    other = Counter(t for t in types if t != "full_attention")
+    other = Counter(t for t in types if t not in FULL_ATTENTION)
     if not other:
         return []
     kinds = " and ".join(_KIND.get(t, t) for t in sorted(other))
@@ -76,11 +81,12 @@ class Patcher:
         limits: what does not work or works differently, for the support table ("" if nothing).
         layers: where the decoder layers are, from the top-level model (the first path that exists).
         profiles: whether :func:`rdkv_hf.calibrate` measures a profile of it (it needs ``k_proj``
-            and ``v_proj`` in every layer's ``self_attn``).
+            and ``v_proj`` in every layer's ``self_attn``): True, False, or the Transformers major
+            version from which it does (a string).
     """
 
     def __init__(self, model_type: str, compresses: str = EVERY_LAYER, limits: str = "", layers: tuple[str, ...] = ("model.layers",),
-                 profiles: bool = True):
+                 profiles: bool | str = True):
         self.model_type, self.compresses, self.limits, self.layers = model_type, compresses, limits, layers
         self.profiles = profiles
 
@@ -105,6 +111,12 @@ class Patcher:
                 raise ValueError(f"attention module {i} reports layer_idx={m.layer_idx}; the RDKV cache is indexed by layer")
             mods.append(m)
         return mods
+
+    def profiles_here(self) -> bool:
+        """Whether :func:`rdkv_hf.calibrate` measures a profile of this family on the installed Transformers."""
+        if isinstance(self.profiles, str):
+            return compat.TRANSFORMERS_VERSION.major >= int(self.profiles)
+        return self.profiles
 
     def compressed_layers(self, config) -> tuple[int, ...]:
         """The layers whose cache RDKV compresses: the full-attention ones."""

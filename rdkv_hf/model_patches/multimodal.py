@@ -18,8 +18,8 @@ class MultimodalPatcher(Patcher):
     """A VLM whose text decoder is `decoder` (its text config's ``model_type``), or any decoder
     family of the registry when `decoder` is None (LLaVA)."""
 
-    def __init__(self, model_type: str, decoder: str | None, compresses: str = FULL_LAYERS, limits: str = ""):
-        super().__init__(model_type, compresses, limits, layers=DECODER_PATHS, profiles=True)
+    def __init__(self, model_type: str, decoder: str | None, compresses: str = FULL_LAYERS, limits: str = "", profiles: bool | str = True):
+        super().__init__(model_type, compresses, limits, layers=DECODER_PATHS, profiles=profiles)
         self.decoder = decoder
 
     def serves_decoder(self, text_model_type: str, supported) -> bool:
