@@ -1,5 +1,5 @@
 """A tiny seeded random model of every model type in the support matrix, built from its config
-(two or three layers, odd head counts and GQA ratios, vocabulary 128), and what each test needs to
+(two to four layers, odd head counts and GQA ratios, vocabulary 128), and what each test needs to
 know about it. ``TINY``'s keys are the registry's model types (tests/test_architectures.py checks).
 
 Ids 120-123 are the VLMs' image and delimiter tokens; text prompts draw from 3-99. Mixture-of-experts
@@ -83,6 +83,29 @@ TINY = {
                                           layers_block_type=["linear_attention" if _TRANSFORMERS_5 else "mamba", "hybrid"] * 2,
                                           n_mamba_heads=4, mamba_expand=1,
                                           chunk_size=8, use_mamba_kernels=False, adapter_rank=8)),
+    "jamba": ("JambaForCausalLM", _text(num_attention_heads=3, num_key_value_heads=1, attn_layer_period=2, attn_layer_offset=1,
+                                        num_experts=2, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+                                        mamba_d_state=8, mamba_expand=1, use_mamba_kernels=False)),
+    "lfm2": ("Lfm2ForCausalLM", _text(num_attention_heads=3, num_key_value_heads=1, layer_types=["conv", "full_attention"])),
+    "gemma": ("GemmaForCausalLM", _text(num_attention_heads=3, num_key_value_heads=1, head_dim=16)),
+    "phi": ("PhiForCausalLM", _text(num_attention_heads=3, num_key_value_heads=3)),
+    "starcoder2": ("Starcoder2ForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, sliding_window=None)),
+    "stablelm": ("StableLmForCausalLM", _text(num_attention_heads=3, num_key_value_heads=3)),
+    "olmo": ("OlmoForCausalLM", _text(num_attention_heads=3, num_key_value_heads=3)),
+    "olmo3": ("Olmo3ForCausalLM", _text(num_attention_heads=3, num_key_value_heads=3, **_SLIDING)),
+    "olmoe": ("OlmoeForCausalLM", _text(num_attention_heads=3, num_key_value_heads=3, num_experts=2, num_experts_per_tok=2)),
+    "cohere": ("CohereForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2)),
+    "exaone4": ("Exaone4ForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, head_dim=8, **_SLIDING)),
+    "glm4_moe": ("Glm4MoeForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, head_dim=8, n_routed_experts=2,
+                                             num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
+                                             topk_group=1)),
+    "ernie4_5": ("Ernie4_5ForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),
+    "seed_oss": ("SeedOssForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),
+    "apertus": ("ApertusForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2)),
+    "arcee": ("ArceeForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2)),
+    "helium": ("HeliumForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),
+    "hunyuan_v1_dense": ("HunYuanDenseV1ForCausalLM", _text(num_attention_heads=6, num_key_value_heads=2, head_dim=8)),
+    "nemotron": ("NemotronForCausalLM", _text(num_attention_heads=3, num_key_value_heads=1)),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", dict(
         text_config=_text(num_attention_heads=3, num_key_value_heads=1, **_mrope([2, 3, 3])),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=48, patch_size=14,
@@ -96,9 +119,9 @@ TINY = {
 
 # Attended by Transformers' eager only (its sdpa has no soft-capping, and ignores sinks).
 EAGER_REFERENCE = {"gemma2", "gpt_oss"}
-# Refused before Transformers 5 (4.57 keeps Qwen3-Next's, Falcon-H1's and Zamba2's caches in classes
-# of their own; its Qwen2-MoE attention does not call the attention interface).
-NEEDS_TRANSFORMERS_5 = {"qwen2_moe", "qwen3_next", "falcon_h1", "zamba2"}
+# Refused before Transformers 5 (4.57 keeps the hybrids' caches in classes of their own; its Qwen2-MoE,
+# StableLM, OLMoE and Nemotron attention does not call the attention interface).
+NEEDS_TRANSFORMERS_5 = {"qwen2_moe", "qwen3_next", "falcon_h1", "zamba2", "jamba", "lfm2", "stablelm", "olmoe", "nemotron"}
 
 
 def tiny_arch(model_type: str, dtype=torch.float32):

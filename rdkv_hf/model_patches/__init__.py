@@ -19,12 +19,13 @@ from .multimodal import MultimodalPatcher
 
 _MISTRAL_WINDOW = ("every layer; a config with `sliding_window` set (Mistral v0.1 style) makes every layer sliding and RDKV "
                    "compresses nothing (a warning says so)")
+_OWN_CACHE_457 = "Transformers 5 or newer (4.57 keeps its own {}, refused with that message)"
+_BYPASS_457 = "Transformers 5 or newer (4.57's attention bypasses the attention interface; refused with that message)"
 
 _ENTRIES: tuple[Patcher, ...] = (
     Patcher("llama"),
     Patcher("qwen2", EVERY_UNLESS_SLIDING),
-    Patcher("qwen2_moe", EVERY_UNLESS_SLIDING, "Transformers 5 or newer (4.57's attention bypasses the attention interface; refused "
-            "with that message)"),
+    Patcher("qwen2_moe", EVERY_UNLESS_SLIDING, _BYPASS_457),
     Patcher("qwen3", EVERY_UNLESS_SLIDING),
     Patcher("qwen3_moe", EVERY_UNLESS_SLIDING),
     Patcher("mistral", _MISTRAL_WINDOW),
@@ -49,14 +50,34 @@ _ENTRIES: tuple[Patcher, ...] = (
     ),
     Patcher(
         "qwen3_next", "the full-attention layers (one in four); the Gated DeltaNet layers keep their recurrent states",
-        "Transformers 5 or newer (4.57 keeps its own Qwen3NextDynamicCache, refused with that message)", profiles=False,
+        _OWN_CACHE_457.format("Qwen3NextDynamicCache"), profiles=False,
     ),
     Patcher("llama4_text", "the full-attention (NoPE) layers; chunked-attention layers keep Transformers' cache"),
     Patcher("falcon_h1", "the attention of every layer; the Mamba beside it keeps its states (in the same cache layer)",
-            "Transformers 5 or newer (4.57 keeps its own FalconHybridMambaAttentionDynamicCache, refused with that message)"),
+            _OWN_CACHE_457.format("FalconHybridMambaAttentionDynamicCache")),
     Patcher("zamba2", "the attention of the hybrid layers (one shared attention block, a cache layer for each use); Mamba layers keep "
-            "their states", "Transformers 5 or newer (4.57 keeps its own Zamba2HybridDynamicCache, refused with that message)",
+            "their states", _OWN_CACHE_457.format("Zamba2HybridDynamicCache"), profiles=False),
+    Patcher("jamba", "the attention layers (one in `attn_layer_period`); Mamba layers keep their states",
+            _OWN_CACHE_457.format("HybridMambaAttentionDynamicCache"), profiles=False),
+    Patcher("lfm2", "the attention layers; the convolution layers keep their states", _OWN_CACHE_457.format("Lfm2HybridConvCache"),
             profiles=False),
+    Patcher("gemma"),
+    Patcher("phi"),
+    Patcher("starcoder2", _MISTRAL_WINDOW),
+    Patcher("stablelm", limits=_BYPASS_457),
+    Patcher("olmo"),
+    Patcher("olmo3", FULL_LAYERS),
+    Patcher("olmoe", limits=_BYPASS_457),
+    Patcher("cohere"),
+    Patcher("exaone4", FULL_LAYERS),
+    Patcher("glm4_moe"),
+    Patcher("ernie4_5"),
+    Patcher("seed_oss"),
+    Patcher("apertus"),
+    Patcher("arcee"),
+    Patcher("helium"),
+    Patcher("hunyuan_v1_dense"),
+    Patcher("nemotron", limits=_BYPASS_457),
     MultimodalPatcher("qwen2_5_vl", "qwen2_5_vl_text", EVERY_UNLESS_SLIDING + " (the text decoder's; image tokens are compressed like text)",
                       "profiles from Transformers 5 (4.57's model cannot run a forward from embeddings, which calibration does)",
                       profiles="5"),
