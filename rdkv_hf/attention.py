@@ -14,7 +14,7 @@ Triton kernels, the prompt's scoring): ``softcap`` (Gemma 2) caps the scaled log
 ``softcap * tanh(x / softcap)``; ``s_aux`` (GPT-OSS) adds one sink logit per query head to the
 softmax's denominator, merged as one more split-K partial; K and V may have different widths.
 Transformers' sdpa serves neither softcap nor sinks, so a forward that has them attends here in
-float32 (as eager, the logits of all its queries at once).
+float32 (as eager does, though ``DENSE_CHUNK`` queries at a time).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from .overrides import AttentionOverride
 
 logger = logging.getLogger(__name__)
 
+DENSE_CHUNK = 1024  # queries at a time where sdpa cannot serve: their float32 logits are [B, Hq, 1024, kv]
+
 
 def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Transformers attention interface: ``query [B, Hq, q, D]``, ``key [B, Hkv, kv, D]``, ``value
@@ -46,24 +48,29 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise ValueError("RDKV compresses an inference cache; call model.eval() (attention dropout is on)")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer is None:  # as above, with soft-capping or sinks
-        out, _ = attend(query, [], key, value, attention_mask, scaling, softcap=softcap, sinks=sinks)
+        out, _ = dense_attention(query, key, value, attention_mask, scaling, softcap, sinks)
         return out.transpose(1, 2).contiguous(), None
     q_len = query.shape[2]
     cfg = layer.config
-    # A latent cache (DeepSeek's MLA) is attended in its absorbed form; others as they are.
+    # A latent cache (DeepSeek's MLA) is attended in its absorbed form; others as they are. Before
+    # any segment, only the scoring window's queries are absorbed (all of them: [B, H, q, r] float32).
     latent = layer.latent
-    q_at, k_at, v_at = (query, key, value) if latent is None else (latent.query(module, query), *latent.keys_values(layer))
+    if latent is None:
+        q_at, k_at, v_at = query, key, value
+    else:
+        q_at = latent.query(module, query if layer.segments else query[:, :, -min(cfg.window, q_len) :])
+        k_at, v_at = latent.keys_values(layer)
     lse = None
     if layer.segments:
         out, lse = attend(q_at, layer.segments, k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks)
         out = (out if latent is None else latent.output(module, out)).to(query.dtype).transpose(1, 2).contiguous()
     elif not plain:
-        out, lse = attend(query, [], key, value, attention_mask, scaling, softcap=softcap, sinks=sinks)
+        out, lse = dense_attention(query, key, value, attention_mask, scaling, softcap, sinks)
         out = out.transpose(1, 2).contiguous()
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
     if q_len > 1 and (not layer.segments or cfg.compress_followups):
-        w_tok, w_ch, real = prompt_weights(q_at, k_at, attention_mask, scaling, q_len, cfg, lse, softcap, sinks)
+        w_tok, w_ch, real = prompt_weights(q_at, k_at, attention_mask, scaling, q_len, cfg, lse, softcap, sinks, q_len=q_len)
         layer.compress_tail(q_len, w_tok, w_ch, real)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
@@ -91,7 +98,7 @@ def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device)
     return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)
 
 
-def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None, softcap=None, sinks=None):
+def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None, softcap=None, sinks=None, q_len=None):
     """RDKV weights of the last `n_new` tail tokens from the attention of the last ``cfg.window``
     queries (pooled and carried as :func:`~rdkv_hf.allocate.token_weights` with `cfg`'s settings).
 
@@ -102,13 +109,17 @@ def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None, softcap=None
             when :func:`attend` computed it (compressed segments exist, or softcap or sinks);
             None: the tail is everything.
         softcap: the model's logit cap (None: none); sinks: ``[Hq]`` sink logits (None: none).
+        q_len: the forward's number of queries when `query` holds only the last ``cfg.window`` of
+            them (None: all of them).
     Returns:
         ``(w_tok [B, Hkv, n_new], w_ch [B, Hkv, D], real [B, n_new])``.
     """
-    B, Hq, q, D = query.shape
+    B, Hq, _, D = query.shape
+    q = query.shape[2] if q_len is None else q_len
     Hkv, kv = key.shape[1], key.shape[2]
     g = Hq // Hkv
     W = min(cfg.window, q)
+    assert query.shape[2] >= W, "the query must hold at least the scoring window"
     if mask is None:
         # Causal without padding: every new token is real; build only the window's rows (the full
         # [q, kv] visibility is q * kv bools, 64 MiB at 8K tokens, for nothing).
@@ -121,7 +132,7 @@ def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None, softcap=None
         real = vis_all[:, :, kv - n_new :].any(1)  # a token nobody sees is padding
         q_real = real[:, n_new - W :] if W <= n_new else vis_all[:, -W:].any(-1)
         vis = vis_all[:, q - W :, :]  # [B, W, kv]
-    qw = query[:, :, q - W :].float().reshape(B, Hkv, g, W, D)
+    qw = query[:, :, query.shape[2] - W :].float().reshape(B, Hkv, g, W, D)
     logits = cap_logits((qw * scaling) @ key.float()[:, :, None].transpose(-1, -2), softcap)  # [B, Hkv, g, W, kv]
     logits = logits.masked_fill(~vis[:, None, None], -math.inf)
     if lse is None:
@@ -236,6 +247,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         logger.info("rdkv_hf: decode backend 'auto' on %s uses %r%s", device.type, choice, why)
         _resolved[key] = choice
     return _resolved[key]
+
+
+def dense_attention(query, key, value, mask, scaling, softcap=None, sinks=None):
+    """:func:`attend` over keys and values alone (a forward before any segment, or a layer RDKV does
+    not compress) for a model that soft-caps or has sinks, ``DENSE_CHUNK`` queries at a time.
+
+    Returns ``(out [B, Hq, q, Dv], lse [B, Hq, q])``."""
+    B, _, q, _ = query.shape
+    kv = key.shape[2]
+    if q <= DENSE_CHUNK:
+        return attend(query, [], key, value, mask, scaling, softcap=softcap, sinks=sinks)
+    parts = []
+    for i in range(0, q, DENSE_CHUNK):
+        j = min(q, i + DENSE_CHUNK)
+        if mask is None:  # causal: the last query sees up to the last key
+            rows = torch.arange(i, j, device=query.device)[:, None] + (kv - q)
+            chunk_mask = (torch.arange(kv, device=query.device)[None, :] <= rows).expand(B, 1, j - i, kv)
+        else:
+            chunk_mask = mask[:, :, i:j]
+        parts.append(attend(query[:, :, i:j], [], key, value, chunk_mask, scaling, softcap=softcap, sinks=sinks))
+    return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
 
 
 def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", softcap=None, sinks=None):

@@ -225,6 +225,26 @@ def test_attend_with_softcap_sinks_and_other_v_width_is_eager_attention(backend,
         assert (uncapped - ref_out).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_dense_attention_in_chunks_of_queries_is_one_attention(monkeypatch, padded):
+    """Where sdpa cannot serve (softcap, sinks), a long prompt attends DENSE_CHUNK queries at a time."""
+    from rdkv_hf import attention
+
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, grp, q, D, Dv = 2, 2, 3, 11, 24, 16
+    query, key, value = torch.randn(B, Hkv * grp, q, D, generator=g), torch.randn(B, Hkv, q, D, generator=g), torch.randn(B, Hkv, q, Dv, generator=g)
+    mask = None
+    if padded:  # row 1 left-padded by 3, as Transformers' sdpa mask lays it out
+        mask = torch.ones(q, q, dtype=torch.bool).tril().expand(B, 1, q, q).clone()
+        mask[1, :, :, :3] = False
+    kw = dict(softcap=1.5, sinks=torch.randn(Hkv * grp, generator=g))
+    whole = attend(query, [], key, value, mask, D**-0.5, **kw)
+    monkeypatch.setattr(attention, "DENSE_CHUNK", 4)
+    chunked = attention.dense_attention(query, key, value, mask, D**-0.5, **kw)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @needs_cpu_kernel
 def test_cpu_launcher_validates_softcap():
     heads, buffers = _segment(3, 10, 16, "rdkv", seed=1)

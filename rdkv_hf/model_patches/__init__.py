@@ -32,8 +32,8 @@ _ENTRIES: tuple[Patcher, ...] = (
     Patcher("ministral", FULL_LAYERS),
     Patcher("mixtral", _MISTRAL_WINDOW),
     Patcher("phi3", _MISTRAL_WINDOW, "no profiles: its K and V come from one fused `qkv_proj`", profiles=False),
-    Patcher("gemma2", FULL_LAYERS, "soft-capped logits (`attn_logit_softcapping`): a prompt's attention runs in float32 with its "
-            "logits materialized, as eager (Transformers' sdpa cannot soft-cap)"),
+    Patcher("gemma2", FULL_LAYERS, "soft-capped logits (`attn_logit_softcapping`): a prompt attends in float32, 1024 queries at a "
+            "time, not through sdpa (which cannot soft-cap)"),
     Patcher("gemma3_text", FULL_LAYERS),
     MultimodalPatcher("gemma3", "gemma3_text", FULL_LAYERS + " (the text decoder's; image tokens are compressed like text)"),
     Patcher("olmo2"),
@@ -42,7 +42,7 @@ _ENTRIES: tuple[Patcher, ...] = (
     Patcher("glm4"),
     Patcher("cohere2", FULL_LAYERS),
     Patcher("gpt_oss", FULL_LAYERS, "attention sinks (`s_aux`): every attention (sliding layers' too) runs in float32, a prompt's "
-            "with its logits materialized, as eager (Transformers' sdpa ignores sinks)"),
+            "1024 queries at a time, not through sdpa (which ignores sinks)"),
     MLAPatcher(
         "deepseek_v3", "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3Attention", EVERY_LAYER,
         "multi-head latent attention: Transformers 5 caches the latent, which RDKV compresses in absorbed form (K = latent + "
