@@ -106,6 +106,7 @@ def test_budget_16_generates_what_the_unpatched_model_does(model_type):
         assert not rdkv_hf.is_patched(model)
         return
     image = image_inputs(model_type, ids[:1])
+    ref_one = model.generate(ids[:1], **GEN)  # no padding: no mask at all
     ref = model.generate(ids, attention_mask=mask, **GEN)
     ref_beam = model.generate(ids, attention_mask=mask, num_beams=2, **GEN)
     ref_image = model.generate(**image, **GEN) if image else None
@@ -117,6 +118,9 @@ def test_budget_16_generates_what_the_unpatched_model_does(model_type):
     assert torch.equal(got.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
     assert torch.equal(model.generate(ids, attention_mask=mask, num_beams=2, **GEN).sequences, ref_beam.sequences)
+    one = model.generate(ids[:1], **GEN)
+    assert torch.equal(one.sequences, ref_one.sequences)
+    torch.testing.assert_close(torch.stack(one.scores), torch.stack(ref_one.scores), atol=1e-4, rtol=1e-4)
     if image:
         got_image = model.generate(**image, **GEN)
         assert torch.equal(got_image.sequences, ref_image.sequences)
