@@ -10,6 +10,7 @@ from .cache import RDKVCache
 from .calibration import calibrate
 from .config import RDKVConfig
 from .loading import from_pretrained
+from .model_patches import supported_architectures
 from .parallel import gather_summaries
 from .patching import is_patched, patch, patched, unpatch
 from .profile import RDKVProfile
@@ -25,6 +26,7 @@ __all__ = [
     "is_patched",
     "patch",
     "patched",
+    "supported_architectures",
     "unpatch",
     "__version__",
 ]

@@ -251,18 +251,20 @@ def unit_costs(widths: torch.Tensor, elems_per_unit: torch.Tensor) -> torch.Tens
     return torch.cat(cols, 1)
 
 
-def fixed_width_bits(v_width, k_width, tokens: int, head_dim: int) -> torch.Tensor:
-    """Bits per element a head stores when its `tokens` V tokens are all at `v_width` and its
-    `head_dim` K channels at `k_width` (tensors of widths, broadcast), everything counted as
-    stored: codes in whole int32 words, float16 scales and minima (:func:`unit_costs`)."""
+def fixed_width_bits(v_width, k_width, tokens: int, head_dim: int, v_dim: int | None = None) -> torch.Tensor:
+    """Bits per element a head stores when its `tokens` V tokens (of `v_dim` values, default
+    `head_dim`) are all at `v_width` and its `head_dim` K channels at `k_width` (tensors of widths,
+    broadcast), everything counted as stored: codes in whole int32 words, float16 scales and minima
+    (:func:`unit_costs`)."""
+    v_dim = v_dim or head_dim
     dev = v_width.device if isinstance(v_width, torch.Tensor) else torch.device("cpu")  # bookkeeping
     v_width, k_width = torch.as_tensor(v_width, device=dev), torch.as_tensor(k_width, device=dev)
     widths = torch.tensor([*range(9), 16], device=dev)  # every storable width
     index = torch.full((17,), -1, dtype=torch.long, device=dev)
     index[widths] = torch.arange(len(widths), device=dev)
-    v_cost = unit_costs(widths, torch.tensor([head_dim], device=dev))[0]  # bits a V token
+    v_cost = unit_costs(widths, torch.tensor([v_dim], device=dev))[0]  # bits a V token
     k_cost = unit_costs(widths, torch.tensor([tokens], device=dev))[0]  # bits a K channel
-    return (tokens * v_cost[index[v_width.long()]] + head_dim * k_cost[index[k_width.long()]]) / (2 * tokens * head_dim)
+    return (tokens * v_cost[index[v_width.long()]] + head_dim * k_cost[index[k_width.long()]]) / (tokens * (head_dim + v_dim))
 
 
 def allocate_rdkv(
@@ -274,6 +276,7 @@ def allocate_rdkv(
     widths: tuple,
     eps_v: dict,
     eps_k: dict,
+    v_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RDKV's two-stage allocation for rows of one layer: V tokens first, then K channels over
     the kept tokens.
@@ -282,6 +285,7 @@ def allocate_rdkv(
         w_tok: ``[R, T]`` token weights; w_ch: ``[R, D]`` channel weights.
         real: ``[R, T]`` bool, real tokens (padding is always evicted).
         v_budget, k_budget: ``[R]`` bits for the row's V and K.
+        v_dim: elements of one V token (None: ``D``).
     Returns:
         ``(v_bits [R, T], k_bits [R, D])`` long widths.
     """
@@ -290,7 +294,7 @@ def allocate_rdkv(
     wt = torch.tensor(widths, device=w_tok.device)
     ev = torch.tensor([eps_v[b] for b in widths], device=w_tok.device)
     ek = torch.tensor([eps_k[b] for b in widths], device=w_tok.device)
-    v_cost = unit_costs(wt, torch.full((R,), D, device=w_tok.device))
+    v_cost = unit_costs(wt, torch.full((R,), v_dim or D, device=w_tok.device))
     v_opt = lagrangian_widths(w_tok, v_cost, ev, v_budget, valid=real)
     v_bits = wt[v_opt]
     n_kept = (v_bits > 0).sum(1)

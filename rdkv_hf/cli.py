@@ -100,6 +100,21 @@ def _profile_show(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    from .compat import TRANSFORMERS_VERSION
+    from .model_patches import support_table
+    from .version import __version__
+
+    if args.markdown:
+        print(support_table())
+        return 0
+    import torch
+
+    print(f"rdkv_hf {__version__}, transformers {TRANSFORMERS_VERSION}, torch {torch.__version__}")
+    print(support_table(installed=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rdkv-hf", description="RDKV KV-cache compression for HuggingFace Transformers")
     p.add_argument("-v", "--verbose", action="store_true", help="log what rdkv_hf does")
@@ -150,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="budget of the table printed at the end")
     c.set_defaults(func=_calibrate)
+
+    i = sub.add_parser("info", help="the supported architectures: what RDKV compresses in each, and its limits")
+    i.add_argument("--markdown", action="store_true", help="the README's support matrix, exactly (no versions)")
+    i.set_defaults(func=_info)
 
     pr = sub.add_parser("profile", help="inspect profiles")
     prs = pr.add_subparsers(dest="profile_command", required=True)

@@ -37,8 +37,8 @@ def fingerprint(model) -> dict:
     of every layer, in order, rounded to the hash's 16-bit format (:data:`HASHES`). Under tensor
     parallelism every rank must call it (the shards are gathered).
     """
-    cfg = model.config
-    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
+    cfg = model.config.get_text_config(decoder=True)  # a VLM's shapes are its text decoder's
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     hashes = {key: hashlib.sha256() for key in HASHES}
     for i, (k_proj, v_proj) in enumerate(kv_projections(model)):
         for label, module in (("k_proj", k_proj), ("v_proj", v_proj)):
@@ -52,7 +52,7 @@ def fingerprint(model) -> dict:
                     hashes[key].update(r.view(torch.int16).numpy().tobytes())
     n_kv, head_dim = head_shape(cfg)
     return {
-        "model_type": cfg.model_type,
+        "model_type": model.config.model_type,
         "architecture": archs[0],
         "num_layers": int(cfg.num_hidden_layers),
         "num_kv_heads": n_kv,

@@ -46,13 +46,15 @@ class CacheSummary:
         first_head = cache.planner.head_offset  # the global index of this cache's first KV head
         prompt_bytes = prompt_elems = 0
         for li, layer in enumerate(cache.layers):
-            if not getattr(layer, "is_initialized", False):
+            if not getattr(layer, "is_initialized", False) or layer.keys is None:  # no K/V (linear attention, shared)
                 continue
-            B, H, _, D = layer.keys.shape
+            B, H = layer.keys.shape[:2]
             seen = layer.get_seq_length()
-            out.bf16_bytes += B * H * seen * D * 2 * 2
+            out.bf16_bytes += B * H * seen * (layer.keys.shape[-1] + layer.values.shape[-1]) * 2
             if li not in compressed:
                 continue
+            # Elements of a token as compressed: K's plus V's (a latent layer's absorbed K and V, see cache.py).
+            dims = layer.segments[0].buffers.head_dim + layer.segments[0].buffers.v_dim if layer.segments else 0
             for h in range(H):
                 v, k, kept, t, nbytes = Counter(), Counter(), 0, 0, 0
                 for s in layer.segments:
@@ -62,11 +64,11 @@ class CacheSummary:
                     kept += head.n
                     t += int(s.real_tokens[batch_index])
                     nbytes += head.nbytes
-                bits = 8 * nbytes / (2 * t * D) if t else 0.0
+                bits = 8 * nbytes / (t * dims) if t else 0.0
                 out.rows.append(HeadRow(li, first_head + h, t, kept, dict(sorted(v.items())), dict(sorted(k.items())), bits))
             for s in layer.segments:
                 prompt_bytes += sum(hd.nbytes for hd in s.heads)
-                prompt_elems += int(s.real_tokens.sum()) * H * D * 2
+                prompt_elems += int(s.real_tokens.sum()) * H * dims
         out.prompt_bytes, out.prompt_elements = prompt_bytes, prompt_elems
         out.prompt_bits_per_element = 8 * prompt_bytes / prompt_elems if prompt_elems else 0.0
         return out

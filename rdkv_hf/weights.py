@@ -14,9 +14,16 @@ from torch import nn
 
 
 def kv_projections(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """``[(k_proj, v_proj)]`` of every decoder layer (``model.model.layers[i].self_attn``)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
+    """``[(k_proj, v_proj)]`` of every decoder layer (``self_attn`` of the layers where the
+    registry's patcher finds them; ``model.model.layers`` for a model type outside it)."""
+    from .model_patches import PATCHERS
+
+    patcher = PATCHERS.get(getattr(model.config, "model_type", None))
+    if patcher is not None:
+        layers = patcher.decoder_layers(model)
+    else:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
     out = []

@@ -270,14 +270,14 @@ class ProtectedPlanner(Planner):
         self.inner, self.sinks, self.recent = inner, int(sinks), int(recent)
         self.config, self.profile, self.layers = inner.config, inner.profile, inner.layers
 
-    def widths(self, layer_idx, w_tok, w_ch, real):
+    def widths(self, layer_idx, w_tok, w_ch, real, v_dim=None):
         if self.sinks or self.recent:
             pos = real.long().cumsum(1)  # 1 for the first real token
             from_end = pos[:, -1:] - pos  # 0 for the last one
             protect = ((pos <= self.sinks) | (from_end < self.recent)) & real
             top = w_tok.amax(-1, keepdim=True).clamp(min=1e-30) * 1e6
             w_tok = torch.where(protect[:, None, :], top, w_tok)
-        return self.inner.widths(layer_idx, w_tok, w_ch, real)
+        return self.inner.widths(layer_idx, w_tok, w_ch, real, v_dim)
 
 
 def uniform_budget(width: int, head_dim: int, tokens: int) -> float:

@@ -69,3 +69,12 @@ def check_decode_inputs(q, block_t: int, rows: int, head_dim: int, tensors: dict
         if t.device != q.device or not t.is_contiguous():
             raise ValueError(f"{what} `{name}` must be contiguous on {q.device}, got {t.device}")
     return R, G, D
+
+
+def check_softcap(softcap) -> float:
+    """The cap as the kernels take it (0.0: none); raises for anything but None or a positive number."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"`softcap` must be None or a positive number, got {softcap!r}")
+    return float(softcap)

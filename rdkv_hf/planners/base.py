@@ -96,12 +96,13 @@ class Planner:
         """Storage dtype of the 16-bit zone for a model running in `model_dtype`."""
         return self.config.keep_dtype(model_dtype)
 
-    def widths(self, layer_idx: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor):
+    def widths(self, layer_idx: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor, v_dim: int | None = None):
         """Widths of the tokens of one forward of layer `layer_idx`.
 
         Args:
             w_tok: ``[B, kv_heads, T]`` token weights; w_ch: ``[B, kv_heads, D]`` channel weights.
             real: ``[B, T]`` bool, non-padding tokens.
+            v_dim: elements of one V token (None: ``D``, K's channels; DeepSeek's MLA differs).
         Returns:
             ``(v_bits [B, kv_heads, T], k_bits [B, kv_heads, D])`` long widths (0 evicts).
         """

@@ -79,7 +79,7 @@ class RateQuantPlanner(Planner):
             self._fitted[tokens] = (kb, vb)
         return self._fitted[tokens]
 
-    def widths(self, layer_idx, w_tok, w_ch, real):
+    def widths(self, layer_idx, w_tok, w_ch, real, v_dim=None):
         B, H, T = w_tok.shape
         D = w_ch.shape[-1]
         self.check_heads(layer_idx, H, self.k_bits)
