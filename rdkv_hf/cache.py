@@ -324,6 +324,10 @@ def _kv_heads_and_dim(text_config) -> tuple[int, int] | None:
     if text_config is None:
         return None
     heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
+    if getattr(text_config, "qk_nope_head_dim", None) and getattr(text_config, "qk_rope_head_dim", None):
+        # MLA cached per head (Transformers 4.57's DeepSeek-V3): keys of qk_nope + qk_rope channels; its
+        # `head_dim` names the rope part alone.
+        return int(heads), int(text_config.qk_nope_head_dim + text_config.qk_rope_head_dim)
     dim = getattr(text_config, "head_dim", None) or (
         text_config.hidden_size // text_config.num_attention_heads if getattr(text_config, "hidden_size", None) else None)
     return (int(heads), int(dim)) if heads and dim else None
