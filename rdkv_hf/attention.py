@@ -18,7 +18,7 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import quant
+from . import decode_blocks, quant
 from .allocate import channel_weights, token_weights
 from .cache import ATTN_NAME, PackedHead, Segment, take_layer
 from .overrides import AttentionOverride
@@ -42,12 +42,15 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
     cfg = layer.config
     lse = None
     if layer.segments:
-        out, lse = attend(query, layer.segments, key, value, attention_mask, scaling, backend=cfg.backend)
+        out, lse = attend(query, decode_blocks.attended(layer), key, value, attention_mask, scaling, backend=cfg.backend)
         out = out.transpose(1, 2).contiguous()
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
-    if q_len > 1 and (not layer.segments or cfg.compress_followups):
+    compressed = q_len > 1 and (not layer.segments or cfg.compress_followups)
+    if compressed:
         compress_layer(layer, query, attention_mask, scaling, lse)
+    if cfg.decode_block is not None:
+        decode_blocks.after_forward(layer, query, attention_mask, scaling, lse, compressed)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
 
@@ -236,7 +239,8 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
     g = Hq // Hkv
     qf = (query.float() * scaling).reshape(B, Hkv, g * q, D)
     backend = resolve_backend(backend, query.device)
-    parts = [segment_partials(s, qf, backend) for s in segments]
+    parts = [decode_blocks.stack_partials(s, qf, lambda seg, q: segment_partials(seg, q, backend)) if decode_blocks.is_stack(s)
+             else segment_partials(s, qf, backend) for s in segments]
     if n_tail:
         logits = qf @ tail_k.float().transpose(-1, -2)  # [B, Hkv, g*q, n_tail]
         vis = _tail_visibility(mask, B, q, n_tail, query.device)  # [B, q, n_tail]
