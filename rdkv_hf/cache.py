@@ -182,8 +182,9 @@ class RDKVLayer(CacheLayerMixin):
             return
         self.keys = self.keys.index_select(0, index.to(self.keys.device))
         self.values = self.values.index_select(0, index.to(self.values.device))
+        stack = decode_blocks.current_stack(self)
         self.segments = [s.select(index) for s in self.segments]
-        decode_blocks.select_state(self, index)
+        decode_blocks.select_state(self, index, stack)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)

@@ -2,7 +2,7 @@
 
 **Shares.** The cap covers every layer. The layers Transformers keeps (sliding windows) are counted
 at their largest (``sliding_window`` tokens). Each compressed layer first gets its protected part:
-its full-precision tail at its largest (``keep + decode_block`` tokens), its pending decode sums,
+its full-precision tail at its largest (``keep + decode_block`` tokens, ``rdkv_hf.decode_blocks``), its pending decode sums,
 and the newest decoded block at `budget` (codes, scales, tables, weights). What is left is split
 across the layers as the planner splits the budget (a profile's head budgets included). A cap below
 the sum of the protected parts is a ``ValueError`` that names that minimum.
@@ -117,7 +117,7 @@ def block_bound(planner, layer_idx: int, B: int, H: int, D: int, Dv: int) -> int
 def fixed_bound(cfg, B: int, H: int, D: int, Dv: int, elem: int) -> int:
     """Most bytes a layer's tail and pending decode sums take between forwards."""
     block = cfg.decode_block
-    tail = max(cfg.decode_block, cfg.residual) + block
+    tail = max(cfg.block_window, cfg.residual) + block
     blocks = math.ceil(tail / block) + 1
     return B * H * tail * (D + Dv) * elem + 4 * (B * H * tail + B * tail + blocks * (B * H * D + B))
 
@@ -162,17 +162,13 @@ def limits(layer) -> tuple[int, int]:
     cached = getattr(layer, "cap_limits", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    planner, cfg = layer.planner, layer.config
-    elem = layer.keys.element_size()
-    fixed = fixed_bound(cfg, B, H, D, Dv, elem)
+    cfg = layer.config
+    minimum, protected, rate, fixed = _protected(layer)
     layers = _compressed(layer)
-    protected = {i: fixed + block_bound(planner, i, B, H, D, Dv) for i in layers}
-    rate = {i: float(sum(t.sum() for t in head_rates(planner, i, H))) for i in layers}
-    minimum = sum(protected.values()) + _other_layers(layer, B, elem)
     if cfg.max_cache_bytes < minimum:
         raise ValueError(
             f"`max_cache_bytes`={cfg.max_cache_bytes} is below the {minimum} bytes this cache needs for what it always "
-            f"keeps (batch {B}: the full-precision tail of up to {max(cfg.decode_block, cfg.residual) + cfg.decode_block} "
+            f"keeps (batch {B}: the full-precision tail of up to {max(cfg.block_window, cfg.residual) + cfg.decode_block} "
             f"tokens and the newest decoded block in each of {len(layers)} layers, sliding windows); raise "
             f"`max_cache_bytes` to at least {minimum}, or lower `decode_block` or `residual`"
         )
@@ -180,6 +176,25 @@ def limits(layer) -> tuple[int, int]:
     share = protected[layer.layer_idx] + int(spare * rate[layer.layer_idx] / max(sum(rate.values()), 1e-30))
     layer.cap_limits = (key, (share, fixed))
     return share, fixed
+
+
+def _protected(layer):
+    """``(minimum, {layer: protected bytes}, {layer: planner rate}, fixed)`` at the layer's batch and dtype."""
+    B, H, _, D = layer.keys.shape
+    Dv = layer.values.shape[-1]
+    planner, elem = layer.planner, layer.keys.element_size()
+    fixed = fixed_bound(layer.config, B, H, D, Dv, elem)
+    layers = _compressed(layer)
+    protected = {i: fixed + block_bound(planner, i, B, H, D, Dv) for i in layers}
+    rate = {i: float(sum(t.sum() for t in head_rates(planner, i, H))) for i in layers}
+    return sum(protected.values()) + _other_layers(layer, B, elem), protected, rate, fixed
+
+
+def minimum_bytes(layer) -> int:
+    """The smallest ``max_cache_bytes`` a cache of `layer`'s batch and dtype takes (what it always
+    keeps: every compressed layer's tail at its largest, its decode sums and newest block, and the
+    sliding windows). `layer`: an initialized :class:`~rdkv_hf.cache.RDKVLayer` with ``decode_block``."""
+    return _protected(layer)[0]
 
 
 # -- enforcement ---------------------------------------------------------------------------------

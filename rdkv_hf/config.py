@@ -76,11 +76,12 @@ class RDKVConfig:
             ``QuantizedCache``); a prompt no longer than it is not compressed. ``nbytes`` counts them.
         decode_block: compress decoded tokens too, in blocks of this many tokens (None: decoded
             tokens stay in full precision). Once the full-precision tail holds ``decode_block``
-            tokens beyond its newest ``max(decode_block, residual)``, the oldest ``decode_block`` are
-            weighed by the attention of the queries that came after them and packed at `budget` as a
-            segment of their own (``rdkv_hf.decode_blocks``). Needs `budget` in bits, not `tokens`.
-        decode_window: how many of the queries before a block is packed weigh it (the last ones;
-            None: all ``decode_block`` of them); at most ``decode_block``.
+            tokens beyond its newest ``max(decode_window, residual)``, the oldest ``decode_block``
+            are weighed by the attention of the ``decode_window`` queries that came after them and
+            packed at `budget` as a segment of their own (``rdkv_hf.decode_blocks``). Needs `budget`
+            in bits, not `tokens`.
+        decode_window: how many queries after a block weigh it (None: `window`, as for the prompt,
+            at most ``decode_block``); at most ``decode_block``.
         max_cache_bytes: a hard cap on the bytes of the whole cache (every layer; codes, scales,
             tables, the tail and the decode state included). When packing would pass it, the cache
             re-allocates what it holds (``rdkv_hf.cache_cap``): older tokens lose bits or are evicted,
@@ -194,8 +195,10 @@ class RDKVConfig:
 
     @property
     def block_window(self) -> int:
-        """The queries that weigh a decode block (``decode_window``, or the whole block)."""
-        return self.decode_window or self.decode_block or 0
+        """The queries that weigh a decode block (``decode_window``, or `window` up to the block)."""
+        if self.decode_block is None:
+            return 0
+        return self.decode_window or min(self.window, self.decode_block)
 
     def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """Storage dtype of the 16-bit zone for a model running in `model_dtype`."""

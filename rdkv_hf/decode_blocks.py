@@ -2,14 +2,16 @@
 
 With ``RDKVConfig.decode_block`` set, a layer's full-precision tail is cut into blocks of
 ``decode_block`` tokens counted from its oldest token. The tail always keeps its newest ``keep =
-max(decode_block, residual)`` tokens; once it holds ``decode_block`` more, the oldest block is
-packed at `budget` as a segment of its own (``Segment.decoded``), through the planner, allocator
-and storage the prompt goes through. So the tail holds ``keep`` to ``keep + decode_block - 1``
-tokens between forwards, and stays the newest tokens (Transformers' masks need it so).
+max(window, residual)`` tokens (``window``: ``RDKVConfig.block_window``, the queries that weigh a
+block); once it holds ``decode_block`` more, the oldest block is packed at `budget` as a segment of
+its own (``Segment.decoded``), through the planner, allocator and storage the prompt goes through.
+So the tail holds ``keep`` to ``keep + decode_block - 1`` tokens between forwards, and stays the
+newest tokens (Transformers' masks need it so).
 
 A block's token weights are RDKV's (pooled and carried as for the prompt): the attention it gets
-from the last ``decode_window`` queries before it is packed, the queries at tail positions
-``keep + (k + 1) * block - window .. keep + (k + 1) * block - 1`` for block ``k``. Every forward
+from the last ``window`` queries before it is packed, the queries at tail positions
+``keep + (k + 1) * block - window .. keep + (k + 1) * block - 1`` for block ``k`` (with no residual,
+the ``window`` queries right after it). Every forward
 adds its queries' attention to those sums as it goes (``[B, kv_heads, tail]`` floats and a
 ``[B, kv_heads, head_dim]`` sum of squared queries per pending block for the channel weights), so
 nothing but the sums is kept of past queries, and packing costs one block's allocation once per
@@ -44,8 +46,8 @@ def init_state(layer) -> None:
 
 
 def keep_tokens(cfg) -> int:
-    """Tokens the tail always keeps in full precision: ``max(decode_block, residual)``."""
-    return max(cfg.decode_block, cfg.residual)
+    """Tokens the tail always keeps in full precision: ``max(block_window, residual)``."""
+    return max(cfg.block_window, cfg.residual)
 
 
 def after_forward(layer, query: torch.Tensor, mask, scaling: float, lse, compressed: bool) -> None:
@@ -195,22 +197,25 @@ def stack_partials(stack, qf, partials):
     return stacked_partials(stack, qf, partials)
 
 
-def select_state(layer, index: torch.Tensor) -> None:
-    """Reorder the decode state with the batch (beam search, repeats)."""
+def current_stack(layer) -> StackedSegment | None:
+    """The stack of the layer's decoded segments if it is up to date (None: rebuilt when attended)."""
+    stack = getattr(layer, "block_stack", None)
+    return stack if stack is not None and layer.block_stack_key == tuple(id(s) for s in layer.segments if s.decoded) else None
+
+
+def select_state(layer, index: torch.Tensor, stack: StackedSegment | None) -> None:
+    """Reorder the decode state with the batch (beam search, repeats), after the segments were;
+    `stack`: :func:`current_stack` before they were."""
     for name in STATE:
         t = getattr(layer, name, None)
         if t is not None:
             setattr(layer, name, t.index_select(0, index.to(t.device)))
-    stack = getattr(layer, "block_stack", None)
-    if stack is not None:
-        layer.block_stack = stack.select(index)
-        layer.block_stack_key = tuple(id(s) for s in layer.segments if s.decoded)
+    layer.block_stack = None if stack is None else stack.select(index)
+    layer.block_stack_key = tuple(id(s) for s in layer.segments if s.decoded) if stack is not None else ()
 
 
 def state_nbytes(layer) -> int:
     """Bytes of the decode state: the pending blocks' sums and the stack's tables."""
     n = sum(t.numel() * t.element_size() for t in (getattr(layer, name, None) for name in STATE) if t is not None)
-    stack = getattr(layer, "block_stack", None)
-    if stack is not None and layer.block_stack_key == tuple(id(s) for s in layer.segments if s.decoded):
-        n += stack.table_nbytes
-    return n
+    stack = current_stack(layer)
+    return n + (stack.table_nbytes if stack is not None else 0)
