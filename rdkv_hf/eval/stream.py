@@ -71,7 +71,7 @@ class StreamSettings:
     depth: float = 0.1
     samples: int = 3
     seed: int = 0
-    answer_tokens: int = 12
+    answer_tokens: int = 16
     extra: dict = field(default_factory=dict)  # more RDKVConfig settings for every RDKV method
 
     def __post_init__(self):
