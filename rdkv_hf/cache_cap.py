@@ -64,10 +64,11 @@ def attach_weights(heads, v_bits: torch.Tensor, w_tok: torch.Tensor, w_ch: torch
 
 def packed_nbytes(segments) -> int:
     """Bytes of a layer's segments: every distinct head's codes, scales, channel order and kept
-    weights (beams share heads), and each segment's tables and token counts."""
+    weights (beams share heads), and each segment's tables (its count of real tokens per batch
+    row, a few bytes, is bookkeeping and not counted)."""
     seen, n = set(), 0
     for s in segments:
-        n += s.table_nbytes + s.real_tokens.numel() * s.real_tokens.element_size()
+        n += s.table_nbytes
         for h in s.heads:
             if id(h) not in seen:
                 seen.add(id(h))
@@ -105,13 +106,12 @@ def _group_widths(planner) -> int:
 
 def block_bound(planner, layer_idx: int, B: int, H: int, D: int, Dv: int) -> int:
     """Most bytes one decoded block of a layer takes, packed at the planner's budget: codes and
-    scales (the allocator's bound), its tables twice (its own and the stack's), kept weights, counts."""
+    scales (the allocator's bound), its tables twice (its own and the stack's), kept weights."""
     k, v = head_rates(planner, layer_idx, H)
     block = planner.config.decode_block
     code_bits = float((k * D + v * Dv).sum()) * block * B
     rows = B * H
-    return (math.ceil(code_bits / 8) + 2 * _table_bound(rows, _group_widths(planner))
-            + rows * (block + D) * WEIGHT_DTYPE.itemsize + 8 * B)
+    return math.ceil(code_bits / 8) + 2 * _table_bound(rows, _group_widths(planner)) + rows * (block + D) * WEIGHT_DTYPE.itemsize
 
 
 def fixed_bound(cfg, B: int, H: int, D: int, Dv: int, elem: int) -> int:
@@ -281,7 +281,7 @@ def reallocate(layer, target: int) -> None:
     tokens = torch.tensor([[float(p.real[b]) for b in batch_of] for p in parts], dtype=torch.float64)  # [P, U]
     # What the new segments hold besides codes: tables (twice for a stacked history), weights, counts.
     stacked = 2 if history and newest is not None else 1
-    overhead = sum(_table_bound(B * H, _group_widths(planner)) * (stacked if p.decoded else 1) + 8 * B
+    overhead = sum(_table_bound(B * H, _group_widths(planner)) * (stacked if p.decoded else 1)
                    + sum(len(w) + D for w in p.wt) * WEIGHT_DTYPE.itemsize for p in parts)
     nominal = (tokens * (k_rate[heads_of] * D + v_rate[heads_of] * Dv)).sum()
     f = min(1.0, max(0.0, 8.0 * (target - overhead)) / max(float(nominal), 1e-30))

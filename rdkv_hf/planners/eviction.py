@@ -109,7 +109,7 @@ class RandomPlanner(EvictionPlanner):
         self.generator = torch.Generator(device="cpu").manual_seed(0)  # the same draws in every run
 
     def _draw(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.rand(like.shape, generator=self.generator, dtype=torch.float64).to(like.device)
+        return torch.rand(like.shape, generator=self.generator, dtype=torch.float64, device="cpu").to(like.device)
 
     def scores(self, w_tok, real):
         return self._draw(w_tok)
