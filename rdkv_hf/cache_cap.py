@@ -9,7 +9,7 @@ the sum of the protected parts is a ``ValueError`` that names that minimum.
 
 **Re-allocation.** After a layer packs (a prompt, a decode block), if what it holds plus its tail and
 sums at their largest would pass its share, it re-allocates everything but the tail and the newest
-block ("the old part") to fit, less one block of headroom so that it runs about every other block:
+block ("the old part") to fit, less ``HEADROOM`` of its share so that it runs every few blocks:
 
 * each (batch row, KV head) gets bits in proportion to its planner budget and the tokens it has
   seen, scaled by one factor for the layer so that the old part fits;
@@ -40,7 +40,9 @@ from .storage import Segment, pack_segment
 
 logger = logging.getLogger(__name__)
 
-HEADROOM_BLOCKS = 1  # a re-allocation leaves room for this many more blocks before the next one
+# A re-allocation leaves this share of the layer's share free, so that it runs every few blocks, not
+# every block; a share of bytes, not a number of blocks, so that every mode gets the same at one cap.
+HEADROOM = 1 / 32
 WEIGHT_DTYPE = torch.bfloat16
 _HEAD_ROW_BYTES = 6 * 8  # a row of a segment's head table (int64)
 _GROUP_ROW_BYTES = 7 * 8  # a row of its group table
@@ -212,8 +214,7 @@ def enforce(layer) -> None:
         return
     newest = _newest_block(layer.segments)
     newest_bytes = 0 if newest is None else packed_nbytes([newest]) + newest.table_nbytes
-    headroom = HEADROOM_BLOCKS * block_bound(layer.planner, layer.layer_idx, *layer.keys.shape[:2], layer.keys.shape[-1],
-                                             layer.values.shape[-1])
+    headroom = int(HEADROOM * share)
     target = share - fixed - newest_bytes
     for attempt in range(8):
         reallocate(layer, max(target - headroom if attempt == 0 else target, 0) - attempt * (target // 16))
