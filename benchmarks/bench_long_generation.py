@@ -4,6 +4,7 @@ against generated length.
     python benchmarks/bench_long_generation.py quality   # streaming PPL + recall, every method (resumable)
     python benchmarks/bench_long_generation.py speed     # bytes and ms/token vs generated length
     python benchmarks/bench_long_generation.py plot      # the plot from both result files
+    python benchmarks/bench_long_generation.py repack    # what merging decoded blocks costs (K error)
 
 Model: SmolLM2-135M-Instruct. Results go to ``--out`` (default ``benchmarks/results/long_generation``).
 
@@ -53,7 +54,7 @@ PROMPT = 64
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "speed", "plot"))
+    p.add_argument("what", choices=("quality", "speed", "plot", "repack"))
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--stream-tokens", type=int, default=6144)
@@ -183,6 +184,45 @@ def speed(args) -> None:
             del cache
 
 
+@torch.no_grad()
+def repack(args) -> None:
+    """Merge 8 decoded blocks (real K/V of a 4K prefill, 2.5 bits) into one segment at unchanged widths,
+    as the cap's re-allocation does, and print the relative error it adds to K and V."""
+    import rdkv_hf
+    from rdkv_hf import cache_cap, decode_blocks
+    from rdkv_hf.attention import compress_layer
+    from rdkv_hf.eval.models import load_model
+
+    torch.set_num_threads(args.threads)
+    seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+    model, _ = load_model("smollm2-135m")
+    rdkv_hf.patch(model, budget=args.budget, decode_block=128, max_cache_bytes=10**12)
+    cache = rdkv_hf.RDKVCache(model)
+    rows = []
+    for li in (2, 10, 20):
+        layer = cache.layers[li]
+        k, v, q = seed["k"][li], seed["v"][li], seed["q"][li]
+        layer.update(k[:, :, :PROMPT], v[:, :, :PROMPT])
+        compress_layer(layer, q, None, q.shape[-1] ** -0.5)
+        decode_blocks.after_forward(layer, q, None, q.shape[-1] ** -0.5, None, compressed=True)
+        for s in range(PROMPT, PROMPT + 8 * 128 + 32, 32):  # the window's 32 queries at a time
+            layer.update(k[:, :, s : s + 32], v[:, :, s : s + 32])
+            decode_blocks.after_forward(layer, q, None, q.shape[-1] ** -0.5, None, compressed=False)
+            layer.pending, layer.unread = 0, False
+        blocks = [s for s in layer.segments if s.decoded]
+        heads = list(range(blocks[0].kv_heads))
+        part = cache_cap._Part(blocks, heads)
+        merged = cache_cap._repack(part, part.vw, part.kw, heads, 1, len(heads), torch.float16, "cpu")
+        for r in heads:
+            k0 = torch.cat([b.heads[r].dequantize()[0] for b in blocks])
+            v0 = torch.cat([b.heads[r].dequantize()[1] for b in blocks])
+            order = torch.sort(-part.vw[r], stable=True).indices  # the merged segment's token order
+            k1, v1 = merged.heads[r].dequantize()
+            rows.append((li, r, float((k1 - k0[order]).norm() / k0.norm()), float((v1 - v0[order]).norm() / v0.norm())))
+            print(f"layer {li:2d} head {r}: K {100 * rows[-1][2]:5.1f}%  V {100 * rows[-1][3]:.1f}% (relative error added by the merge)")
+    print(f"mean: K {100 * sum(r[2] for r in rows) / len(rows):.1f}%, V {100 * sum(r[3] for r in rows) / len(rows):.1f}%")
+
+
 def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -222,7 +262,7 @@ def plot(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"quality": quality, "speed": speed, "plot": plot}[args.what](args)
+    {"quality": quality, "speed": speed, "plot": plot, "repack": repack}[args.what](args)
 
 
 if __name__ == "__main__":
