@@ -52,3 +52,14 @@ def test_stream_table_compares_with_the_full_cache():
             dict(method="rdkv-cap", ppl=10.5, recall=1.0, pct_bf16=9.9, max_nbytes=99, cap=100)]
     table = stream_table(rows, StreamSettings("m"))
     assert "| RDKV, decode blocks + cap | 1 | 9.9% | 0.990 | 10.50 | +5.0% | 100% | 100% |" in table
+
+
+def test_eval_command_takes_the_stream_task():
+    from rdkv_hf.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--tasks", "stream,ppl", "--stream-tokens", "2048", "--decode-block", "64",
+                                      "--cap-share", "0.2", "--stream-methods", "full,rdkv-cap"])
+    assert args.tasks == ("stream", "ppl") and args.stream_tokens == 2048 and args.decode_block == 64
+    assert args.cap_share == 0.2 and args.stream_methods == ("full", "rdkv-cap")
+    with pytest.raises(ValueError, match="unknown stream method"):
+        StreamSettings("m", methods=("full", "kivi"))
