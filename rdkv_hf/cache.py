@@ -255,7 +255,7 @@ class RDKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return cache_cap.packed_nbytes(self.segments) + tail + decode_blocks.state_nbytes(self)
+        return cache_cap.packed_nbytes(self.segments + decode_blocks.stack_of(self)) + tail + decode_blocks.state_nbytes(self)
 
 
 def _tensor_bytes(t) -> int:

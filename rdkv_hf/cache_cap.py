@@ -67,23 +67,25 @@ def attach_weights(heads, v_bits: torch.Tensor, w_tok: torch.Tensor, w_ch: torch
 
 def packed_nbytes(segments) -> int:
     """Bytes of a layer's segments: every distinct head's codes, scales, channel order and kept
-    weights (beams share heads), and each segment's tables (its count of real tokens per batch
-    row, a few bytes, is bookkeeping and not counted)."""
-    seen, n = set(), 0
+    weights (beams share heads), and every distinct storage of their tables (the decoded segments
+    of a stack view its tables). A segment's count of real tokens per batch row, a few bytes of
+    bookkeeping, is not counted."""
+    seen, tables, n = set(), {}, 0
     for s in segments:
-        n += s.table_nbytes
+        for t in (s.buffers.heads, s.buffers.groups):
+            storage = t.untyped_storage()
+            tables[(t.device, storage.data_ptr())] = storage.nbytes()
         for h in s.heads:
             if id(h) not in seen:
                 seen.add(id(h))
                 n += h.nbytes + sum(t.numel() * t.element_size() for t in (h.w_tok, h.w_ch) if t is not None)
-    return n
+    return n + sum(tables.values())
 
 
 def _held(segments) -> int:
-    """What a layer's segments hold, the tables of their stack included (decode_blocks.attended
-    stacks the decoded segments when there are two or more)."""
-    decoded = [s for s in segments if s.decoded]
-    return packed_nbytes(segments) + (sum(s.table_nbytes for s in decoded) if len(decoded) > 1 else 0)
+    """What a layer's segments hold (a stack of their decoded ones, rebuilt at the next forward,
+    views the same bytes and tables)."""
+    return packed_nbytes(segments)
 
 
 # -- shares ------------------------------------------------------------------------------------
@@ -109,12 +111,12 @@ def _group_widths(planner) -> int:
 
 def block_bound(planner, layer_idx: int, B: int, H: int, D: int, Dv: int) -> int:
     """Most bytes one decoded block of a layer takes, packed at the planner's budget: codes and
-    scales (the allocator's bound), its tables twice (its own and the stack's), kept weights."""
+    scales (the allocator's bound), its tables, kept weights."""
     k, v = head_rates(planner, layer_idx, H)
     block = planner.config.decode_block
     code_bits = float((k * D + v * Dv).sum()) * block * B
     rows = B * H
-    return math.ceil(code_bits / 8) + 2 * _table_bound(rows, _group_widths(planner)) + rows * (block + D) * WEIGHT_DTYPE.itemsize
+    return math.ceil(code_bits / 8) + _table_bound(rows, _group_widths(planner)) + rows * (block + D) * WEIGHT_DTYPE.itemsize
 
 
 def fixed_bound(cfg, B: int, H: int, D: int, Dv: int, elem: int) -> int:
@@ -281,10 +283,9 @@ def reallocate(layer, target: int) -> None:
     heads_of = torch.tensor([r % H for r in rows])
     batch_of = [r // H for r in rows]
     tokens = torch.tensor([[float(p.real[b]) for b in batch_of] for p in parts], dtype=torch.float64)  # [P, U]
-    # What the new segments hold besides codes: tables (twice for a stacked history), weights, counts.
-    stacked = 2 if history and newest is not None else 1
-    overhead = sum(_table_bound(B * H, _group_widths(planner)) * (stacked if p.decoded else 1)
-                   + sum(len(w) + D for w in p.wt) * WEIGHT_DTYPE.itemsize for p in parts)
+    # What the new segments hold besides codes: tables and kept weights.
+    overhead = sum(_table_bound(B * H, _group_widths(planner)) + sum(len(w) + D for w in p.wt) * WEIGHT_DTYPE.itemsize
+                   for p in parts)
     nominal = (tokens * (k_rate[heads_of] * D + v_rate[heads_of] * Dv)).sum()
     f = min(1.0, max(0.0, 8.0 * (target - overhead)) / max(float(nominal), 1e-30))
     v_new = _v_widths(planner, layer.layer_idx, parts, tokens, f * v_rate[heads_of], f * k_rate[heads_of], D, Dv)
@@ -299,6 +300,7 @@ def reallocate(layer, target: int) -> None:
         if seg is not None:
             segments.append(seg)
     layer.segments = segments + ([newest] if newest is not None else [])
+    layer.block_stack, layer.block_stack_key = None, ()  # the old stack would keep the old bytes alive
 
 
 def _v_widths(planner, layer_idx, parts, tokens, v_rate, k_rate, D, Dv) -> list[list[torch.Tensor]]:

@@ -215,7 +215,11 @@ def select_state(layer, index: torch.Tensor, stack: StackedSegment | None) -> No
 
 
 def state_nbytes(layer) -> int:
-    """Bytes of the decode state: the pending blocks' sums and the stack's tables."""
-    n = sum(t.numel() * t.element_size() for t in (getattr(layer, name, None) for name in STATE) if t is not None)
+    """Bytes of the decode state: the pending blocks' sums."""
+    return sum(t.numel() * t.element_size() for t in (getattr(layer, name, None) for name in STATE) if t is not None)
+
+
+def stack_of(layer) -> list:
+    """The current stack as a one-element list (none: empty), to count its tables with the segments."""
     stack = current_stack(layer)
-    return n + (stack.table_nbytes if stack is not None else 0)
+    return [] if stack is None else [stack]

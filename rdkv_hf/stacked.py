@@ -4,8 +4,8 @@ Compressed decoding (``RDKVConfig.decode_block``) adds a segment every block, hu
 generation; a kernel call per segment costs more than its work. :func:`stack_segments` lays the
 segments out as one set of flat buffers whose head table has a row per (segment, batch row, KV
 head), so the C++ and Triton kernels walk them all at once with their contract unchanged (a
-segment with more head rows). The members then view the stack's storage (nothing is held twice),
-and :func:`stacked_partials` merges the partials of each (batch row, KV head) by log-sum-exp.
+segment with more head rows). The members then view the stack's buffers and tables (nothing is held
+twice), and :func:`stacked_partials` merges the partials of each (batch row, KV head) by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -39,43 +39,54 @@ class StackedSegment(Segment):
 
 def stack_segments(segments: list[Segment]) -> StackedSegment:
     """One :class:`StackedSegment` over `segments` (same batch, KV heads, head_dim and 16-bit
-    dtype); each member's buffers and heads are re-pointed at views of the stack's storage."""
+    dtype); each member is re-pointed at the stack's buffers. Members that already view one set
+    of buffers (an earlier stack) bring it once."""
     first = segments[0]
     B, H = first.batch, first.kv_heads
-    parts = [s.buffers for s in segments]
-    if any(s.batch != B or s.kv_heads != H for s in segments) or len({p.raw.dtype for p in parts}) > 1:
+    if any(s.batch != B or s.kv_heads != H for s in segments) or len({s.buffers.raw.dtype for s in segments}) > 1:
         raise ValueError("stacked segments must share their batch, KV heads and 16-bit dtype")
-    sizes = {name: [getattr(p, name).numel() for p in parts] for name in ("words", "meta", "raw", "perm", "groups")}
-    sizes["groups"] = [p.groups.shape[0] for p in parts]
-    offsets = {name: torch.tensor([0, *n[:-1]]).cumsum(0).tolist() for name, n in sizes.items()}
-    heads, groups = [], []
+    names = ("words", "meta", "raw", "perm", "groups")
+    sets: dict[tuple, int] = {}
+    parts = []  # the distinct sets of buffers, in order
+    for s in segments:
+        key = tuple(getattr(s.buffers, n).untyped_storage().data_ptr() for n in names) + tuple(
+            getattr(s.buffers, n).numel() for n in names)
+        if key not in sets:
+            sets[key] = len(parts)
+            parts.append(s.buffers)
+    size = {n: [getattr(p, n).shape[0] for p in parts] for n in names}
+    off = {n: torch.tensor([0, *size[n][:-1]]).cumsum(0).tolist() for n in names}
+    groups = []
     for j, p in enumerate(parts):
-        g_off, w_off, m_off, r_off, p_off = (offsets[n][j] for n in ("groups", "words", "meta", "raw", "perm"))
-        h = p.heads.clone()
-        h[:, [H_V0, H_V1, H_K0, H_K1]] += g_off
-        h[:, H_PERM] = torch.where(h[:, H_PERM] >= 0, h[:, H_PERM] + p_off, h[:, H_PERM])
         g = p.groups.clone()
         raw = g[:, G_BITS] == 16
-        g[:, G_DATA] += torch.where(raw, torch.full_like(g[:, G_DATA], r_off), torch.full_like(g[:, G_DATA], w_off))
-        g[:, G_META] = torch.where(raw, g[:, G_META], g[:, G_META] + m_off)
-        heads.append(h)
+        g[:, G_DATA] += torch.where(raw, torch.full_like(g[:, G_DATA], off["raw"][j]), torch.full_like(g[:, G_DATA], off["words"][j]))
+        g[:, G_META] = torch.where(raw, g[:, G_META], g[:, G_META] + off["meta"][j])
         groups.append(g)
+    heads = []
+    for s in segments:
+        j = sets[tuple(getattr(s.buffers, n).untyped_storage().data_ptr() for n in names) + tuple(
+            getattr(s.buffers, n).numel() for n in names)]
+        h = s.buffers.heads.clone()
+        h[:, [H_V0, H_V1, H_K0, H_K1]] += off["groups"][j]
+        h[:, H_PERM] = torch.where(h[:, H_PERM] >= 0, h[:, H_PERM] + off["perm"][j], h[:, H_PERM])
+        heads.append(h)
     buffers = dataclasses.replace(
         first.buffers, words=torch.cat([p.words for p in parts]), meta=torch.cat([p.meta for p in parts]),
         raw=torch.cat([p.raw for p in parts]), perm=torch.cat([p.perm for p in parts]), heads=torch.cat(heads),
-        groups=torch.cat(groups), max_tokens=max(p.max_tokens for p in parts))
+        groups=torch.cat(groups), max_tokens=max(s.buffers.max_tokens for s in segments))
+    rows = B * H
     for j, s in enumerate(segments):
-        _repoint(s, buffers, {n: (offsets[n][j], sizes[n][j]) for n in ("words", "meta", "raw", "perm")})
+        _repoint(s, dataclasses.replace(buffers, heads=buffers.heads[j * rows : (j + 1) * rows], max_tokens=s.buffers.max_tokens))
     all_heads = [h for s in segments for h in s.heads]
     real = torch.cat([s.real_tokens for s in segments])
     return StackedSegment(all_heads, len(segments) * B, H, real, buffers, decoded=True, stacked=len(segments))
 
 
-def _repoint(seg: Segment, stack: SegmentBuffers, spans: dict) -> None:
-    """Make `seg` view its bytes inside `stack` (its own tables keep their offsets, which are
-    relative to its slices); heads that beams share stay shared."""
-    views = {n: getattr(stack, n)[o : o + size] for n, (o, size) in spans.items()}
-    seg.buffers = dataclasses.replace(seg.buffers, **views)
+def _repoint(seg: Segment, buffers: SegmentBuffers) -> None:
+    """Make `seg` view the stack: `buffers` are the stack's, with the head table rows of `seg` (a
+    view), so its data and tables are held once; heads that beams share stay shared."""
+    seg.buffers = buffers
     new: dict[int, PackedHead] = {}
     heads = []
     for r, old in enumerate(seg.heads):

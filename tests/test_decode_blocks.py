@@ -143,8 +143,8 @@ def test_the_cap_holds_over_thousands_of_steps(one_thread, arch):
     steps = 2000 if arch == "llama" else 300
     most, cache = _run_capped(model, ids, steps, cap, **cfg)
     assert most <= cap and cache.get_seq_length() == 40 + steps
-    if arch == "llama":  # bound by the cap long ago: the prompt, the merged history, at most two blocks
-        assert len(_layer(cache).segments) <= 4
+    if arch == "llama":  # bound by the cap long ago: the prompt, the merged history, the blocks since (not 125)
+        assert len(_layer(cache).segments) <= 8
 
 
 def test_a_cap_below_the_protected_part_names_the_minimum(one_thread):
