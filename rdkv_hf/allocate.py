@@ -20,6 +20,11 @@ from .quant import META_BITS, per_word
 _BISECT_STEPS = 48
 
 
+def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's soft-capping of scaled logits, ``softcap * tanh(logits / softcap)`` (None: as is)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int = 5, pool: str = "avg", carry: float = 0.0) -> torch.Tensor:
     """RDKV's V-token weight: window attention summed over queries and the GQA group.
 
@@ -34,11 +39,23 @@ def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int =
         window query sees) weighs 0 and adds nothing to its neighbours: a padded row gets the
         weights its tokens get alone.
     """
+    seen_by = visible.sum(1).to(probs.dtype)
+    return pool_weights(probs.sum((2, 3)), seen_by, pool_kernel, pool, carry)
+
+
+def pool_weights(mass: torch.Tensor, seen_by: torch.Tensor, pool_kernel: int = 5, pool: str = "avg", carry: float = 0.0) -> torch.Tensor:
+    """:func:`token_weights` from attention already summed over the queries and the GQA group.
+
+    Args:
+        mass: ``[B, kv_heads, T]`` attention probabilities summed over the queries that see each
+            token and over the group; seen_by: ``[B, T]`` how many queries see each token (0: padding).
+    Returns:
+        ``[B, kv_heads, T]`` weights, normalized, pooled and carried as :func:`token_weights` says.
+    """
     if pool not in ("avg", "max"):
         raise ValueError(f"`pool` must be 'avg' or 'max', got {pool!r}")
-    seen = visible.any(1)  # [B, T] the real tokens
-    seen_by = visible.sum(1).clamp(min=1).to(probs.dtype)
-    w = probs.sum((2, 3)) / seen_by[:, None, :]
+    seen = seen_by > 0  # [B, T] the real tokens
+    w = mass / seen_by.clamp(min=1).to(mass.dtype)[:, None, :]
     B, H, T = w.shape
     if pool_kernel > 1 and T > 1:
         pad = pool_kernel // 2
@@ -293,11 +310,23 @@ def allocate_rdkv(
     D = w_ch.shape[1]
     wt = torch.tensor(widths, device=w_tok.device)
     ev = torch.tensor([eps_v[b] for b in widths], device=w_tok.device)
-    ek = torch.tensor([eps_k[b] for b in widths], device=w_tok.device)
     v_cost = unit_costs(wt, torch.full((R,), v_dim or D, device=w_tok.device))
     v_opt = lagrangian_widths(w_tok, v_cost, ev, v_budget, valid=real)
     v_bits = wt[v_opt]
-    n_kept = (v_bits > 0).sum(1)
+    return v_bits, channel_widths(w_ch, (v_bits > 0).sum(1), k_budget, widths, eps_k)
+
+
+def channel_widths(w_ch: torch.Tensor, n_kept: torch.Tensor, k_budget: torch.Tensor, widths: tuple, eps_k: dict) -> torch.Tensor:
+    """RDKV's second stage: widths of the K channels of rows keeping `n_kept` tokens.
+
+    Args:
+        w_ch: ``[R, D]`` channel weights; n_kept: ``[R]`` tokens each row keeps; k_budget: ``[R]`` bits.
+    Returns:
+        ``[R, D]`` long widths; a row that mixes widths pays its channel order (a byte a channel).
+    """
+    R, D = w_ch.shape
+    wt = torch.tensor(widths, device=w_ch.device)
+    ek = torch.tensor([eps_k[b] for b in widths], device=w_ch.device)
     k_cost = unit_costs(wt, n_kept)
     k_valid = (n_kept > 0)[:, None].expand(R, D)
     k_opt = lagrangian_widths(w_ch, k_cost, ek, k_budget, valid=k_valid)
@@ -306,8 +335,7 @@ def allocate_rdkv(
     if bool(mixed.any()):
         k_opt2 = lagrangian_widths(w_ch, k_cost, ek, (k_budget - 8 * D).clamp(min=0), valid=k_valid)
         k_opt = torch.where(mixed[:, None], k_opt2, k_opt)
-    k_bits = wt[k_opt]
-    return v_bits, k_bits
+    return wt[k_opt]
 
 
 def fixed_widths(real: torch.Tensor, v_width: torch.Tensor, k_width: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

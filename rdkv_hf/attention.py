@@ -25,8 +25,8 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import quant
-from .allocate import channel_weights, token_weights
+from . import decode_blocks, quant
+from .allocate import cap_logits, channel_weights, token_weights
 from .cache import ATTN_NAME, PackedHead, Segment, take_layer
 from .overrides import AttentionOverride
 
@@ -63,15 +63,18 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
         k_at, v_at = latent.keys_values(layer)
     lse = None
     if layer.segments:
-        out, lse = attend(q_at, layer.segments, k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks)
+        out, lse = attend(q_at, decode_blocks.attended(layer), k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks)
         out = (out if latent is None else latent.output(module, out)).to(query.dtype).transpose(1, 2).contiguous()
     elif not plain:
         out, lse = dense_attention(query, key, value, attention_mask, scaling, softcap, sinks)
         out = out.transpose(1, 2).contiguous()
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
-    if q_len > 1 and (not layer.segments or cfg.compress_followups):
+    compressed = q_len > 1 and (not layer.segments or cfg.compress_followups)
+    if compressed:
         compress_layer(layer, q_at, attention_mask, scaling, lse, keys=k_at, softcap=softcap, sinks=sinks, q_len=q_len)
+    if cfg.decode_block is not None:
+        decode_blocks.after_forward(layer, query, attention_mask, scaling, lse, compressed, softcap=softcap)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
 
@@ -95,11 +98,6 @@ def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=
                                            keep_last=keep)
         layer.compress_tail(n_tail, w_tok, w_ch, real, keep_last=keep)
     layer.pending = 0
-
-
-def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Gemma 2's soft-capping of scaled logits, ``softcap * tanh(logits / softcap)`` (None: as is)."""
-    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def sink_logits(sinks: torch.Tensor, kv_heads: int, q_len: int) -> torch.Tensor:
@@ -309,7 +307,8 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", soft
     g = Hq // Hkv
     qf = (query.float() * scaling).reshape(B, Hkv, g * q, D)
     backend = resolve_backend(backend, query.device)
-    parts = [segment_partials(s, qf, backend, softcap) for s in segments]
+    parts = [decode_blocks.stack_partials(s, qf, lambda seg, q: segment_partials(seg, q, backend, softcap)) if decode_blocks.is_stack(s)
+             else segment_partials(s, qf, backend, softcap) for s in segments]
     if sinks is not None:  # one more logit per query row, with no value: mass (1 at max s) and no output
         s = sink_logits(sinks, Hkv, q).to(query.device).expand(B, Hkv, g * q)
         parts.append((s, torch.ones_like(s), qf.new_zeros(B, Hkv, g * q, Dv)))

@@ -33,7 +33,7 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
-from . import compat
+from . import cache_cap, compat, decode_blocks
 from .config import RDKVConfig
 from .model_patches import compressed_layers, latent_attention
 from .parallel import kv_head_range
@@ -109,6 +109,7 @@ class RDKVLayer(CacheLayerMixin):
         self.seen = 0
         self.pending = 0  # tokens of a multi-token forward that the attention has yet to compress
         self.unread = False  # update() returned K/V that no RDKV attention has read yet
+        decode_blocks.init_state(self)  # compressed decoding (config.decode_block)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -183,6 +184,7 @@ class RDKVLayer(CacheLayerMixin):
         self.seen = 0
         self.pending = 0
         self.unread = False
+        decode_blocks.init_state(self)
         _offered().discard(self)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -196,7 +198,9 @@ class RDKVLayer(CacheLayerMixin):
             return
         self.keys = self.keys.index_select(0, index.to(self.keys.device))
         self.values = self.values.index_select(0, index.to(self.values.device))
+        stack = decode_blocks.current_stack(self)
         self.segments = [s.select(index) for s in self.segments]
+        decode_blocks.select_state(self, index, stack)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -210,7 +214,8 @@ class RDKVLayer(CacheLayerMixin):
 
     # -- compression ---------------------------------------------------------------------------
 
-    def compress_tail(self, n_new: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor, keep_last: int = 0) -> None:
+    def compress_tail(self, n_new: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor, keep_last: int = 0,
+                      decoded: bool = False) -> None:
         """Pack the last `n_new` tail tokens but the newest `keep_last` into a new segment and drop
         them from the tail.
 
@@ -218,6 +223,7 @@ class RDKVLayer(CacheLayerMixin):
             w_tok: ``[B, kv_heads, n]`` token weights (``n = n_new - keep_last``); w_ch: ``[B, kv_heads, D]``
                 (K's channels as attended: a latent layer's absorbed ones).
             real: ``[B, n]`` bool, non-padding tokens.
+            decoded: the tokens are a block of decoded tokens (``config.decode_block``).
         """
         keys, values = (self.keys, self.values) if self.latent is None else self.latent.keys_values(self)
         B, H, n_tail, D = keys.shape
@@ -232,7 +238,11 @@ class RDKVLayer(CacheLayerMixin):
             k_new.reshape(B * H, n, D), v_new.reshape(B * H, n, Dv),
             v_bits.reshape(B * H, n), k_bits.reshape(B * H, D), keep,
         )
-        self.segments.append(Segment(heads, B, H, real.sum(1).cpu(), buffers))
+        if self.config.max_cache_bytes is not None:  # re-allocation under the cap needs the weights
+            positions = torch.arange(start, end, device=w_tok.device) + (self.seen - n_tail)
+            cache_cap.attach_weights(heads, v_bits.reshape(B * H, n), self.planner.cap_weights(w_tok, real, positions),
+                                     w_ch.reshape(B * H, D))
+        self.segments.append(Segment(heads, B, H, real.sum(1).cpu(), buffers, decoded=decoded))
         # Copy what stays: a slice would keep the whole full-precision tensor alive.
         self.keys = torch.cat([self.keys[:, :, :start], self.keys[:, :, end:]], dim=-2)
         self.values = torch.cat([self.values[:, :, :start], self.values[:, :, end:]], dim=-2)
@@ -258,15 +268,13 @@ class RDKVLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        seen, n = set(), 0
-        for s in self.segments:
-            for h in s.heads:
-                if id(h) not in seen:  # beams share heads
-                    seen.add(id(h))
-                    n += h.nbytes
-        if self.is_initialized:
-            n += self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return n
+        """Bytes the layer holds: packed codes, scales, minima and channel orders, the segments'
+        tables, the full-precision tail, and what compressed decoding keeps (its pending sums,
+        the stacked tables, the weights kept for a byte cap)."""
+        if not self.is_initialized:
+            return 0
+        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return cache_cap.packed_nbytes(self.segments + decode_blocks.stack_of(self)) + tail + decode_blocks.state_nbytes(self)
 
 
 if compat.LinearAttentionLayer is not None:
@@ -384,6 +392,7 @@ class RDKVCache(DynamicCache):
                     "RDKVCache(model, RDKVConfig(budget=2.5))"
                 )
             planner = state.planner
+        decode_blocks.check_model(model_config, planner.config)
         super().__init__(config=model_config)
         self.planner = planner
         text_config = model_config.get_text_config(decoder=True)

@@ -37,10 +37,13 @@ def _eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    stream = args.tasks is not None and "stream" in args.tasks
+    if stream:
+        args.tasks = tuple(t for t in args.tasks if t != "stream")
     preset = {**MODEL_DEFAULTS.get(args.model, {}), **(QUICK if args.quick else {})}
     given = {k: getattr(args, k) for k in ("tasks", "methods", "budgets", "lengths", "samples", "windows",
                                            "ppl_length", "continuation", "ruler_tasks", "haystack", "seed")}
-    settings = EvalSettings(args.model, **{**preset, **{k: v for k, v in given.items() if v is not None}})
+    settings = None if stream and not args.tasks else EvalSettings(args.model, **{**preset, **{k: v for k, v in given.items() if v is not None}})
     model, tokenizer = load_model(args.model)
     if args.no_profile:
         profile = None
@@ -51,10 +54,27 @@ def _eval(args) -> int:
     else:
         profile = shipped_profile(args.model)
     out = args.out or f"runs/eval-{args.model}"
-    evaluate(model, tokenizer, settings, out, profile=profile)
-    print((Path(out) / "table.md").read_text(encoding="utf-8"))
-    print(f"written to {out}/: results.jsonl (resumable), results.json, table.md, rate_distortion.png")
+    if settings is not None:
+        evaluate(model, tokenizer, settings, out, profile=profile)
+        print((Path(out) / "table.md").read_text(encoding="utf-8"))
+        print(f"written to {out}/: results.jsonl (resumable), results.json, table.md, rate_distortion.png")
+    if stream:
+        _stream(args, model, tokenizer, profile, out)
     return 0
+
+
+def _stream(args, model, tokenizer, profile, out) -> None:
+    """The stream task: a long text through the decode path (``rdkv_hf.eval.stream``), the model in bf16."""
+    import torch
+
+    from .eval.stream import StreamSettings, evaluate_stream
+
+    given = dict(methods=args.stream_methods, stream_tokens=args.stream_tokens, decode_block=args.decode_block,
+                 cap_share=args.cap_share, samples=args.samples, seed=args.seed)
+    settings = StreamSettings(args.model, **{k: v for k, v in given.items() if v is not None})
+    evaluate_stream(model.to(torch.bfloat16), tokenizer, settings, out, profile=profile)
+    print((Path(out) / "stream_table.md").read_text(encoding="utf-8"))
+    print(f"written to {out}/: stream.jsonl (resumable), stream_table.md")
 
 
 def _load(name_or_path: str, gguf_file: str | None = None):
@@ -134,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="quality per byte of RDKV and its peers (perplexity, RULER-style tasks, distortion)",
                        description="Evaluate every method at measured bytes; resumable (finished cells are kept in OUT/results.jsonl).")
     e.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or gemma3-270m")
-    e.add_argument("--tasks", type=_csv(str), help="comma list of ppl, ruler, distortion (default: all)")
+    e.add_argument("--tasks", type=_csv(str), help="comma list of ppl, ruler, distortion, stream (default: all but stream; "
+                   "stream: a long text through the decode path, see --stream-tokens)")
     e.add_argument("--methods", type=_csv(str), help="comma list of methods, each optionally with options name:key=value:key=value (default: all; "
                    "full, rdkv, rdkv+profile, ratequant, uniform-2, uniform-4, quanto-2, quanto-4, snapkv, adakv, streamingllm)")
     e.add_argument("--budgets", type=_csv(float), help="bits per element for the budgeted methods (default 1,1.5,2.5,4; gemma3-270m: 0.4,1.6,2.5)")
@@ -151,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output directory (default runs/eval-MODEL)")
     e.add_argument("--quick", action="store_true", help="a small grid for a smoke run (a few minutes)")
     e.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster when the CPU is shared)")
+    e.add_argument("--stream-tokens", type=int, help="stream task: tokens through the decode path (default 6144)")
+    e.add_argument("--decode-block", type=int, help="stream task: decode_block of the RDKV methods (default 128)")
+    e.add_argument("--cap-share", type=float, help="stream task: the cap, a share of the full cache's bf16 bytes (default 0.1)")
+    e.add_argument("--stream-methods", type=_csv(str), help="stream task: comma list of full, rdkv, rdkv-cap, rdkv+profile-cap, "
+                   "streamingllm-cap, snapkv-cap, random-cap, kivi2 (default: all)")
     e.set_defaults(func=_eval)
 
     c = sub.add_parser("calibrate", help="measure a RateQuant/RDKV profile of a model")

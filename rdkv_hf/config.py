@@ -74,6 +74,19 @@ class RDKVConfig:
         residual: the newest this many tokens of every compressing forward stay in full precision
             in the tail, outside the budget (as ``residual_length`` in Transformers'
             ``QuantizedCache``); a prompt no longer than it is not compressed. ``nbytes`` counts them.
+        decode_block: compress decoded tokens too, in blocks of this many tokens (None: decoded
+            tokens stay in full precision). Once the full-precision tail holds ``decode_block``
+            tokens beyond its newest ``max(decode_window, residual)``, the oldest ``decode_block``
+            are weighed by the attention of the ``decode_window`` queries that came after them and
+            packed at `budget` as a segment of their own (``rdkv_hf.decode_blocks``). Needs `budget`
+            in bits, not `tokens`.
+        decode_window: how many queries after a block weigh it (None: `window`, as for the prompt,
+            at most ``decode_block``); at most ``decode_block``.
+        max_cache_bytes: a hard cap on the bytes of the whole cache (every layer; codes, scales,
+            tables, the tail and the decode state included). When packing would pass it, the cache
+            re-allocates what it holds (``rdkv_hf.cache_cap``): older tokens lose bits or are evicted,
+            the tail and the newest block are kept. Needs ``decode_block``; a cap below what the
+            protected part needs is an error naming that minimum.
     """
 
     budget: float | None = DEFAULT_BUDGET
@@ -93,6 +106,9 @@ class RDKVConfig:
     backend: str = "auto"
     compress_followups: bool = True
     residual: int = 0
+    decode_block: int | None = None
+    decode_window: int | None = None
+    max_cache_bytes: int | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -144,6 +160,45 @@ class RDKVConfig:
         set_("eps_k", _check_eps("eps_k", self.eps_k, widths))
         if self.high_precision_dtype is not None and self.high_precision_dtype not in _DTYPES:
             raise ValueError(f"`high_precision_dtype` must be one of {sorted(_DTYPES)} or None, got {self.high_precision_dtype!r}")
+        self._check_decode()
+
+    def _check_decode(self) -> None:
+        """`decode_block`, `decode_window` and `max_cache_bytes` (see the class docstring)."""
+        def positive_int(name, value, low=1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low} or None, got {value!r}")
+
+        if self.decode_block is None:
+            for name in ("decode_window", "max_cache_bytes"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`{name}` applies to compressed decoding: set `decode_block` too (e.g. decode_block=128)")
+            return
+        positive_int("decode_block", self.decode_block, 2)
+        if self.tokens is not None:
+            raise ValueError("`decode_block` packs decoded blocks at `budget` bits per element; give `budget`, not `tokens`")
+        if self.decode_window is not None:
+            positive_int("decode_window", self.decode_window)
+            if self.decode_window > self.decode_block:
+                raise ValueError(
+                    f"`decode_window`={self.decode_window} exceeds `decode_block`={self.decode_block}: a block is weighed by "
+                    "queries of the block after it; lower `decode_window` or raise `decode_block`"
+                )
+        if self.max_cache_bytes is not None:
+            positive_int("max_cache_bytes", self.max_cache_bytes)
+            from .planners import planner_class
+
+            if not planner_class(self.mode).holds_cap:
+                raise ValueError(
+                    f"mode={self.mode!r} never evicts a token nor lowers a width, so it cannot hold `max_cache_bytes`; "
+                    "use mode='rdkv' or 'rdkv+profile' (or an eviction mode) under a cap"
+                )
+
+    @property
+    def block_window(self) -> int:
+        """The queries that weigh a decode block (``decode_window``, or `window` up to the block)."""
+        if self.decode_block is None:
+            return 0
+        return self.decode_window or min(self.window, self.decode_block)
 
     def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """Storage dtype of the 16-bit zone for a model running in `model_dtype`."""

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from . import compat
+from . import compat, decode_blocks
 from .attention import RDKV_ATTENTION
 from .cache import RDKVCache
 from .config import RDKVConfig
@@ -92,6 +92,7 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     prof = _load_profile(profile if profile is not None else cfg.profile, model)
     _check_backend(cfg.backend, model)
     planner = make_planner(cfg, prof, compressed_layers(model), heads=kv_head_range(model))
+    decode_blocks.check_model(model.config, cfg)
     notes = patcher.check(model)
     patcher.attention_modules(model)  # checks the layout
     with _lock:

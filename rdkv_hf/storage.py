@@ -71,6 +71,10 @@ class PackedHead:
     k_perm: torch.Tensor | None  # uint8 [kept channels] (int16 past 256) in K group order; None: identity
     k_groups: list[Group]
     v_dim: int | None = None
+    # Under a byte cap (RDKVConfig.max_cache_bytes) the weights the widths came from, for re-allocation
+    # (rdkv_hf.cache_cap): bfloat16 [n] per kept token in the head's token order, [head_dim] per channel.
+    w_tok: torch.Tensor | None = field(default=None, kw_only=True)
+    w_ch: torch.Tensor | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
         if self.v_dim is None:
@@ -376,6 +380,7 @@ class Segment:
     kv_heads: int
     real_tokens: torch.Tensor  # [batch] tokens of this forward that were not padding
     buffers: SegmentBuffers | None = None
+    decoded: bool = field(default=False, kw_only=True)  # a block of decoded tokens (RDKVConfig.decode_block), not a forward's
 
     def __post_init__(self):
         if self.buffers is None:
@@ -387,4 +392,10 @@ class Segment:
         rows = [b * self.kv_heads + h for b in idx for h in range(self.kv_heads)]
         heads = [self.heads[r] for r in rows]
         buffers = self.buffers.select(torch.tensor(rows, dtype=torch.long, device=self.buffers.heads.device))
-        return Segment(heads, len(idx), self.kv_heads, self.real_tokens[batch_index.cpu()], buffers)
+        return Segment(heads, len(idx), self.kv_heads, self.real_tokens[batch_index.cpu()], buffers, decoded=self.decoded)
+
+    @property
+    def table_nbytes(self) -> int:
+        """Bytes of the segment's head and group tables (what the kernels walk the buffers by)."""
+        b = self.buffers
+        return b.heads.numel() * b.heads.element_size() + b.groups.numel() * b.groups.element_size()

@@ -95,8 +95,9 @@ def test_layer_contract_and_nbytes():
     assert cache.get_seq_length() == 61 and layer.keys.shape[-2] == 1
     assert layer.get_mask_sizes(1) == (2, 60)
     held = sum(h.nbytes for l in cache.layers for s in l.segments for h in s.heads)
+    tables = sum(s.buffers.heads.numel() * 8 + s.buffers.groups.numel() * 8 for l in cache.layers for s in l.segments)
     tail = sum(l.keys.numel() * 4 * 2 for l in cache.layers)
-    assert cache.nbytes == held + tail
+    assert cache.nbytes == held + tables + tail  # codes, scales, orders; the head and group tables; the tail
     assert 0 < cache.summary().prompt_bits_per_element <= 3.0
     with pytest.raises(NotImplementedError, match="unpatch"):
         cache.crop(-1)

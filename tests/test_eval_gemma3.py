@@ -55,7 +55,8 @@ def test_global_and_sliding_bytes_are_split(model):
             else:
                 assert isinstance(cache.layers[2], rdkv_hf.cache.RDKVLayer)
                 assert rec["global_nbytes"] == cache.layers[2].nbytes
-                assert rec["bits_per_element"] <= 2.5 + 1e-9
+                tables = sum(seg.table_nbytes for seg in cache.layers[2].segments)  # not part of the budget
+                assert 16 * (rec["global_nbytes"] - tables) / global_bf16 <= 2.5 + 1e-9
     finally:
         rdkv_hf.unpatch(model)
 
@@ -88,10 +89,18 @@ def test_eval_reports_global_shares_and_skips_quanto(model, tmp_path, caplog):
     recs = ev.evaluate(model, None, s, tmp_path, window_ids=[ids()], progress=False)
     assert {r["method"] for r in recs} == {"full", "rdkv", "snapkv"}
     assert "skipping quanto-2" in caplog.text
-    for r in recs:
-        if r["method"] != "full":
-            assert r["pct_global_bf16"] <= 100 * r["budget"] / 16 + 1e-9
-            assert r["pct_bf16"] > r["pct_global_bf16"]  # the sliding layers are not compressed
+    pre = ev.prefill(model, ids()[:, :PROMPT])
+    rdkv_hf.patch(model, budget=16)
+    try:
+        for r in recs:
+            if r["method"] != "full":  # the packed tokens within the budget; the tables on top
+                cache = ev.build_cache(model, pre, ev.parse_method(r["method"]), r["budget"])
+                tables = sum(seg.table_nbytes for seg in cache.layers[2].segments)
+                assert r["global_nbytes"] == cache.layers[2].nbytes
+                assert 100 * (r["global_nbytes"] - tables) / r["global_bf16_bytes"] <= 100 * r["budget"] / 16 + 1e-9
+                assert r["pct_bf16"] > r["pct_global_bf16"]  # the sliding layers are not compressed
+    finally:
+        rdkv_hf.unpatch(model)
     table = (tmp_path / "table.md").read_text()
     assert "% of global bf16" in table and "layers 2" in table and "sliding" in table
     assert "QuantizedCache supports only models whose layers are all full attention" in table

@@ -184,7 +184,7 @@ def test_ruler_cells_score_greedy_answers(tmp_path):
 
 def test_methods_registry_builds_every_method_below_full_bytes(model, profile):
     assert list(ev.all_methods()) == ["full", "rdkv", "rdkv+profile", "ratequant", "uniform-2", "uniform-4",
-                                      "quanto-2", "quanto-4", "snapkv", "adakv", "streamingllm"]
+                                      "quanto-2", "quanto-4", "snapkv", "adakv", "streamingllm", "random"]
     assert {m.name for m in ev.all_methods().values() if m.kind == "eviction"} == {n for n, c in modes().items() if c.evicts_only}
     pre = ev.prefill(model, windows(1)[0][:, :PROMPT])
     for name, method in ev.all_methods().items():

@@ -56,7 +56,7 @@ def test_baseline_runs_through_generate_at_matched_bytes():
 def test_baselines_score_tokens_without_rdkv_carry():
     """kvpress's definitions: average-pooled window attention, no forward carry (RDKV's addition)."""
     baselines = [cls for cls in modes().values() if cls.evicts_only]
-    assert {cls.name for cls in baselines} == {"snapkv", "adakv", "streamingllm"}
+    assert {cls.name for cls in baselines} == {"snapkv", "adakv", "streamingllm", "random"}
     assert RDKVConfig().carry > 0
     assert all(cls(RDKVConfig(budget=2.0, pool="max")).config.carry == 0 for cls in baselines)
     assert all(cls(RDKVConfig(budget=2.0, pool="max")).config.pool == "avg" for cls in baselines)

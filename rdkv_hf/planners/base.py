@@ -39,6 +39,7 @@ class Planner:
     needs_profile: ClassVar[bool] = False
     takes_tokens: ClassVar[bool] = True  # a budget given as `tokens` per head (else only `budget` in bits)
     evicts_only: ClassVar[bool] = False  # keeps tokens at 16 bits or evicts them (the eviction baselines)
+    holds_cap: ClassVar[bool] = True  # can re-allocate under `max_cache_bytes` (evicts or lowers widths)
     fixed_widths: ClassVar[tuple[int, ...]] = ()  # the evaluation runs it at these widths, not over budgets
     rank: ClassVar[int] = 100  # its place in the evaluation's tables
 
@@ -107,6 +108,12 @@ class Planner:
             ``(v_bits [B, kv_heads, T], k_bits [B, kv_heads, D])`` long widths (0 evicts).
         """
         raise NotImplementedError
+
+    def cap_weights(self, w_tok: torch.Tensor, real: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[B, kv_heads, T]`` the weights kept with packed tokens for re-allocation under a byte
+        cap (``rdkv_hf.cache_cap``): a token of higher weight keeps more bits. RDKV's own weights
+        by default; `positions` ``[T]`` are the tokens' places in the sequence."""
+        return w_tok
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

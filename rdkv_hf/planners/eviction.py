@@ -1,5 +1,5 @@
 """Eviction-only baselines on the same packed cache, for comparisons at matched bytes (modes
-``snapkv``, ``adakv`` and ``streamingllm``).
+``snapkv``, ``adakv``, ``streamingllm`` and ``random``).
 
 Re-implemented after kvpress's published definitions (kvpress itself pins transformers < 5.3):
 
@@ -8,6 +8,13 @@ Re-implemented after kvpress's published definitions (kvpress itself pins transf
 * AdaKV (Ada-SnapKV): SnapKV scores with per-head budgets: each head keeps at least
   ``alpha_safeguard`` of the mean budget, the rest goes to the best scores across the layer's heads.
 * StreamingLLM: four attention-sink tokens plus the most recent ones.
+* Random: each head keeps a random subset (per-head random eviction, a strong baseline on
+  reasoning in arXiv 2609.03430).
+
+Under a byte cap with compressed decoding (``max_cache_bytes``, ``decode_block``) each keeps the
+highest of the weights :meth:`~rdkv_hf.planners.Planner.cap_weights` gives (SnapKV and AdaKV their
+scores from the queries after each block, StreamingLLM recency with its sinks, random ones), so
+decoding under the cap evicts as kvpress's DecodingPress re-pruning does, every block.
 
 Kept tokens are stored at 16 bits (K and V), so ``budget`` bits per element keeps ``budget / 16``
 of each head's tokens. The scores are RDKV's token weights (window attention summed over the
@@ -81,6 +88,34 @@ class StreamingLLMPlanner(EvictionPlanner):
         recent = -_recent_rank(real).double()
         s = torch.where(first <= self.sinks, torch.full_like(recent, torch.inf), recent)
         return s[:, None, :].expand_as(w_tok)
+
+    def cap_weights(self, w_tok, real, positions):
+        # Recency as a weight that bfloat16 keeps in order (8 positions a step, up to 128K tokens);
+        # the first real tokens of the sequence are the sinks.
+        w = torch.exp2(positions.double().clamp(max=126 * 1024) / 1024)[None, :].expand(real.shape)
+        starts = bool(positions.numel()) and int(positions[0]) == 0  # these tokens begin the sequence
+        sink = (real.long().cumsum(1) <= self.sinks) & real & starts
+        w = torch.where(sink, torch.full_like(w, 2.0**127), w)
+        return w[:, None, :].expand_as(w_tok).float()
+
+
+class RandomPlanner(EvictionPlanner):
+    name = "random"
+    label = "random eviction"
+    rank = 85
+
+    def __init__(self, config, profile=None, layers=None, heads=None):
+        super().__init__(config, profile, layers, heads)
+        self.generator = torch.Generator(device="cpu").manual_seed(0)  # the same draws in every run
+
+    def _draw(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(like.shape, generator=self.generator, dtype=torch.float64, device="cpu").to(like.device)
+
+    def scores(self, w_tok, real):
+        return self._draw(w_tok)
+
+    def cap_weights(self, w_tok, real, positions):
+        return self._draw(w_tok).float()
 
 
 class AdaKVPlanner(SnapKVPlanner):

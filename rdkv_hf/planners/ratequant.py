@@ -23,6 +23,7 @@ class RateQuantPlanner(Planner):
     needs_profile = True
     takes_tokens = False
     rank = 30
+    holds_cap = False  # one width per head, nothing evicted
 
     def __init__(self, config, profile=None, layers=None, heads=None):
         super().__init__(config, profile, layers, heads)

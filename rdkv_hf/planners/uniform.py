@@ -13,6 +13,7 @@ class UniformPlanner(Planner):
     label = "uniform"
     fixed_widths = (2, 4)
     rank = 40
+    holds_cap = False  # one width everywhere, nothing evicted
 
     def widths(self, layer_idx, w_tok, w_ch, real, v_dim=None):
         B, H, T = w_tok.shape

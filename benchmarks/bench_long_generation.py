@@ -1,0 +1,269 @@
+"""Long generation in bounded memory: quality through the decode path, and bytes and ms/token
+against generated length.
+
+    python benchmarks/bench_long_generation.py quality   # streaming PPL + recall, every method (resumable)
+    python benchmarks/bench_long_generation.py speed     # bytes and ms/token vs generated length
+    python benchmarks/bench_long_generation.py plot      # the plot from both result files
+    python benchmarks/bench_long_generation.py repack    # what merging decoded blocks costs (K error)
+
+Model: SmolLM2-135M-Instruct. Results go to ``--out`` (default ``benchmarks/results/long_generation``).
+
+**quality** runs :func:`rdkv_hf.eval.stream.evaluate_stream` (the model in bfloat16, so that the
+full cache and every full-precision tail are bf16, the unit the cap is given in): a 64-token prompt,
+6,144 tokens through the decode path (text with a five-digit code at 10%, the question at the end),
+perplexity of the last 1,024 text tokens, recall of the code; ``decode_block`` 128, ``budget`` 2.5,
+a cap of 10% of the full cache's bf16 bytes at the end of the stream for the capped methods.
+
+**speed**: the state after L generated tokens is built from synthetic K/V statistics (a real 4K
+prefill's K/V and last queries tiled to L tokens, as ``bench_decode.py`` does for prompts) fed
+through each layer's cache and decode-block machinery (packing and the cap's re-allocations run as
+in decoding), then the model decodes ``--steps`` tokens: the mean ms/token over them includes the
+packing and re-allocation of the blocks they complete (two blocks at the default 256 steps). The
+model's positions are raised past its 8K window for 16K (speed only). ``other`` is the CPU cores
+other processes used meanwhile (``bench_decode.OtherLoad``): on a shared machine ratios, not times.
+Methods: ``dynamic`` (DynamicCache, everything full precision), ``rdkv-prompt`` (today's RDKV: the
+whole context compressed as a prompt at 2.5 bits, decoded tokens full precision: the 4K row is the
+target's reference), ``rdkv-tail`` (a 64-token prompt compressed, the generated tokens in the
+full-precision tail: what decoding with RDKV did before ``decode_block``), ``rdkv-blocks``
+(``decode_block=128``), ``rdkv-cap`` (plus ``max_cache_bytes`` = 10% of a bf16 full cache at 6K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_decode import OtherLoad, build_seed, loadavg, machine, tile  # noqa: E402
+
+from rdkv_hf.compat import cache_kwargs  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "long_generation"
+SPEED_METHODS = ("dynamic", "rdkv-prompt", "rdkv-tail", "rdkv-blocks", "rdkv-cap")
+PROMPT = 64
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("quality", "speed", "plot", "repack"))
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--stream-tokens", type=int, default=6144)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--steps", type=int, default=256, help="decode steps timed per point (decode-block methods)")
+    p.add_argument("--plain-steps", type=int, default=32, help="steps timed for methods without periodic work")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=float, default=2.5)
+    p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rdkv_hf" / "bench")
+    return p.parse_args(argv)
+
+
+def quality(args) -> None:
+    from rdkv_hf.eval.models import load_model, shipped_profile
+    from rdkv_hf.eval.stream import STREAM_METHODS, StreamSettings, evaluate_stream
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model("smollm2-135m")
+    model = model.to(torch.bfloat16)
+    settings = StreamSettings("smollm2-135m", methods=tuple(args.methods or STREAM_METHODS), budget=args.budget,
+                              stream_tokens=args.stream_tokens, samples=args.samples)
+    print(f"machine: {machine()}; threads {args.threads}; loadavg {loadavg()}")
+    evaluate_stream(model, tok, settings, args.out, profile=shipped_profile("smollm2-135m"))
+    print((args.out / "stream_table.md").read_text())
+
+
+# -- speed ------------------------------------------------------------------------------------
+
+
+def _cap(model) -> int:
+    """10% of a bf16 full cache at 64 + 6,144 tokens (the quality run's cap)."""
+    tc = model.config
+    return int(0.10 * (PROMPT + 6144) * tc.num_hidden_layers * tc.num_key_value_heads * tc.head_dim * 2 * 2)
+
+
+@torch.no_grad()
+def build_state(method: str, model, seed: dict, length: int, budget: float):
+    """The cache of `method` after a 64-token prompt and `length` generated tokens (synthetic K/V)."""
+    from transformers import DynamicCache
+
+    import rdkv_hf
+    from rdkv_hf import decode_blocks
+    from rdkv_hf.attention import compress_layer
+
+    gen = torch.Generator().manual_seed(0)
+    total = PROMPT + length
+    if method == "dynamic":
+        cache = DynamicCache(config=model.config)
+        for i in range(len(seed["k"])):
+            cache.update(tile(seed["k"][i], total, gen), tile(seed["v"][i], total, gen), i)
+        return cache
+    opts = dict(budget=budget, backend="cpu")
+    if method in ("rdkv-blocks", "rdkv-cap"):
+        opts.update(decode_block=128, compress_followups=False)
+    if method == "rdkv-cap":
+        opts["max_cache_bytes"] = _cap(model)
+    rdkv_hf.patch(model, **opts)
+    cache = rdkv_hf.RDKVCache(model)
+    prompt = total if method == "rdkv-prompt" else PROMPT
+    for i, layer in enumerate(cache.layers):
+        k, v, q = tile(seed["k"][i], total, gen), tile(seed["v"][i], total, gen), seed["q"][i]
+        layer.update(k[:, :, :prompt], v[:, :, :prompt])
+        compress_layer(layer, q, None, q.shape[-1] ** -0.5)
+        if method == "rdkv-blocks" or method == "rdkv-cap":
+            decode_blocks.after_forward(layer, q, None, q.shape[-1] ** -0.5, None, compressed=True)
+            for start in range(prompt, total, 128):  # a block at a time, weighed by tiled queries
+                end = min(total, start + 128)
+                layer.update(k[:, :, start:end], v[:, :, start:end])
+                qs = tile(q, end - start, gen)
+                decode_blocks.after_forward(layer, qs, None, q.shape[-1] ** -0.5, None, compressed=False)
+                layer.pending, layer.unread = 0, False
+        elif prompt < total:
+            layer.update(k[:, :, prompt:], v[:, :, prompt:])
+            layer.pending, layer.unread = 0, False
+    return cache
+
+
+@torch.no_grad()
+def time_decode(model, cache, steps: int, warmup: int = 4):
+    tok = torch.tensor([[42]])
+    times, load = [], OtherLoad()
+    for i in range(warmup + steps):
+        if i == warmup:
+            load.start()
+        t0 = time.perf_counter()
+        out = model(input_ids=tok, **cache_kwargs(cache), use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        times.append(time.perf_counter() - t0)
+    timed = times[warmup:]
+    return 1e3 * sum(timed) / len(timed), 1e3 * statistics.median(timed), 1e3 * max(timed), load.stop()
+
+
+def speed(args) -> None:
+    from rdkv_hf.cache import layer_nbytes
+    from rdkv_hf.eval.models import load_model
+
+    torch.set_num_threads(args.threads)
+    args.csv = args.out / "speed.csv"
+    seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+    model, _ = load_model("smollm2-135m")
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, PROMPT + max(args.lengths) + 1024)
+    print(f"machine: {machine()}; threads {args.threads}; loadavg {loadavg()}; model float32")
+    path = args.out / "speed.jsonl"
+    done = {json.dumps([r["method"], r["length"]]) for r in _read(path)}
+    header = f"{'method':>12} {'generated':>9} {'MiB':>8} {'bytes/token':>11} {'ms/token':>8} {'median':>7} {'max':>7} {'other':>5}"
+    print(header)
+    for method in args.methods or SPEED_METHODS:
+        for length in args.lengths:
+            if json.dumps([method, length]) in done:
+                continue
+            t0 = time.perf_counter()
+            cache = build_state(method, model, seed, length, args.budget)
+            build_s = time.perf_counter() - t0
+            steps = args.steps if method in ("rdkv-blocks", "rdkv-cap") else args.plain_steps
+            mean, median, most, other = time_decode(model, cache, steps)
+            nbytes = sum(layer_nbytes(cache))
+            rec = dict(method=method, length=length, nbytes=nbytes, bytes_token=nbytes / (PROMPT + length + steps + 4), ms_token=mean,
+                       median_ms=median, max_ms=most, other=other, steps=steps, build_s=build_s, loadavg=loadavg(), machine=machine())
+            with path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{method:>12} {length:>9} {nbytes / 2**20:>8.2f} {rec['bytes_token']:>11.0f} {mean:>8.1f} {median:>7.1f} "
+                  f"{most:>7.0f} {other:>5.2f}", flush=True)
+            import rdkv_hf
+
+            rdkv_hf.unpatch(model)
+            del cache
+
+
+@torch.no_grad()
+def repack(args) -> None:
+    """Merge 8 decoded blocks (real K/V of a 4K prefill, 2.5 bits) into one segment at unchanged widths,
+    as the cap's re-allocation does, and print the relative error it adds to K and V."""
+    import rdkv_hf
+    from rdkv_hf import cache_cap, decode_blocks
+    from rdkv_hf.attention import compress_layer
+    from rdkv_hf.eval.models import load_model
+
+    torch.set_num_threads(args.threads)
+    seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+    model, _ = load_model("smollm2-135m")
+    rdkv_hf.patch(model, budget=args.budget, decode_block=128, max_cache_bytes=10**12)
+    cache = rdkv_hf.RDKVCache(model)
+    rows = []
+    for li in (2, 10, 20):
+        layer = cache.layers[li]
+        k, v, q = seed["k"][li], seed["v"][li], seed["q"][li]
+        layer.update(k[:, :, :PROMPT], v[:, :, :PROMPT])
+        compress_layer(layer, q, None, q.shape[-1] ** -0.5)
+        decode_blocks.after_forward(layer, q, None, q.shape[-1] ** -0.5, None, compressed=True)
+        for s in range(PROMPT, PROMPT + 8 * 128 + 32, 32):  # the window's 32 queries at a time
+            layer.update(k[:, :, s : s + 32], v[:, :, s : s + 32])
+            decode_blocks.after_forward(layer, q, None, q.shape[-1] ** -0.5, None, compressed=False)
+            layer.pending, layer.unread = 0, False
+        blocks = [s for s in layer.segments if s.decoded]
+        heads = list(range(blocks[0].kv_heads))
+        part = cache_cap._Part(blocks, heads)
+        merged = cache_cap._repack(part, part.vw, part.kw, heads, 1, len(heads), torch.float16, "cpu")
+        for r in heads:
+            k0 = torch.cat([b.heads[r].dequantize()[0] for b in blocks])
+            v0 = torch.cat([b.heads[r].dequantize()[1] for b in blocks])
+            order = torch.sort(-part.vw[r], stable=True).indices  # the merged segment's token order
+            k1, v1 = merged.heads[r].dequantize()
+            rows.append((li, r, float((k1 - k0[order]).norm() / k0.norm()), float((v1 - v0[order]).norm() / v0.norm())))
+            print(f"layer {li:2d} head {r}: K {100 * rows[-1][2]:5.1f}%  V {100 * rows[-1][3]:.1f}% (relative error added by the merge)")
+    print(f"mean: K {100 * sum(r[2] for r in rows) / len(rows):.1f}%, V {100 * sum(r[3] for r in rows) / len(rows):.1f}%")
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read(args.out / "speed.jsonl")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for method in SPEED_METHODS:
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["length"])
+        if rs:
+            axes[0].plot([r["length"] for r in rs], [r["nbytes"] / 2**20 for r in rs], "o-", label=method)
+            axes[1].plot([r["length"] for r in rs], [r["ms_token"] for r in rs], "o-", label=method)
+    axes[0].set(xlabel="generated tokens", ylabel="cache MiB (float32 model)", title="bytes vs generated length", xscale="log")
+    axes[1].set(xlabel="generated tokens", ylabel="ms/token (mean, packing included)", title="decode time vs generated length",
+                xscale="log")
+    stream = _read(args.out / "stream.jsonl")
+    by: dict = {}
+    for r in stream:
+        by.setdefault(r["label"], []).append(r)
+    for label, rs in by.items():
+        axes[2].scatter([sum(r["pct_bf16"] for r in rs) / len(rs)], [sum(r["ppl"] for r in rs) / len(rs)], label=label)
+    axes[2].set(xlabel="% of bf16 bytes at the end of the stream", ylabel="PPL of the last 1,024 streamed tokens",
+                title="6K-token stream (SmolLM2)", xscale="log", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "long_generation.png", dpi=110)
+    print(f"wrote {args.out / 'long_generation.png'}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"quality": quality, "speed": speed, "plot": plot, "repack": repack}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

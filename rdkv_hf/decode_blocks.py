@@ -1,0 +1,238 @@
+"""Compressed decoding: decoded tokens packed in blocks, weighed by the queries after them.
+
+With ``RDKVConfig.decode_block`` set, a layer's full-precision tail is cut into blocks of
+``decode_block`` tokens counted from its oldest token. The tail always keeps its newest ``keep =
+max(window, residual)`` tokens (``window``: ``RDKVConfig.block_window``, the queries that weigh a
+block); once it holds ``decode_block`` more, the oldest block is packed at `budget` as a segment of
+its own (``Segment.decoded``), through the planner, allocator and storage the prompt goes through.
+So the tail holds ``keep`` to ``keep + decode_block - 1`` tokens between forwards, and stays the
+newest tokens (Transformers' masks need it so).
+
+A block's token weights are RDKV's (pooled and carried as for the prompt): the attention it gets
+from the last ``window`` queries before it is packed, the queries at tail positions
+``keep + (k + 1) * block - window .. keep + (k + 1) * block - 1`` for block ``k`` (with no residual,
+the ``window`` queries right after it). Every forward
+adds its queries' attention to those sums as it goes (``[B, kv_heads, tail]`` floats and a
+``[B, kv_heads, head_dim]`` sum of squared queries per pending block for the channel weights), so
+nothing but the sums is kept of past queries, and packing costs one block's allocation once per
+``decode_block`` steps.
+
+Decoded segments are attended together in one kernel call (:mod:`rdkv_hf.stacked`).
+Under ``max_cache_bytes`` each pack is followed by :func:`rdkv_hf.cache_cap.enforce`.
+
+The state lives on the layer as plain tensors (``block_mass``, ``block_seen``, ``block_qsq``,
+``block_nq``) so that beam search reorders it with the rest (:func:`select_state`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import cache_cap
+from .allocate import cap_logits, pool_weights
+from .model_patches import latent_attention
+from .stacked import StackedSegment, stack_segments, stacked_partials
+
+STATE = ("block_mass", "block_seen", "block_qsq", "block_nq")
+
+
+def check_model(model_config, cfg) -> None:
+    """Refuse `decode_block` where decoded blocks cannot be weighed yet: a latent cache (DeepSeek's
+    MLA since Transformers 5), whose blocks would be scored with un-absorbed queries."""
+    if cfg.decode_block is not None and latent_attention(model_config) is not None:
+        raise ValueError(
+            f"`decode_block` ({cfg.decode_block}) is not supported on {model_config.model_type}'s latent (MLA) cache yet; "
+            "leave decode_block=None there (the prompt is still compressed)"
+        )
+
+
+def init_state(layer) -> None:
+    """No decode state yet (a new or reset layer)."""
+    for name in STATE:
+        setattr(layer, name, None)
+    layer.block_stack = None
+    layer.block_stack_key = ()
+
+
+def keep_tokens(cfg) -> int:
+    """Tokens the tail always keeps in full precision: ``max(block_window, residual)``."""
+    return max(cfg.block_window, cfg.residual)
+
+
+def after_forward(layer, query: torch.Tensor, mask, scaling: float, lse, compressed: bool, softcap: float | None = None) -> None:
+    """What a layer with ``decode_block`` does after attending: sum the new queries' attention
+    into its pending blocks, pack every block that is due, keep the cap.
+
+    Args:
+        query: ``[B, Hq, q, D]`` the forward's queries; mask: its attention mask over the tail
+            (None: causal); lse: ``[B, Hq, q]`` their log-sum-exp over the whole cache when
+            :func:`~rdkv_hf.attention.attend` computed it (None: the tail is everything).
+        compressed: the forward packed every tail token but the newest ``residual`` (a prompt or
+            follow-up), so the tail is new and its queries weigh nothing pending.
+        softcap: the model's logit cap (None: none). Sinks need nothing here: `lse` counts them,
+            and a model with sinks always has it (its attention runs in :func:`attend` or eager form).
+    """
+    if compressed or layer.block_mass is None:
+        _reset(layer)
+    else:
+        _grow(layer)
+        _accumulate(layer, query, mask, scaling, lse, softcap)
+    packed = _pack_due(layer, mask)
+    if layer.config.max_cache_bytes is not None and (packed or compressed):
+        cache_cap.enforce(layer)
+
+
+def _reset(layer) -> None:
+    B, H, n, D = layer.keys.shape
+    dev = layer.keys.device
+    layer.block_mass = torch.zeros(B, H, n, device=dev)
+    layer.block_seen = torch.zeros(B, n, device=dev)
+    layer.block_qsq = torch.zeros(B, H, 0, D, device=dev)
+    layer.block_nq = torch.zeros(B, 0, device=dev)
+
+
+def _grow(layer) -> None:
+    """Zero sums for the tokens this forward appended to the tail."""
+    n = layer.keys.shape[-2]
+    extra = n - layer.block_mass.shape[-1]
+    if extra > 0:
+        layer.block_mass = torch.cat([layer.block_mass, layer.block_mass.new_zeros(*layer.block_mass.shape[:2], extra)], -1)
+        layer.block_seen = torch.cat([layer.block_seen, layer.block_seen.new_zeros(layer.block_seen.shape[0], extra)], -1)
+
+
+def visible_rows(mask, B: int, q: int, n: int, rows: torch.Tensor, device) -> torch.Tensor:
+    """``[B, len(rows), n]`` bool: which tail token the queries `rows` (indices among the forward's
+    `q` queries, the last `q` of `n` tail positions) see; `mask` bool, additive float or None."""
+    if mask is None:
+        pos = rows.to(device)[:, None] + (n - q)
+        return (torch.arange(n, device=device)[None, :] <= pos).expand(B, len(rows), n)
+    m = mask[:, 0].index_select(1, rows.to(mask.device))
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.expand(B, len(rows), n)
+
+
+def _window_blocks(cfg, n: int, q: int) -> dict[int, list[int]]:
+    """``{block k: [indices of the forward's queries in k's window]}`` for a forward whose `q`
+    queries are the last of `n` tail positions."""
+    block, window, keep = cfg.decode_block, cfg.block_window, keep_tokens(cfg)
+    out: dict[int, list[int]] = {}
+    for j in range(q):
+        p = n - q + j
+        k = math.ceil((p - keep + 1) / block) - 1
+        if k >= 0 and keep + (k + 1) * block - 1 - p < window:
+            out.setdefault(k, []).append(j)
+    return out
+
+
+def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: float | None) -> None:
+    keys = layer.keys
+    B, Hq, q, D = query.shape
+    Hkv, n = keys.shape[1], keys.shape[2]
+    g = Hq // Hkv
+    block = layer.config.decode_block
+    for k, js in _window_blocks(layer.config, n, q).items():
+        rows = torch.tensor(js, dtype=torch.long)
+        qw = query[:, :, js].float().reshape(B, Hkv, g, len(js), D)  # [B, Hkv, g, W, D]
+        vis = visible_rows(mask, B, q, n, rows, query.device)  # [B, W, n]
+        lo, hi = k * block, (k + 1) * block
+        logits = cap_logits((qw * scaling) @ keys[:, :, lo:hi].float()[:, :, None].transpose(-1, -2), softcap)  # [B, Hkv, g, W, block]
+        if lse is not None:
+            norm = lse[:, :, js].float().reshape(B, Hkv, g, len(js), 1)
+        else:  # no packed tokens: the softmax runs over the tail alone
+            full = cap_logits((qw * scaling) @ keys.float()[:, :, None].transpose(-1, -2), softcap)
+            norm = torch.logsumexp(full.masked_fill(~vis[:, None, None], -math.inf), -1, keepdim=True)
+        seen = vis[:, :, lo:hi]  # [B, W, block]
+        probs = torch.exp(logits - norm).nan_to_num_(0.0) * seen[:, None, None]
+        layer.block_mass = _add_at(layer.block_mass, lo, probs.sum((2, 3)))
+        layer.block_seen = _add_at(layer.block_seen, lo, seen.sum(1).float())
+        q_real = vis.any(-1).float()  # [B, W]
+        qsq = (qw.square() * q_real[:, None, None, :, None]).sum((2, 3))  # [B, Hkv, D]
+        while layer.block_qsq.shape[2] <= k:
+            layer.block_qsq = torch.cat([layer.block_qsq, layer.block_qsq.new_zeros(B, Hkv, 1, D)], 2)
+            layer.block_nq = torch.cat([layer.block_nq, layer.block_nq.new_zeros(B, 1)], 1)
+        layer.block_qsq = layer.block_qsq.index_add(2, torch.tensor([k], device=qsq.device), qsq[:, :, None])
+        layer.block_nq = layer.block_nq.index_add(1, torch.tensor([k], device=qsq.device), q_real.sum(1, keepdim=True))
+
+
+def _add_at(t: torch.Tensor, lo: int, x: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``x`` added at ``t[..., lo : lo + x.shape[-1]]`` (out of place: forks of a
+    cache may share the tensor)."""
+    pad = [lo, t.shape[-1] - lo - x.shape[-1]]
+    return t + torch.nn.functional.pad(x, pad)
+
+
+def _pack_due(layer, mask) -> bool:
+    """Pack the oldest block while the tail holds ``decode_block`` tokens beyond ``keep``."""
+    cfg = layer.config
+    block, keep = cfg.decode_block, keep_tokens(cfg)
+    packed = False
+    while layer.keys.shape[-2] >= block + keep:
+        n = layer.keys.shape[-2]
+        seen = layer.block_seen[:, :block]
+        assert bool((layer.block_nq[:, :1] > 0).all()), "a decode block is due before any query of its window"
+        real = seen > 0  # a token no window query sees is padding
+        w_tok = pool_weights(layer.block_mass[:, :, :block], seen, cfg.pool_kernel, cfg.pool, cfg.carry)
+        q2 = layer.block_qsq[:, :, 0] / layer.block_nq[:, 0].clamp(min=1)[:, None, None]
+        kb = layer.keys[:, :, :block].float()
+        rm = real[:, None, :, None].float()
+        k2 = (kb.square() * rm).sum(2) / rm.sum(2).clamp(min=1)
+        layer.compress_tail(n, w_tok, q2 * k2, real, keep_last=n - block, decoded=True)
+        layer.block_mass = layer.block_mass[:, :, block:]
+        layer.block_seen = layer.block_seen[:, block:]
+        layer.block_qsq = layer.block_qsq[:, :, 1:]
+        layer.block_nq = layer.block_nq[:, 1:]
+        packed = True
+    return packed
+
+
+def attended(layer) -> list:
+    """The segments the attention walks: the forward segments as they are, the decoded ones
+    stacked into one (rebuilt when they change)."""
+    decoded = [s for s in layer.segments if s.decoded]
+    if len(decoded) < 2:
+        return layer.segments
+    key = tuple(id(s) for s in decoded)
+    if layer.block_stack is None or layer.block_stack_key != key:
+        layer.block_stack = stack_segments(decoded)
+        layer.block_stack_key = key
+    return [s for s in layer.segments if not s.decoded] + [layer.block_stack]
+
+
+def is_stack(segment) -> bool:
+    return isinstance(segment, StackedSegment)
+
+
+def stack_partials(stack, qf, partials):
+    """Partials over a stack of decoded segments (see :func:`rdkv_hf.stacked.stacked_partials`)."""
+    return stacked_partials(stack, qf, partials)
+
+
+def current_stack(layer) -> StackedSegment | None:
+    """The stack of the layer's decoded segments if it is up to date (None: rebuilt when attended)."""
+    stack = getattr(layer, "block_stack", None)
+    return stack if stack is not None and layer.block_stack_key == tuple(id(s) for s in layer.segments if s.decoded) else None
+
+
+def select_state(layer, index: torch.Tensor, stack: StackedSegment | None) -> None:
+    """Reorder the decode state with the batch (beam search, repeats), after the segments were;
+    `stack`: :func:`current_stack` before they were."""
+    for name in STATE:
+        t = getattr(layer, name, None)
+        if t is not None:
+            setattr(layer, name, t.index_select(0, index.to(t.device)))
+    layer.block_stack = None if stack is None else stack.select(index)
+    layer.block_stack_key = tuple(id(s) for s in layer.segments if s.decoded) if stack is not None else ()
+
+
+def state_nbytes(layer) -> int:
+    """Bytes of the decode state: the pending blocks' sums."""
+    return sum(t.numel() * t.element_size() for t in (getattr(layer, name, None) for name in STATE) if t is not None)
+
+
+def stack_of(layer) -> list:
+    """The current stack as a one-element list (none: empty), to count its tables with the segments."""
+    stack = current_stack(layer)
+    return [] if stack is None else [stack]

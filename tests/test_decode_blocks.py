@@ -1,0 +1,267 @@
+"""Compressed decoding (RDKVConfig.decode_block) and the byte cap (max_cache_bytes)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from conftest import run_triton_tests_in_interpreter, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rdkv_hf
+from rdkv_hf import RDKVCache, cache_cap
+from rdkv_hf.attention import attend
+from rdkv_hf.compat import cache_kwargs, output_cache
+from rdkv_hf.config import RDKVConfig
+from rdkv_hf.decode_blocks import attended, keep_tokens
+
+EXACT = dict(budget=16, high_precision_dtype="float32")
+
+
+def _model(arch="llama", **kw):
+    model = tiny_model(arch, **kw)
+    model.generation_config.eos_token_id = None  # generate every asked token
+    return model
+
+
+def _layer(cache):
+    return cache.layers[cache.rdkv_layers[0]]
+
+
+def _decoded(cache):
+    return [s for s in _layer(cache).segments if s.decoded]
+
+
+def _gen(model, ids, n=60, **kw):
+    return model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("residual,window", [(0, None), (5, 3)])
+def test_budget_16_with_decode_blocks_is_token_for_token(one_thread, arch, residual, window):
+    model = _model(arch)
+    ids = torch.randint(1, 128, (1, 29), generator=torch.Generator().manual_seed(1))
+    ref = _gen(model, ids)
+    rdkv_hf.patch(model, **EXACT, decode_block=8, residual=residual, decode_window=window)
+    out = _gen(model, ids, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    cache = output_cache(out)
+    keep = keep_tokens(cache.rdkv_config)
+    assert len(_decoded(cache)) >= 5  # several decoded segments, attended as one stack
+    assert keep <= _layer(cache).keys.shape[-2] < keep + 8  # the tail: the newest tokens only
+
+
+def test_budget_16_beam_search_and_padded_batch_with_decode_blocks(one_thread, arch):
+    model = _model(arch)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 128, (2, 29), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0  # left padding
+    beam_ids = ids[:1, 5:]
+    ref_pad, ref_beam = _gen(model, ids, 40, attention_mask=mask), _gen(model, beam_ids, 40, num_beams=3)
+    rdkv_hf.patch(model, **EXACT, decode_block=6, residual=3)
+    assert torch.equal(_gen(model, ids, 40, attention_mask=mask), ref_pad)
+    out = _gen(model, beam_ids, 40, num_beams=3, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref_beam)
+    assert len(_decoded(output_cache(out))) >= 5
+
+
+def test_compressed_decoding_runs_every_decoding_mode_within_the_budget(one_thread):
+    model = _model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    rdkv_hf.patch(model, budget=2.5, decode_block=32)
+    torch.manual_seed(0)
+    for kw in (dict(), dict(do_sample=True, top_k=10), dict(num_beams=2), dict(attention_mask=mask)):
+        out = model.generate(ids, max_new_tokens=100, pad_token_id=0, return_dict_in_generate=True, **kw)
+        cache = output_cache(out)
+        decoded = _decoded(cache)
+        assert out.sequences.shape == (2, 140) and len(decoded) == 2, kw
+        for seg in decoded:  # each block within the budget, scales and channel orders counted
+            bits = 8 * sum(h.nbytes for h in seg.heads) / (2 * int(seg.real_tokens.sum()) * 2 * 64)
+            assert 0 < bits <= 2.5, kw
+
+
+def test_decode_block_settings_are_checked():
+    with pytest.raises(ValueError, match="`decode_block` must be an int >= 2"):
+        RDKVConfig(decode_block=1)
+    with pytest.raises(ValueError, match="give `budget`, not `tokens`"):
+        RDKVConfig(tokens=64, decode_block=32)
+    with pytest.raises(ValueError, match="set `decode_block` too"):
+        RDKVConfig(max_cache_bytes=10**6)
+    with pytest.raises(ValueError, match="exceeds `decode_block`"):
+        RDKVConfig(decode_block=16, decode_window=32)
+    with pytest.raises(ValueError, match="cannot hold `max_cache_bytes`"):
+        RDKVConfig(mode="uniform", decode_block=16, max_cache_bytes=10**6)
+
+
+# -- the cap --------------------------------------------------------------------------------------
+
+
+def _minimum(model, ids, **cfg):
+    """The smallest cap for `cfg` at the batch of `ids`."""
+    rdkv_hf.patch(model, **cfg, max_cache_bytes=10**9)
+    cache = RDKVCache(model)
+    model(ids, **cache_kwargs(cache))
+    return cache_cap.minimum_bytes(_layer(cache))
+
+
+def _run_capped(model, ids, steps, cap, **cfg):
+    """Decode `steps` greedy tokens under `cap`; the largest nbytes seen after any forward."""
+    rdkv_hf.patch(model, **cfg, max_cache_bytes=cap)
+    cache = RDKVCache(model)
+    out = model(ids, **cache_kwargs(cache))
+    most = cache.nbytes
+    for _ in range(steps):
+        tok = out.logits[:, -1:].argmax(-1)
+        out = model(tok, **cache_kwargs(cache))
+        most = max(most, cache.nbytes)
+    return most, cache
+
+
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(["rdkv", "snapkv", "streamingllm", "random"]), prompt=st.integers(1, 70),
+       steps=st.integers(1, 90), block=st.integers(2, 12), budget=st.floats(0.5, 16), slack=st.floats(0, 2),
+       residual=st.integers(0, 6), batch=st.integers(1, 2))
+def test_cache_bytes_never_exceed_the_cap(one_thread, mode, prompt, steps, block, budget, slack, residual, batch):
+    model = _model("llama", num_hidden_layers=1)
+    ids = torch.randint(1, 128, (batch, prompt), generator=torch.Generator().manual_seed(prompt))
+    cfg = dict(budget=budget, mode=mode, decode_block=block, residual=residual)
+    cap = int(_minimum(model, ids, **cfg) * (1 + slack))
+    most, cache = _run_capped(model, ids, steps, cap, **cfg)
+    assert most <= cap
+    assert cache.get_seq_length() == prompt + steps
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_cap_holds_over_thousands_of_steps(one_thread, arch):
+    model = _model(arch, num_hidden_layers=1) if arch == "llama" else _model(arch)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    cfg = dict(budget=3.0, decode_block=16)
+    cap = int(_minimum(model, ids, **cfg) * 1.5)
+    steps = 2000 if arch == "llama" else 300
+    most, cache = _run_capped(model, ids, steps, cap, **cfg)
+    assert most <= cap and cache.get_seq_length() == 40 + steps
+    if arch == "llama":  # bound by the cap long ago: the prompt, the merged history, the blocks since (not 125)
+        assert len(_layer(cache).segments) <= 8
+
+
+def test_a_cap_below_the_protected_part_names_the_minimum(one_thread):
+    model = _model("llama")
+    ids = torch.randint(1, 128, (1, 30))
+    cfg = dict(budget=2.5, decode_block=8)
+    minimum = _minimum(model, ids, **cfg)
+    rdkv_hf.patch(model, **cfg, max_cache_bytes=minimum - 1)
+    with pytest.raises(ValueError, match=f"raise `max_cache_bytes` to at least {minimum}"):
+        model(ids, **cache_kwargs(RDKVCache(model)))
+    most, _ = _run_capped(model, ids, 40, minimum, **cfg)  # the minimum itself serves
+    assert most <= minimum
+
+
+@torch.no_grad()
+def test_repacking_at_unchanged_widths_gives_back_the_same_values(one_thread):
+    """Re-packing reads packed data back: a unit that keeps its width and its tokens comes back bit
+    for bit (its values lie on the grid its minimum and scale span)."""
+    model = _model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(1, 128, (2, 50), generator=torch.Generator().manual_seed(3))
+    rdkv_hf.patch(model, budget=3.0, decode_block=16, max_cache_bytes=10**9)
+    cache = RDKVCache(model)
+    out = model(ids, **cache_kwargs(cache))
+    for _ in range(40):
+        out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+    layer = _layer(cache)
+    rows = list(range(4))
+    for seg in layer.segments:  # the prompt and each block
+        part = cache_cap._Part([seg], rows)
+        again = cache_cap._repack(part, part.vw, part.kw, rows, 2, 2, torch.float16, "cpu")
+        for old, new in zip(seg.heads, again.heads):
+            assert old.v_widths() == new.v_widths() and old.k_widths() == new.k_widths()
+            for a, b in zip(old.dequantize(), new.dequantize()):
+                assert torch.equal(a, b)
+            assert torch.equal(old.w_tok, new.w_tok)
+
+
+def test_decode_paths_agree_on_many_decoded_segments(one_thread):
+    model = _model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(1, 128, (2, 33), generator=torch.Generator().manual_seed(5))
+    rdkv_hf.patch(model, budget=2.5, decode_block=4, backend="torch")
+    out = model.generate(ids, max_new_tokens=60, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    layer = _layer(output_cache(out))
+    segments = attended(layer)
+    assert sum(1 for s in layer.segments if s.decoded) >= 12 and len(segments) == 2  # prompt + one stack
+    q = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(6))
+    ref, ref_lse = attend(q, layer.segments, layer.keys, layer.values, None, 0.125, backend="torch")  # one by one
+    for backend in ("torch", "cpu"):
+        got, lse = attend(q, segments, layer.keys, layer.values, None, 0.125, backend=backend)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+# Triton runs in a child pytest under TRITON_INTERPRET=1 without CUDA (see tests/test_kernels.py).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the Triton tests run in this process")
+def test_interpreter_child_runs_the_triton_tests():
+    run_triton_tests_in_interpreter(__file__)
+
+
+@pytest.mark.skipif(not HAS_TRITON or not (INTERPRETED or torch.cuda.is_available()),
+                    reason="triton is not installed" if not HAS_TRITON else "runs in the TRITON_INTERPRET=1 child process")
+def test_triton_decode_agrees_on_many_decoded_segments():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to(device)
+    ids = torch.randint(1, 128, (2, 33), generator=torch.Generator().manual_seed(5)).to(device)
+    rdkv_hf.patch(model, budget=2.5, decode_block=4, backend="torch")
+    out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    layer = _layer(output_cache(out))
+    q = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(6)).to(device)
+    ref, ref_lse = attend(q, layer.segments, layer.keys, layer.values, None, 0.125, backend="torch")
+    got, lse = attend(q, attended(layer), layer.keys, layer.values, None, 0.125, backend="triton")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss"])
+def test_decode_blocks_on_soft_capped_and_sink_models_are_token_for_token(one_thread, model_type):
+    """Gemma 2 caps its logits and GPT-OSS adds sink logits: a block's weights see both."""
+    import warnings
+
+    from tiny_models import tiny_arch
+
+    from rdkv_hf import compat
+
+    if not compat.has_model_type(model_type):
+        pytest.skip(f"no {model_type}")
+    model = tiny_arch(model_type)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, 100, (1, 29), generator=torch.Generator().manual_seed(1))
+    ref = _gen(model, ids, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the sliding-window layers left to Transformers
+        rdkv_hf.patch(model, **EXACT, decode_block=8)
+    out = _gen(model, ids, 40, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert len(_decoded(output_cache(out))) >= 3
+    rdkv_hf.unpatch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rdkv_hf.patch(model, budget=2.5, decode_block=8)
+    out = _gen(model, ids, 40, return_dict_in_generate=True)
+    assert len(_decoded(output_cache(out))) >= 3 and out.sequences.shape == (1, 69)
+
+
+def test_decode_blocks_on_a_latent_cache_are_refused_with_the_reason():
+    from tiny_models import tiny_arch
+
+    from rdkv_hf.model_patches import latent_attention
+
+    model = tiny_arch("deepseek_v3")
+    if latent_attention(model.config) is None:
+        pytest.skip("this Transformers caches DeepSeek-V3's keys per head (the generic path)")
+    with pytest.raises(ValueError, match=r"`decode_block` \(8\) is not supported on deepseek_v3's latent"):
+        rdkv_hf.patch(model, budget=2.5, decode_block=8)
+    assert not rdkv_hf.is_patched(model)
