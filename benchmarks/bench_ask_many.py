@@ -78,6 +78,7 @@ def parse_args(argv=None):
                         "as `rdkv-hf compress` saves a context")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ask_many")
+    p.add_argument("--rebuild", type=Path, default=None, help="only summarize a finished run's log or results.json into --out")
     return p.parse_args(argv)
 
 
@@ -208,20 +209,21 @@ def rdkv_rows(model, tok, profile, budget: float, ctx, qs, full_q, questions, wo
         answers.append(a)
         other.append(load.stop())
         forks.append(fork)
-    context_bytes = held_nbytes([loaded])
     rows.append(_row(tok, questions, "RDKV, saved context", budget, ctx.shape[1], ttft, answers, other,
                      disk=dir_bytes(work / "ctx"), full_disk=full_disk, compress_s=compress_s, load_s=load_s, other_compress=other_compress,
-                     same_as_in_memory=answers == in_memory, context_bytes=context_bytes,
-                     fork_bytes=statistics.mean(held_nbytes([f]) - context_bytes for f in forks), forks_bytes=held_nbytes(forks),
-                     one_fork_bytes=held_nbytes(forks[:1]), bits=loaded.summary().prompt_bits_per_element))
+                     same_as_in_memory=answers == in_memory, forks_bytes=held_nbytes(forks), one_fork_bytes=held_nbytes(forks[:1]),
+                     bits=loaded.summary().prompt_bits_per_element))
 
     # All four in one padded batch, from the loaded cache.
     mark, load = FirstStep(), OtherLoad()
     load.start()
     start = time.perf_counter()
     batch = ask(model, loaded, qs, max_new_tokens=MAX_NEW, logits_processor=LogitsProcessorList([mark]))
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    alone = [a[: next((j for j, t in enumerate(a) if t in eos), len(a))] for a in answers]  # ask() cuts at the EOS
     rows.append(_row(tok, questions, "RDKV, saved context, one batch", budget, ctx.shape[1], [mark.at - start] * len(qs), batch,
-                     [load.stop()], same_as_one_by_one=batch == answers))
+                     [load.stop()], same_as_one_by_one=batch == alone))
     return rows
 
 
@@ -236,7 +238,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     docs=len(rs), score=statistics.mean(r["score"] for r in rs), other=max(r["other"] for r in rs))
         for k in range(len(rs[0]["ttft"])):
             line[f"ttft_q{k + 1}"] = statistics.mean(r["ttft"][k] for r in rs)
-        for key in ("disk", "full_disk", "compress_s", "load_s", "context_bytes", "fork_bytes", "forks_bytes", "one_fork_bytes", "bits"):
+        for key in ("disk", "full_disk", "compress_s", "load_s", "forks_bytes", "one_fork_bytes", "bits"):
             if key in rs[0]:
                 line[key] = statistics.mean(r[key] for r in rs)
         for key in ("same_as_in_memory", "same_as_one_by_one"):
@@ -250,25 +252,48 @@ def table(lines: list[dict]) -> str:
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     head = ("| model | context | method | TTFT q1 (s) | q2 | q3 | q4 | on disk (MiB) | score | other |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
+    same = lambda x: " (answers = one by one)" if x.get("same_as_one_by_one") else " (answers differ from one by one)" \
+        if "same_as_one_by_one" in x else ""  # noqa: E731
     body = []
     for x in lines:
-        name = x["method"] + (f" {x['budget']:g} b" if x["budget"] is not None else "")
+        name = x["method"] + (f" {x['budget']:g} b" if x["budget"] is not None else "") + same(x)
         disk = mib(x["disk"]) if "disk" in x else ""
         body.append(f"| {x['model']} | {x['context']:,} | {name} | " + " | ".join(f"{x[f'ttft_q{k}']:.2f}" for k in range(1, 5))
                     + f" | {disk} | {x['score']:.1f} | {x['other']:.2f} |")
-    mem = ["", "| model | budget | on disk (MiB) | saved full cache (MiB) | packed context in memory (MiB) | one fork adds (MiB) | "
-           "4 forks (MiB) | 4 x one fork (MiB) | compress (s) | load (s) | bits | loaded = in-memory |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # N forks hold the shared part once and each its own part: forks = shared + N own, one = shared + own.
+    mem = ["", "| model | budget | on disk (MiB) | saved full cache (MiB) | one fork (MiB) | 4 forks (MiB) | 4 x one fork (MiB) | "
+           "shared by the forks (MiB) | each fork's own (MiB) | compress (s) | load (s) | bits | loaded = in-memory |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in lines:
         if "forks_bytes" in x:
+            own = (x["forks_bytes"] - x["one_fork_bytes"]) / 3
             mem.append(f"| {x['model']} | {x['budget']:g} | {mib(x['disk'])} | {mib(x['full_disk'])} ({x['full_disk'] / x['disk']:.1f}x) | "
-                       f"{mib(x['context_bytes'])} | {mib(x['fork_bytes'])} | {mib(x['forks_bytes'])} | {mib(4 * x['one_fork_bytes'])} | "
-                       f"{x['compress_s']:.1f} | {x['load_s']:.3f} | {x['bits']:.2f} | {'yes' if x['same_as_in_memory'] else 'NO'} |")
+                       f"{mib(x['one_fork_bytes'])} | {mib(x['forks_bytes'])} | {mib(4 * x['one_fork_bytes'])} | "
+                       f"{mib(x['one_fork_bytes'] - own)} | {mib(own)} | {x['compress_s']:.1f} | {x['load_s']:.3f} | {x['bits']:.2f} | "
+                       f"{'yes' if x['same_as_in_memory'] else 'NO'} |")
     return "\n".join([head] + body + mem)
+
+
+def rebuild(path: Path, out: Path) -> None:
+    """Summarize rows printed by a run (its log, one JSON object a line) or its results.json."""
+    text = path.read_text()
+    rows = json.loads(text)["rows"] if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    for r in rows:  # runs before the EOS cut compared uncut answers
+        if "same_as_one_by_one" in r:
+            alone = next(x["answers"] for x in rows if x["model"] == r["model"] and x["doc"] == r["doc"]
+                         and x["budget"] == r["budget"] and x["method"] == "RDKV, saved context")
+            r["same_as_one_by_one"] = [a.strip() for a in r["answers"]] == [a.strip() for a in alone]
+    lines = summarize(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine(), "rows": rows, "summary": lines}, indent=1) + "\n")
+    (out / "table.md").write_text(f"machine: {machine()}\n\n{table(lines)}\n")
+    print(table(lines))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.rebuild:
+        return rebuild(args.rebuild, args.out)
     torch.set_num_threads(args.threads)
     from rdkv_hf.eval.models import load_model, shipped_profile
 
