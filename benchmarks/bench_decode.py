@@ -237,17 +237,15 @@ def make_cache(method: str, budget, model, seed, ctx: int):
         cache = QuantizedCache("quanto", model.config, nbits=int(method.split("-")[1]))
     else:
         import rdkv_hf
-        from rdkv_hf.attention import prompt_weights
+        from rdkv_hf.attention import compress_layer
 
         rdkv_hf.patch(model, budget=budget, backend=method.split("-")[1])
         cache = rdkv_hf.RDKVCache(model)
-        cfg = cache.rdkv_config
         for i, layer in enumerate(cache.layers):
             k, v = tile(seed["k"][i], ctx, gen), tile(seed["v"][i], ctx, gen)
             layer.update(k, v)
             q = seed["q"][i]
-            w_tok, w_ch, real = prompt_weights(q, k, None, q.shape[-1] ** -0.5, ctx, cfg)
-            layer.compress_tail(ctx, w_tok, w_ch, real)
+            compress_layer(layer, q, None, q.shape[-1] ** -0.5)
             del k, v
         return cache, cache.nbytes
     for i in range(layers):

@@ -10,6 +10,8 @@ from .cache import RDKVCache
 from .calibration import calibrate
 from .config import RDKVConfig
 from .loading import from_pretrained
+from .model_patches import supported_architectures
+from .parallel import gather_summaries
 from .patching import is_patched, patch, patched, unpatch
 from .profile import RDKVProfile
 from .version import __version__
@@ -20,9 +22,11 @@ __all__ = [
     "RDKVProfile",
     "calibrate",
     "from_pretrained",
+    "gather_summaries",
     "is_patched",
     "patch",
     "patched",
+    "supported_architectures",
     "unpatch",
     "__version__",
 ]

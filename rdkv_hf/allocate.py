@@ -28,22 +28,29 @@ def token_weights(probs: torch.Tensor, visible: torch.Tensor, pool_kernel: int =
         visible: ``[B, window, T]`` bool, which window query sees which token.
     Returns:
         ``[B, kv_heads, T]`` weights, normalized by how many window queries see each token and
-        pooled along the tokens (``pool="avg"`` averages `pool_kernel` neighbours; ``"max"`` gives
-        each token the largest weight within ``pool_kernel // 2`` of it), then carried forward
-        (:func:`carry_forward`) when ``carry > 0``.
+        pooled along the tokens (``pool="avg"`` averages the real tokens among the `pool_kernel`
+        neighbours; ``"max"`` gives each token the largest weight within ``pool_kernel // 2`` of
+        it), then carried forward (:func:`carry_forward`) when ``carry > 0``. Padding (tokens no
+        window query sees) weighs 0 and adds nothing to its neighbours: a padded row gets the
+        weights its tokens get alone.
     """
     if pool not in ("avg", "max"):
         raise ValueError(f"`pool` must be 'avg' or 'max', got {pool!r}")
-    seen_by = visible.sum(1).clamp(min=1).to(probs.dtype)  # [B, T]
+    seen = visible.any(1)  # [B, T] the real tokens
+    seen_by = visible.sum(1).clamp(min=1).to(probs.dtype)
     w = probs.sum((2, 3)) / seen_by[:, None, :]
-    T = w.shape[-1]
+    B, H, T = w.shape
     if pool_kernel > 1 and T > 1:
         pad = pool_kernel // 2
-        mode = "reflect" if T > pad else "replicate"
-        B, H, _ = w.shape
-        pool_fn = F.max_pool1d if pool == "max" else F.avg_pool1d
-        w = pool_fn(F.pad(w.reshape(B * H, 1, T), (pad, pad), mode=mode), pool_kernel, stride=1)
-        w = w.reshape(B, H, T)
+        window = lambda x: F.pad(x.reshape(-1, 1, T), (pad, pad))  # noqa: E731  zeros past both ends
+        if pool == "max":  # weights are >= 0: the zeros never win
+            w = F.max_pool1d(window(w), pool_kernel, stride=1).reshape(B, H, T)
+        else:
+            real = seen[:, None, :].expand(B, H, T).to(w.dtype)
+            total = F.avg_pool1d(window(w * real), pool_kernel, stride=1)
+            count = F.avg_pool1d(window(real), pool_kernel, stride=1)
+            w = (total / count.clamp(min=1e-12)).reshape(B, H, T)
+        w = w * seen[:, None, :]
     return carry_forward(w, carry)
 
 
@@ -244,6 +251,22 @@ def unit_costs(widths: torch.Tensor, elems_per_unit: torch.Tensor) -> torch.Tens
     return torch.cat(cols, 1)
 
 
+def fixed_width_bits(v_width, k_width, tokens: int, head_dim: int, v_dim: int | None = None) -> torch.Tensor:
+    """Bits per element a head stores when its `tokens` V tokens (of `v_dim` values, default
+    `head_dim`) are all at `v_width` and its `head_dim` K channels at `k_width` (tensors of widths,
+    broadcast), everything counted as stored: codes in whole int32 words, float16 scales and minima
+    (:func:`unit_costs`)."""
+    v_dim = v_dim or head_dim
+    dev = v_width.device if isinstance(v_width, torch.Tensor) else torch.device("cpu")  # bookkeeping
+    v_width, k_width = torch.as_tensor(v_width, device=dev), torch.as_tensor(k_width, device=dev)
+    widths = torch.tensor([*range(9), 16], device=dev)  # every storable width
+    index = torch.full((17,), -1, dtype=torch.long, device=dev)
+    index[widths] = torch.arange(len(widths), device=dev)
+    v_cost = unit_costs(widths, torch.tensor([v_dim], device=dev))[0]  # bits a V token
+    k_cost = unit_costs(widths, torch.tensor([tokens], device=dev))[0]  # bits a K channel
+    return (tokens * v_cost[index[v_width.long()]] + head_dim * k_cost[index[k_width.long()]]) / (tokens * (head_dim + v_dim))
+
+
 def allocate_rdkv(
     w_tok: torch.Tensor,
     w_ch: torch.Tensor,
@@ -253,6 +276,7 @@ def allocate_rdkv(
     widths: tuple,
     eps_v: dict,
     eps_k: dict,
+    v_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RDKV's two-stage allocation for rows of one layer: V tokens first, then K channels over
     the kept tokens.
@@ -261,6 +285,7 @@ def allocate_rdkv(
         w_tok: ``[R, T]`` token weights; w_ch: ``[R, D]`` channel weights.
         real: ``[R, T]`` bool, real tokens (padding is always evicted).
         v_budget, k_budget: ``[R]`` bits for the row's V and K.
+        v_dim: elements of one V token (None: ``D``).
     Returns:
         ``(v_bits [R, T], k_bits [R, D])`` long widths.
     """
@@ -269,7 +294,7 @@ def allocate_rdkv(
     wt = torch.tensor(widths, device=w_tok.device)
     ev = torch.tensor([eps_v[b] for b in widths], device=w_tok.device)
     ek = torch.tensor([eps_k[b] for b in widths], device=w_tok.device)
-    v_cost = unit_costs(wt, torch.full((R,), D, device=w_tok.device))
+    v_cost = unit_costs(wt, torch.full((R,), v_dim or D, device=w_tok.device))
     v_opt = lagrangian_widths(w_tok, v_cost, ev, v_budget, valid=real)
     v_bits = wt[v_opt]
     n_kept = (v_bits > 0).sum(1)

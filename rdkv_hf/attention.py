@@ -8,6 +8,13 @@
 
 The mask Transformers builds (through the registered sdpa mask) covers only the tail plus the new
 tokens (see ``RDKVLayer.get_mask_sizes``); compressed tokens are visible to every later query.
+
+What differs between architectures reaches every path here (the torch reference, the C++ and
+Triton kernels, the prompt's scoring): ``softcap`` (Gemma 2) caps the scaled logits at
+``softcap * tanh(x / softcap)``; ``s_aux`` (GPT-OSS) adds one sink logit per query head to the
+softmax's denominator, merged as one more split-K partial; K and V may have different widths.
+Transformers' sdpa serves neither softcap nor sinks, so a forward that has them attends here in
+float32 (as eager does, though ``DENSE_CHUNK`` queries at a time).
 """
 
 from __future__ import annotations
@@ -25,31 +32,81 @@ from .overrides import AttentionOverride
 
 logger = logging.getLogger(__name__)
 
+DENSE_CHUNK = 1024  # queries at a time where sdpa cannot serve: their float32 logits are [B, Hq, 1024, kv]
 
+
+@torch.compiler.disable  # packing and ragged segments run eagerly: torch.compile breaks the graph here
 def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Transformers attention interface: ``query [B, Hq, q, D]``, ``key/value [B, Hkv, kv, D]`` (the
-    tail returned by the cache). Returns ``([B, q, Hq, D], None)``."""
+    """Transformers attention interface: ``query [B, Hq, q, D]``, ``key [B, Hkv, kv, D]``, ``value
+    [B, Hkv, kv, Dv]`` (the tail returned by the cache); ``softcap`` and ``s_aux [Hq]`` in `kwargs`
+    where the model passes them. Returns ``([B, q, Hq, Dv], None)``."""
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    plain = softcap is None and sinks is None  # what Transformers' sdpa serves
     layer = take_layer(getattr(module, "layer_idx", None), key)
-    if layer is None:  # not an RDKVCache layer (a sliding-window layer, another cache, no cache)
+    if layer is None and plain:  # not an RDKVCache layer (a sliding-window layer, another cache, no cache)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if module.training and dropout > 0:
         raise ValueError("RDKV compresses an inference cache; call model.eval() (attention dropout is on)")
-    if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("RDKV attention does not support attention sinks or logit soft-capping yet")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layer is None:  # as above, with soft-capping or sinks
+        out, _ = dense_attention(query, key, value, attention_mask, scaling, softcap, sinks)
+        return out.transpose(1, 2).contiguous(), None
     q_len = query.shape[2]
     cfg = layer.config
+    # A latent cache (DeepSeek's MLA) is attended in its absorbed form; others as they are. Before
+    # any segment, only the scoring window's queries are absorbed (all of them: [B, H, q, r] float32).
+    latent = layer.latent
+    if latent is None:
+        q_at, k_at, v_at = query, key, value
+    else:
+        q_at = latent.query(module, query if layer.segments else query[:, :, -min(cfg.window, q_len) :])
+        k_at, v_at = latent.keys_values(layer)
     lse = None
     if layer.segments:
-        out, lse = attend(query, layer.segments, key, value, attention_mask, scaling, backend=cfg.backend)
+        out, lse = attend(q_at, layer.segments, k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks)
+        out = (out if latent is None else latent.output(module, out)).to(query.dtype).transpose(1, 2).contiguous()
+    elif not plain:
+        out, lse = dense_attention(query, key, value, attention_mask, scaling, softcap, sinks)
         out = out.transpose(1, 2).contiguous()
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
     if q_len > 1 and (not layer.segments or cfg.compress_followups):
-        w_tok, w_ch, real = prompt_weights(query, key, attention_mask, scaling, q_len, cfg, lse)
-        layer.compress_tail(q_len, w_tok, w_ch, real)
+        compress_layer(layer, q_at, attention_mask, scaling, lse, keys=k_at, softcap=softcap, sinks=sinks, q_len=q_len)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
+
+
+def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=None, sinks=None, q_len=None) -> None:
+    """Pack every tail token of `layer` but the newest ``config.residual`` into a new segment,
+    weighed by the attention of `query`'s last ``config.window`` queries (the forward that just
+    attended, or the last queries a prefill kept). The tail is then always the newest tokens.
+
+    Args:
+        query: ``[B, Hq, q, D]``; mask: the forward's attention mask over the tail (or None).
+        lse: ``[B, Hq, q]`` log-sum-exp over all cached tokens when :func:`attend` computed it.
+        keys: the tail's keys as attended (default ``layer.keys``; a latent layer's absorbed ones).
+        softcap, sinks, q_len: as :func:`prompt_weights` takes them.
+    """
+    keys = layer.keys if keys is None else keys
+    n_tail = keys.shape[-2]
+    keep = min(layer.config.residual, n_tail)
+    if n_tail > keep:
+        w_tok, w_ch, real = prompt_weights(query, keys, mask, scaling, n_tail, layer.config, lse, softcap, sinks, q_len=q_len,
+                                           keep_last=keep)
+        layer.compress_tail(n_tail, w_tok, w_ch, real, keep_last=keep)
+    layer.pending = 0
+
+
+def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's soft-capping of scaled logits, ``softcap * tanh(logits / softcap)`` (None: as is)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def sink_logits(sinks: torch.Tensor, kv_heads: int, q_len: int) -> torch.Tensor:
+    """``[kv_heads, group * q_len]`` float32: the sink logit of each query row as :func:`attend`
+    lays them out (rows of one KV head: its group's query heads, each over the `q_len` queries)."""
+    g = sinks.shape[0] // kv_heads
+    return sinks.float().reshape(kv_heads, g, 1).expand(kv_heads, g, q_len).reshape(kv_heads, g * q_len)
 
 
 def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device) -> torch.Tensor:
@@ -62,22 +119,29 @@ def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device)
     return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)
 
 
-def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None):
-    """RDKV weights of the last `n_new` tail tokens from the attention of the last ``cfg.window``
-    queries (pooled and carried as :func:`~rdkv_hf.allocate.token_weights` with `cfg`'s settings).
+def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None, softcap=None, sinks=None, q_len=None, keep_last: int = 0):
+    """RDKV weights of the last `n_new` tail tokens but the newest `keep_last` (those stay in the
+    tail), from the attention of the last ``cfg.window`` queries (pooled over all `n_new` and
+    carried as :func:`~rdkv_hf.allocate.token_weights` with `cfg`'s settings).
 
     Args:
         query: ``[B, Hq, q, D]``; key: ``[B, Hkv, kv, D]`` (tail incl. the new tokens).
         cfg: the :class:`~rdkv_hf.RDKVConfig` (``window``, ``pool_kernel``, ``pool``, ``carry``).
-        lse: ``[B, Hq, q]`` log-sum-exp of the queries over all cached tokens, when compressed
-            segments exist (their mass is part of the softmax); None: the tail is everything.
+        lse: ``[B, Hq, q]`` log-sum-exp of the queries over all cached tokens (sinks included),
+            when :func:`attend` computed it (compressed segments exist, or softcap or sinks);
+            None: the tail is everything.
+        softcap: the model's logit cap (None: none); sinks: ``[Hq]`` sink logits (None: none).
+        q_len: the forward's number of queries when `query` holds only the last ``cfg.window`` of
+            them (None: all of them).
     Returns:
-        ``(w_tok [B, Hkv, n_new], w_ch [B, Hkv, D], real [B, n_new])``.
+        ``(w_tok [B, Hkv, n], w_ch [B, Hkv, D], real [B, n])`` with ``n = n_new - keep_last``.
     """
-    B, Hq, q, D = query.shape
+    B, Hq, _, D = query.shape
+    q = query.shape[2] if q_len is None else q_len
     Hkv, kv = key.shape[1], key.shape[2]
     g = Hq // Hkv
     W = min(cfg.window, q)
+    assert query.shape[2] >= W, "the query must hold at least the scoring window"
     if mask is None:
         # Causal without padding: every new token is real; build only the window's rows (the full
         # [q, kv] visibility is q * kv bools, 64 MiB at 8K tokens, for nothing).
@@ -90,32 +154,36 @@ def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None):
         real = vis_all[:, :, kv - n_new :].any(1)  # a token nobody sees is padding
         q_real = real[:, n_new - W :] if W <= n_new else vis_all[:, -W:].any(-1)
         vis = vis_all[:, q - W :, :]  # [B, W, kv]
-    qw = query[:, :, q - W :].float().reshape(B, Hkv, g, W, D)
-    logits = (qw * scaling) @ key.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, g, W, kv]
+    qw = query[:, :, query.shape[2] - W :].float().reshape(B, Hkv, g, W, D)
+    logits = cap_logits((qw * scaling) @ key.float()[:, :, None].transpose(-1, -2), softcap)  # [B, Hkv, g, W, kv]
     logits = logits.masked_fill(~vis[:, None, None], -math.inf)
     if lse is None:
         norm = torch.logsumexp(logits, -1, keepdim=True)
+        if sinks is not None:  # the sink's mass is part of the softmax the model attends with
+            norm = torch.logaddexp(norm, sinks.float().reshape(1, Hkv, g, 1, 1))
     else:
         norm = lse[:, :, q - W :].reshape(B, Hkv, g, W, 1).float()
     probs = torch.exp(logits - norm).nan_to_num_(0.0)[..., kv - n_new :]
-    w_tok = token_weights(probs, vis[:, :, kv - n_new :], cfg.pool_kernel, cfg.pool, cfg.carry)
-    w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new :].float(), real)
+    n = n_new - keep_last
+    w_tok = token_weights(probs, vis[:, :, kv - n_new :], cfg.pool_kernel, cfg.pool, cfg.carry)[..., :n]
+    real = real[:, :n]
+    w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new : kv - keep_last].float(), real)
     return w_tok, w_ch, real
 
 
 # -- attention over packed segments + tail -------------------------------------------------------
 
 
-def head_partials_reference(head: PackedHead, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def head_partials_reference(head: PackedHead, q: torch.Tensor, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split-K partials of ``q [G, D]`` (already scaled) over one packed head, in plain torch.
 
     K dequantization is folded into the query (``q . (s*c + m) = (q*s) . c + q . m``) and V's into
     the probabilities, so no dequantized K or V tile is formed beyond one width group's codes.
-    Returns ``(max [G], sum [G], acc [G, D])``.
+    `softcap` caps each logit after it (Gemma 2). Returns ``(max [G], sum [G], acc [G, Dv])``.
     """
-    G, D = q.shape
+    G, Dv = q.shape[0], head.v_dim
     if head.n == 0:
-        return q.new_full((G,), -math.inf), q.new_zeros(G), q.new_zeros(G, D)
+        return q.new_full((G,), -math.inf), q.new_zeros(G), q.new_zeros(G, Dv)
     qp = q if head.k_perm is None else q[:, head.k_perm.long()]
     logits = q.new_zeros(G, head.n)
     c0 = 0
@@ -127,9 +195,10 @@ def head_partials_reference(head: PackedHead, q: torch.Tensor) -> tuple[torch.Te
         else:
             codes = quant.unpack(g.data, g.bits, head.n).float()  # [c, n]
             logits += (qs * g.scale.float()) @ codes + (qs @ g.minimum.float())[:, None]
+    logits = cap_logits(logits, softcap)
     m = logits.amax(-1)
     p = torch.exp(logits - m[:, None])
-    acc = q.new_zeros(G, D)
+    acc = q.new_zeros(G, Dv)
     t0 = 0
     for g in head.v_groups:
         pg = p[:, t0 : t0 + g.count]
@@ -137,39 +206,41 @@ def head_partials_reference(head: PackedHead, q: torch.Tensor) -> tuple[torch.Te
         if g.bits == 16:
             acc += pg @ g.data.float()
         else:
-            codes = quant.unpack(g.data, g.bits, D).float()  # [n_w, D]
+            codes = quant.unpack(g.data, g.bits, Dv).float()  # [n_w, Dv]
             acc += (pg * g.scale.float()) @ codes + (pg @ g.minimum.float())[:, None]
     return m, p.sum(-1), acc
 
 
-def segment_partials(seg: Segment, qf: torch.Tensor, backend: str = "torch"):
+def segment_partials(seg: Segment, qf: torch.Tensor, backend: str = "torch", softcap: float | None = None):
     """Partials of ``qf [B, Hkv, G, D]`` (float32, scaled) over a segment.
 
     Args:
         backend: ``"torch"`` (the reference, head by head), ``"cpu"`` (the C++ kernel) or
             ``"triton"`` (the Triton kernel); see :func:`resolve_backend` for ``"auto"``.
+        softcap: the logit cap (None: none).
     Returns:
-        ``(max [B, Hkv, G], sum [B, Hkv, G], acc [B, Hkv, G, D])``.
+        ``(max [B, Hkv, G], sum [B, Hkv, G], acc [B, Hkv, G, Dv])``.
     """
     B, H, G, D = qf.shape
+    Dv = seg.buffers.v_dim
     if backend == "torch":
-        parts = [head_partials_reference(seg.heads[b * H + h], qf[b, h]) for b in range(B) for h in range(H)]
+        parts = [head_partials_reference(seg.heads[b * H + h], qf[b, h], softcap) for b in range(B) for h in range(H)]
         m = torch.stack([p[0] for p in parts]).reshape(B, H, G)
         l = torch.stack([p[1] for p in parts]).reshape(B, H, G)
-        acc = torch.stack([p[2] for p in parts]).reshape(B, H, G, D)
+        acc = torch.stack([p[2] for p in parts]).reshape(B, H, G, Dv)
         return m, l, acc
     q = qf.reshape(B * H, G, D).contiguous()
     if backend == "cpu":
         from .kernels import cpu_decode
 
-        m, l, acc = cpu_decode.segment_partials(seg.buffers, q)
+        m, l, acc = cpu_decode.segment_partials(seg.buffers, q, softcap=softcap)
     elif backend == "triton":
         from .kernels import decode_partials
 
-        m, l, acc = decode_partials.segment_partials(seg.buffers, q)
+        m, l, acc = decode_partials.segment_partials(seg.buffers, q, softcap=softcap)
     else:
         raise ValueError(f"`backend` must be 'torch', 'cpu' or 'triton' here, got {backend!r}")
-    return m.reshape(B, H, G), l.reshape(B, H, G), acc.reshape(B, H, G, D)
+    return m.reshape(B, H, G), l.reshape(B, H, G), acc.reshape(B, H, G, Dv)
 
 
 _resolved: dict = {}
@@ -202,23 +273,48 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return _resolved[key]
 
 
-def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
-    """One softmax over packed segments and the dense tail.
+def dense_attention(query, key, value, mask, scaling, softcap=None, sinks=None):
+    """:func:`attend` over keys and values alone (a forward before any segment, or a layer RDKV does
+    not compress) for a model that soft-caps or has sinks, ``DENSE_CHUNK`` queries at a time.
+
+    Returns ``(out [B, Hq, q, Dv], lse [B, Hq, q])``."""
+    B, _, q, _ = query.shape
+    kv = key.shape[2]
+    if q <= DENSE_CHUNK:
+        return attend(query, [], key, value, mask, scaling, softcap=softcap, sinks=sinks)
+    parts = []
+    for i in range(0, q, DENSE_CHUNK):
+        j = min(q, i + DENSE_CHUNK)
+        if mask is None:  # causal: the last query sees up to the last key
+            rows = torch.arange(i, j, device=query.device)[:, None] + (kv - q)
+            chunk_mask = (torch.arange(kv, device=query.device)[None, :] <= rows).expand(B, 1, j - i, kv)
+        else:
+            chunk_mask = mask[:, :, i:j]
+        parts.append(attend(query[:, :, i:j], [], key, value, chunk_mask, scaling, softcap=softcap, sinks=sinks))
+    return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+
+
+def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", softcap=None, sinks=None):
+    """One softmax over packed segments, the dense tail and the sinks.
 
     Args:
-        query: ``[B, Hq, q, D]``; tail_k/tail_v: ``[B, Hkv, n_tail, D]``; mask: ``[B, 1, q, n_tail]``
-            bool (or additive float) or None (causal within the new tokens).
+        query: ``[B, Hq, q, D]``; tail_k: ``[B, Hkv, n_tail, D]``; tail_v: ``[B, Hkv, n_tail, Dv]``;
+            mask: ``[B, 1, q, n_tail]`` bool (or additive float) or None (causal within the new tokens).
+        softcap: the logit cap (None: none); sinks: ``[Hq]`` sink logits (None: none).
     Returns:
-        ``(out [B, Hq, q, D] in query's dtype, lse [B, Hq, q] float32)``.
+        ``(out [B, Hq, q, Dv] in query's dtype, lse [B, Hq, q] float32)``.
     """
     B, Hq, q, D = query.shape
-    Hkv, n_tail = tail_k.shape[1], tail_k.shape[2]
+    Hkv, n_tail, Dv = tail_k.shape[1], tail_k.shape[2], tail_v.shape[-1]
     g = Hq // Hkv
     qf = (query.float() * scaling).reshape(B, Hkv, g * q, D)
     backend = resolve_backend(backend, query.device)
-    parts = [segment_partials(s, qf, backend) for s in segments]
+    parts = [segment_partials(s, qf, backend, softcap) for s in segments]
+    if sinks is not None:  # one more logit per query row, with no value: mass (1 at max s) and no output
+        s = sink_logits(sinks, Hkv, q).to(query.device).expand(B, Hkv, g * q)
+        parts.append((s, torch.ones_like(s), qf.new_zeros(B, Hkv, g * q, Dv)))
     if n_tail:
-        logits = qf @ tail_k.float().transpose(-1, -2)  # [B, Hkv, g*q, n_tail]
+        logits = cap_logits(qf @ tail_k.float().transpose(-1, -2), softcap)  # [B, Hkv, g*q, n_tail]
         vis = _tail_visibility(mask, B, q, n_tail, query.device)  # [B, q, n_tail]
         vis = vis[:, None, None].expand(B, 1, g, q, n_tail).reshape(B, 1, g * q, n_tail)
         logits = logits.masked_fill(~vis, -math.inf)
@@ -228,14 +324,14 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch"):
     M = torch.stack([p[0] for p in parts]).amax(0)
     M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
     L = torch.zeros_like(M)
-    acc = torch.zeros(B, Hkv, g * q, D, device=query.device)
+    acc = torch.zeros(B, Hkv, g * q, Dv, device=query.device)
     for m, l, a in parts:
         f = torch.exp(m - M_safe).nan_to_num_(0.0)
         L += l * f
         acc += a * f.unsqueeze(-1)
     out = acc / L.clamp(min=1e-30).unsqueeze(-1)
     lse = M_safe + torch.log(L.clamp(min=1e-30))
-    return out.reshape(B, Hq, q, D).to(query.dtype), lse.reshape(B, Hq, q)
+    return out.reshape(B, Hq, q, Dv).to(query.dtype), lse.reshape(B, Hq, q)
 
 
 RDKV_ATTENTION = AttentionOverride(ATTN_NAME, rdkv_attention_forward)  # what rdkv_hf.patch switches a model to

@@ -6,7 +6,10 @@ Layout of one layer:
   segment holds one :class:`PackedHead` per (batch row, KV head); heads are ragged. All heads of
   a segment live in one set of flat buffers (see ``storage.py``), which the kernels walk.
 * ``keys`` / ``values``: the full-precision tail ``[B, kv_heads, n_tail, D]`` (decoded tokens and
-  the tokens of the forward being compressed).
+  the tokens of the forward being compressed); V's width may differ from K's.
+* ``latent``: for a cache that holds a latent rather than keys and values (DeepSeek's multi-head
+  latent attention since Transformers 5), how the attention reads it (``model_patches``); None
+  otherwise.
 
 A :class:`PackedHead` stores its kept tokens sorted by V width (16 first, then 8, 4, 2, ...):
 
@@ -26,6 +29,7 @@ import copy
 import logging
 import os
 import threading
+import warnings
 import weakref
 from pathlib import Path
 
@@ -34,7 +38,8 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
 from . import cache_io, compat
 from .config import RDKVConfig
-from .model_patches import compressed_layers
+from .model_patches import compressed_layers, latent_attention
+from .parallel import kv_head_range
 from .planners import Planner, make_planner
 from .state import patch_state
 from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack_segment  # noqa: F401 (re-exported)
@@ -65,7 +70,8 @@ def take_layer(layer_idx: int, key: torch.Tensor) -> RDKVLayer | None:
     keys: the model changed what its cache returned before attending, so it would not see them."""
     offered = _offered()
     for layer in list(offered):
-        if layer.keys is key:
+        # A latent layer's attention receives keys expanded from what update returned: its index binds it.
+        if layer.keys is key or (layer.latent is not None and layer.layer_idx == layer_idx):
             offered.discard(layer)
             layer.unread = False
             return layer
@@ -90,16 +96,18 @@ class RDKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, planner: Planner, text_config=None):
+    def __init__(self, layer_idx: int, planner: Planner, text_config=None, latent=None):
         """`planner`: turns the weights of this layer's tokens into widths; its ``config`` holds
         every setting the layer and its attention use. `text_config`: the model's (text) config,
         to check that its attention reads the packed segments (an unpatched attention would attend
-        to the full-precision tail only)."""
+        to the full-precision tail only). `latent`: how to attend a latent cache (see the module
+        docstring), None for keys and values."""
         super().__init__()
         self.layer_idx = layer_idx
         self.planner = planner
         self.config = planner.config
         self.text_config = text_config
+        self.latent = latent
         self.segments: list[Segment] = []
         self.seen = 0
         self.pending = 0  # tokens of a multi-token forward that the attention has yet to compress
@@ -108,10 +116,19 @@ class RDKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         B, H, _, D = key_states.shape
+        # Under tensor parallelism a rank holds a block of the KV heads: a divisor of the model's. A
+        # latent layer (DeepSeek's MLA) caches one latent "head" of its own width.
+        expected = _kv_heads_and_dim(self.text_config) if self.latent is None else None
+        if expected is not None and (D != expected[1] or expected[0] % H):
+            raise ValueError(
+                f"this RDKVCache was built for a model with {expected[0]} KV heads of dimension {expected[1]}, but layer "
+                f"{self.layer_idx} gives {H} of dimension {D}; build the cache for the model you run: RDKVCache(model)"
+            )
         self.keys = key_states.new_zeros(B, H, 0, D)
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.is_initialized = True
 
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.pending or (self.unread and self.segments):
             raise RuntimeError(
@@ -158,6 +175,15 @@ class RDKVLayer(CacheLayerMixin):
 
     get_max_cache_shape = get_max_length  # the abstract method's name before Transformers 5.13
 
+    @classmethod
+    def replacing(cls, layer, layer_idx: int, planner: Planner, text_config=None, latent=None) -> RDKVLayer:
+        """The RDKV layer for Transformers' cache layer `layer` of a full-attention layer: this
+        class, or :class:`RDKVHybridLayer` where the layer also keeps a linear-attention state."""
+        hybrid = compat.LinearAttentionAndFullAttentionLayer
+        if hybrid is not None and isinstance(layer, hybrid):
+            return RDKVHybridLayer(layer_idx, planner, text_config, latent, number_of_states=layer.number_of_states)
+        return cls(layer_idx, planner, text_config, latent)
+
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
@@ -198,29 +224,51 @@ class RDKVLayer(CacheLayerMixin):
 
     # -- compression ---------------------------------------------------------------------------
 
-    def compress_tail(self, n_new: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor) -> None:
-        """Pack the last `n_new` tail tokens into a new segment and drop them from the tail.
+    def compress_tail(self, n_new: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor, keep_last: int = 0) -> None:
+        """Pack the last `n_new` tail tokens but the newest `keep_last` into a new segment and drop
+        them from the tail.
 
         Args:
-            w_tok: ``[B, kv_heads, n_new]`` token weights; w_ch: ``[B, kv_heads, D]``.
-            real: ``[B, n_new]`` bool, non-padding tokens.
+            w_tok: ``[B, kv_heads, n]`` token weights (``n = n_new - keep_last``); w_ch: ``[B, kv_heads, D]``
+                (K's channels as attended: a latent layer's absorbed ones).
+            real: ``[B, n]`` bool, non-padding tokens.
         """
-        B, H, n_tail, D = self.keys.shape
-        start = n_tail - n_new
-        k_new, v_new = self.keys[:, :, start:], self.values[:, :, start:]
-        v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real)  # [B, H, T], [B, H, D]
+        keys, values = (self.keys, self.values) if self.latent is None else self.latent.keys_values(self)
+        B, H, n_tail, D = keys.shape
+        Dv = values.shape[-1]
+        start, end = n_tail - n_new, n_tail - keep_last
+        n = end - start
+        k_new, v_new = keys[:, :, start:end], values[:, :, start:end]
+        v_bits, k_bits = self.planner.widths(self.layer_idx, w_tok, w_ch, real, v_dim=Dv)  # [B, H, n], [B, H, D]
+        self._warn_if_emptied(v_bits, k_bits, real)
         keep = self.planner.keep_dtype(self.dtype)
         heads, buffers = pack_segment(
-            k_new.reshape(B * H, n_new, D), v_new.reshape(B * H, n_new, D),
-            v_bits.reshape(B * H, n_new), k_bits.reshape(B * H, D), keep,
+            k_new.reshape(B * H, n, D), v_new.reshape(B * H, n, Dv),
+            v_bits.reshape(B * H, n), k_bits.reshape(B * H, D), keep,
         )
         self.segments.append(Segment(heads, B, H, real.sum(1).cpu(), buffers))
         # Copy what stays: a slice would keep the whole full-precision tensor alive.
-        self.keys = self.keys[:, :, :start].clone()
-        self.values = self.values[:, :, :start].clone()
+        self.keys = torch.cat([self.keys[:, :, :start], self.keys[:, :, end:]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :start], self.values[:, :, end:]], dim=-2)
         self.pending = 0
         self.unread = False
         _offered().discard(self)
+
+    def _warn_if_emptied(self, v_bits: torch.Tensor, k_bits: torch.Tensor, real: torch.Tensor) -> None:
+        """Loudly say when a head with real tokens keeps no V token or no K channel: the model then
+        attends to nothing there (an extreme `k_share` or a tiny budget on a short prompt)."""
+        has_tokens = real.any(1)[:, None]  # [B, 1]
+        no_v = ((v_bits > 0).sum(-1) == 0) & has_tokens
+        no_k = ((k_bits > 0).sum(-1) == 0) & has_tokens & ~no_v
+        if bool(no_v.any() or no_k.any()):
+            what = "every V token" if bool(no_v.any()) else "every K channel"
+            cfg = self.config
+            warnings.warn(
+                f"rdkv_hf: layer {self.layer_idx} evicted {what} of {int((no_v | no_k).sum())} head(s) holding "
+                f"{int(real.sum(1).max())} tokens (budget={cfg.budget}, tokens={cfg.tokens}, k_share={cfg.k_share}): "
+                "attention there sees none of them; raise `budget` or keep `k_share` away from 0 and 1",
+                stacklevel=2,
+            )
 
     @property
     def nbytes(self) -> int:
@@ -235,6 +283,46 @@ class RDKVLayer(CacheLayerMixin):
         return n
 
 
+if compat.LinearAttentionLayer is not None:
+
+    class RDKVHybridLayer(compat.LinearAttentionLayer, RDKVLayer):
+        """An RDKV layer that also keeps the linear-attention (Mamba) state of a layer running both
+        side by side (Falcon-H1), as Transformers' ``LinearAttentionAndFullAttentionLayer`` does
+        for a ``DynamicLayer``: the state's methods come from the linear layer, the K/V's from RDKV."""
+
+        is_compileable = False
+        is_croppable = False
+
+        def __init__(self, layer_idx, planner, text_config=None, latent=None, number_of_states: int = 1):
+            RDKVLayer.__init__(self, layer_idx, planner, text_config, latent)
+            compat.LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+        def lazy_initialization(self, *args, **kwargs) -> None:
+            if len(args) == 2 and not kwargs:  # from update(keys, values)
+                RDKVLayer.lazy_initialization(self, *args)
+            else:  # from update_conv_state / update_recurrent_state
+                compat.LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+        def reset(self) -> None:
+            compat.LinearAttentionLayer.reset(self)
+            RDKVLayer.reset(self)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            compat.LinearAttentionLayer.reorder_cache(self, beam_idx)
+            RDKVLayer.reorder_cache(self, beam_idx)
+
+        def offload(self) -> None:
+            compat.LinearAttentionLayer.offload(self)
+            RDKVLayer.offload(self)
+
+        def prefetch(self) -> None:
+            compat.LinearAttentionLayer.prefetch(self)
+            RDKVLayer.prefetch(self)
+
+        crop = RDKVLayer.crop  # compressed tokens cannot be rolled back
+        get_max_length = RDKVLayer.get_max_length
+
+
 def _tensor_bytes(t) -> int:
     """Bytes of a tensor, or of every inner tensor of a tensor subclass (quanto's packed tensors)."""
     if t is None:
@@ -245,19 +333,35 @@ def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def _kv_heads_and_dim(text_config) -> tuple[int, int] | None:
+    """``(kv_heads, head_dim)`` a model config promises (None when it does not say)."""
+    if text_config is None:
+        return None
+    heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
+    if getattr(text_config, "qk_nope_head_dim", None) and getattr(text_config, "qk_rope_head_dim", None):
+        # MLA cached per head (Transformers 4.57's DeepSeek-V3): keys of qk_nope + qk_rope channels; its
+        # `head_dim` names the rope part alone.
+        return int(heads), int(text_config.qk_nope_head_dim + text_config.qk_rope_head_dim)
+    dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads if getattr(text_config, "hidden_size", None) else None)
+    return (int(heads), int(dim)) if heads and dim else None
+
+
 def layer_nbytes(cache) -> list[int]:
     """Bytes each layer of a cache holds: RDKVLayer.nbytes, or every stored tensor of a
     Transformers layer (QuantizedCache: packed codes, scales and shifts, plus its full-precision
-    residual; a sliding-window layer: the last ``window - 1`` tokens it keeps)."""
+    residual; a sliding-window layer: the last ``window - 1`` tokens it keeps; a linear-attention
+    layer of a hybrid model: its convolution and recurrent states)."""
     out = []
     for layer in cache.layers:
+        states = sum(_tensor_bytes(t) for name in ("conv_states", "recurrent_states") for t in (getattr(layer, name, None) or {}).values())
         if isinstance(layer, RDKVLayer):
-            out.append(layer.nbytes)
+            out.append(states + layer.nbytes)
         elif not getattr(layer, "is_initialized", False):
-            out.append(0)
+            out.append(states)
         else:
             n = _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
-            out.append(n + _tensor_bytes(layer.keys) + _tensor_bytes(layer.values))
+            out.append(states + n + _tensor_bytes(layer.keys) + _tensor_bytes(layer.values))
     return out
 
 
@@ -283,8 +387,9 @@ class RDKVCache(DynamicCache):
         if config is not None and not isinstance(config, RDKVConfig):
             raise TypeError(f"`config` must be an RDKVConfig, got {type(config).__name__}")
         layers = compressed_layers(model_config)
+        latent = latent_attention(model_config)
         if planner is None and config is not None:
-            planner = make_planner(config, profile, layers)
+            planner = make_planner(config, profile, layers, heads=kv_head_range(model_or_config))
         if planner is None:
             state = patch_state(model_or_config)
             if state is None:
@@ -300,12 +405,20 @@ class RDKVCache(DynamicCache):
         self.context_ids: torch.Tensor | None = None  # [batch, tokens] ids of the saved context (from_pretrained)
         text_config = model_config.get_text_config(decoder=True)
         for i in layers:
-            self.layers[i] = RDKVLayer(i, planner, text_config)
+            self.layers[i] = RDKVLayer.replacing(self.layers[i], i, planner, text_config, latent)
 
     @property
     def rdkv_config(self) -> RDKVConfig:
         """The settings of this cache (its planner's)."""
         return self.planner.config
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"this RDKVCache was built for a model with {len(self.layers)} layers, but layer {layer_idx} writes to "
+                "it; build the cache for the model you run: RDKVCache(model)"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
     def rdkv_layers(self) -> list[int]:

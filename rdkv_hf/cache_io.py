@@ -38,7 +38,7 @@ import torch
 
 from . import quant
 from .config import RDKVConfig
-from .fingerprint import describe, fingerprint
+from .fingerprint import describe, fingerprint, same_shape, same_weights
 from .planners import Planner, make_planner
 from .state import patch_state
 from .storage import H_N, Segment, SegmentBuffers
@@ -125,6 +125,11 @@ def save(cache, save_directory, model, context_ids: torch.Tensor | None = None, 
     rdkv = set(cache.rdkv_layers)
     batch = dtype = None
     for i, layer in enumerate(cache.layers):
+        if any(getattr(layer, name, None) for name in ("conv_states", "recurrent_states")):
+            raise ValueError(
+                f"layer {i} keeps convolution or recurrent states (a hybrid model's linear-attention or Mamba layer): saving "
+                "those is not supported yet; keep the cache in memory (cache.fork() shares it between questions)"
+            )
         entry = {"class": type(layer).__name__}
         if not getattr(layer, "is_initialized", False):
             entry["kind"] = "empty"
@@ -179,7 +184,7 @@ def _segment_entry(seg: Segment, prefix: str, tensors: dict) -> dict:
     for name in _BUFFERS:
         tensors[f"{prefix}.{name}"] = getattr(buf, name)
     tensors[f"{prefix}.real_tokens"] = seg.real_tokens
-    return {"batch": seg.batch, "kv_heads": seg.kv_heads, "head_dim": buf.head_dim, "max_tokens": int(buf.max_tokens)}
+    return {"batch": seg.batch, "kv_heads": seg.kv_heads, "head_dim": buf.head_dim, "v_dim": buf.v_dim, "max_tokens": int(buf.max_tokens)}
 
 
 def _write_atomically(folder: Path, files: dict[str, bytes]) -> None:
@@ -294,9 +299,10 @@ def load(directory, model, profile=None) -> LoadedCache:
 
 
 def check_model(config: dict, model, folder) -> None:
-    """Refuse a cache saved from another model (its fingerprint differs)."""
+    """Refuse a cache saved from another model: other shapes, or K/V weights whose hashes differ at
+    every 16-bit precision both record (a float32 and a bfloat16 load of one checkpoint agree)."""
     saved, ours = config["fingerprint"], fingerprint(model)
-    if saved != ours:
+    if not (same_shape(saved, ours) and same_weights(saved, ours)):
         raise ValueError(
             f"the cache in {folder} was saved from another model: it was compressed by [{describe(saved)}], this model is "
             f"[{describe(ours)}]; load it into the model that made it, or compress the context again with this one"
@@ -324,10 +330,11 @@ def _layer_state(i: int, entry: dict, tensors: dict, device, dtype) -> LayerStat
 def _segment(prefix: str, entry: dict, tensors: dict, device) -> Segment:
     parts = {name: tensors[f"{prefix}.{name}"] for name in _BUFFERS}
     batch, kv_heads, head_dim = int(entry["batch"]), int(entry["kv_heads"]), int(entry["head_dim"])
-    check_tables(parts, batch * kv_heads, head_dim, prefix)
+    v_dim = int(entry.get("v_dim", head_dim))
+    check_tables(parts, batch * kv_heads, head_dim, prefix, v_dim)
     longest = int(parts["heads"][:, H_N].max()) if batch * kv_heads else 0
     buffers = SegmentBuffers(**{k: v.to(device) for k, v in parts.items()}, head_dim=head_dim,
-                             max_tokens=max(int(entry["max_tokens"]), longest))  # the kernels size their grid by it
+                             max_tokens=max(int(entry["max_tokens"]), longest), v_dim=v_dim)  # the kernels size their grid by it
     # Rows that are the same head (beams, forks) share one view, as they did in memory.
     views, heads = {}, []
     for r, row in enumerate(parts["heads"].tolist()):
@@ -338,10 +345,11 @@ def _segment(prefix: str, entry: dict, tensors: dict, device) -> Segment:
     return Segment(heads, batch, kv_heads, tensors[f"{prefix}.real_tokens"], buffers)
 
 
-def check_tables(parts: dict, rows: int, head_dim: int, where: str) -> None:
+def check_tables(parts: dict, rows: int, head_dim: int, where: str, v_dim: int | None = None) -> None:
     """Raise ``ValueError`` unless the head and group tables of a segment describe its buffers: every
     range inside its buffer, row lengths and word counts as :func:`rdkv_hf.storage.pack_segment`
-    lays them out (the decode kernels trust them)."""
+    lays them out (the decode kernels trust them). `head_dim`: K's width; `v_dim`: V's (None: K's)."""
+    v_dim = head_dim if v_dim is None else v_dim
     heads, groups, perm = parts["heads"], parts["groups"], parts["perm"]
     if heads.dtype != torch.int64 or tuple(heads.shape) != (rows, 6):
         raise ValueError(f"{where}.heads must be int64 [{rows}, 6], got {heads.dtype} {tuple(heads.shape)}")
@@ -363,8 +371,8 @@ def check_tables(parts: dict, rows: int, head_dim: int, where: str) -> None:
     for r, (n, v0, v1, k0, k1, p) in enumerate(heads.tolist()):
         if not (0 <= v0 <= v1 <= k0 <= k1 <= len(table)) or n < 0:
             raise ValueError(f"{where}: head {r} has a bad group range or token count")
-        if sum(table[g][1] for g in range(v0, v1)) != n or any(table[g][2] != head_dim for g in range(v0, v1)):
-            raise ValueError(f"{where}: the V groups of head {r} do not hold its {n} tokens of {head_dim}")
+        if sum(table[g][1] for g in range(v0, v1)) != n or any(table[g][2] != v_dim for g in range(v0, v1)):
+            raise ValueError(f"{where}: the V groups of head {r} do not hold its {n} tokens of {v_dim}")
         kept = sum(table[g][1] for g in range(k0, k1))
         if kept > head_dim or any(table[g][2] != n for g in range(k0, k1)):
             raise ValueError(f"{where}: the K groups of head {r} do not hold channels of its {n} tokens")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -90,16 +91,20 @@ def calibrate(
         progress: show a tqdm bar.
     """
     from .fingerprint import fingerprint, weight_norms
-    from .model_patches import compressed_layers
+    from .model_patches import check_profiles, compressed_layers
     from .profile import RDKVProfile
 
+    for name, value, least in (("n_seqs", n_seqs, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"calibrate() takes a Transformers model, got {type(model).__name__}")
     widths = sorted({int(b) for b in widths})
     if len(widths) < 2 or not all(1 <= b <= 8 for b in widths):
         raise ValueError(f"`widths` must hold at least 2 distinct integers in 1..8, got {widths}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     if patch_state(model) is not None:
         raise ValueError("`model` is patched by rdkv_hf; calibrate the original model (call rdkv_hf.unpatch(model) first)")
+    check_profiles(model)
     ids, source = _calibration_ids(texts, tokenizer, n_seqs, seq_len, seed)
     fp = fingerprint(model)
     dtype = next(model.parameters()).dtype
@@ -326,12 +331,12 @@ def _run_batch(model, ids: torch.Tensor, stats: _Stats) -> None:
             raise RuntimeError(f"layer {layer} has {k.shape[1]} KV heads, the config says {stats.grad_k.shape[1]}")
         stats.add(layer, k.detach().float(), v.detach().float(), k.grad.float(), v.grad.float())
     for layer in stats.rd_layers if n else ():
-        q, o, scaling = attn[layer]
+        q, o, scaling, softcap, sinks = attn[layer]
         if o.grad is None:
             raise RuntimeError(f"no gradient reached the attention output of layer {layer}")
         k, v = seen[layer]
         _add_rd_curves(stats, layer, q[:n], k[:n].detach().float(), v[:n].detach().float(), o[:n].detach().float(),
-                       o.grad[:n].float(), scaling)
+                       o.grad[:n].float(), scaling, softcap, sinks)
     stats.tokens += B * T
     stats.elements += B * T * seen[0][0].shape[-1]
     stats.n_seqs += B
@@ -343,16 +348,23 @@ _capture: contextvars.ContextVar[tuple[dict, set] | None] = contextvars.ContextV
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """sdpa, keeping for the wanted layers the post-RoPE queries and the attention output (its
-    gradient retained): ``store[layer] = (query, output, scaling)``."""
+    """sdpa (the model's own eager where it soft-caps or has sinks, which sdpa lacks), keeping for
+    the wanted layers the post-RoPE queries and the attention output (its gradient retained):
+    ``store[layer] = (query, output, scaling, softcap, sinks)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if softcap is None and sinks is None:
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        eager = sys.modules[type(module).__module__].eager_attention_forward  # the modeling file's: it serves both
+        out, weights = eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     capture = _capture.get()
     if capture is not None and module.layer_idx in capture[1]:
         if out.requires_grad:
             out.retain_grad()
-        capture[0][module.layer_idx] = (query.detach().float(), out, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        capture[0][module.layer_idx] = (query.detach().float(), out, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                        softcap, None if sinks is None else sinks.detach().float())
     return out, weights
 
 
@@ -372,7 +384,7 @@ def _capturing_attention(model, store: dict, layers):
 
 
 @torch.no_grad()
-def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) -> None:
+def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float, softcap=None, sinks=None) -> None:
     """Compress the first ``RD_PROMPT`` of the tokens as the cache would at each of ``RD_BUDGETS``
     and add the output errors of the later queries (and their output gradients) to `stats`.
 
@@ -381,7 +393,8 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     :func:`~rdkv_hf.attention.attend` over the packed prompt and the uncompressed rest, all budgets
     in one batch of ``len(RD_BUDGETS) * B`` rows.
 
-    q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]``; o, go: ``[B, T, Hq, D]`` output and its gradient.
+    q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]``; o, go: ``[B, T, Hq, D]`` output and its gradient;
+    softcap, sinks: the layer's logit cap and ``[Hq]`` sink logits (None: none).
     """
     from .allocate import allocate_rdkv
     from .attention import attend, prompt_weights
@@ -400,7 +413,7 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     stats.grad_o[layer] += go[:, rows].square().reshape(B, Cq, H, g, D).sum((0, 1, 3, 4)).to("cpu", torch.float64)
     stats.rd_count[layer] += B * Cq * g * D
     cfg0 = RDKVConfig()
-    w_tok, w_ch, real = prompt_weights(q[:, :, :P], k[:, :, :P], None, scaling, P, cfg0)
+    w_tok, w_ch, real = prompt_weights(q[:, :, :P], k[:, :, :P], None, scaling, P, cfg0, softcap=softcap, sinks=sinks)
     # All budgets at once: R = len(RD_BUDGETS) copies of the (batch, head) rows, each with its budget.
     R = len(RD_BUDGETS)
     bits = torch.tensor(RD_BUDGETS, dtype=torch.float64, device=q.device).repeat_interleave(B * H)
@@ -417,7 +430,7 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float) ->
     # Each measured query sees the packed prompt and the rest of the sequence up to itself.
     causal = torch.arange(C, device=q.device)[None, :] <= (rows - P)[:, None]  # [Cq, C]
     out, _ = attend(rep(q[:, :, rows]), [segment], rep(k[:, :, P:]), rep(v[:, :, P:]),
-                    causal.expand(R * B, 1, Cq, C), scaling, backend="auto")
+                    causal.expand(R * B, 1, Cq, C), scaling, backend="auto", softcap=softcap, sinks=sinks)
     err = (out.float().reshape(R, B, H, g, Cq, D) - exact.reshape(1, B, H, g, Cq, D)).square().sum((1, 3, 4, 5))  # [R, H]
     stats.rd_sse[layer] += err.T.to("cpu", torch.float64)
 

@@ -73,7 +73,9 @@ def _calibrate(args) -> int:
     import time
 
     from .calibration import calibrate
+    from .profile_hub import check_destination
 
+    check_destination(args.out)  # before the work, not after it
     model, tok = _load(args.model, args.gguf_file)
     t = time.perf_counter()
     profile = calibrate(model, tokenizer=tok, n_seqs=args.n_seqs, seq_len=args.seq_len, seed=args.seed,
@@ -184,9 +186,25 @@ def _ask(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    from .compat import TRANSFORMERS_VERSION
+    from .model_patches import support_table
+    from .version import __version__
+
+    if args.markdown:
+        print(support_table())
+        return 0
+    import torch
+
+    print(f"rdkv_hf {__version__}, transformers {TRANSFORMERS_VERSION}, torch {torch.__version__}")
+    print(support_table(installed=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rdkv-hf", description="RDKV KV-cache compression for HuggingFace Transformers")
     p.add_argument("-v", "--verbose", action="store_true", help="log what rdkv_hf does")
+    p.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="recall a fact from a long prompt with the full cache and with RDKV")
@@ -249,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compress each question's tokens too (saved in the cache's settings); by default they stay in full "
                          "precision: about half the time to first token, a few hundred KiB more per question")
     co.add_argument("--threads", type=int, default=None, help="torch threads")
-    co.set_defaults(func=_compress, one_line_errors=True)
+    co.set_defaults(func=_compress)
 
     a = sub.add_parser("ask", help="answer questions from a cache saved by `compress` (one load, many questions)")
     a.add_argument("dir", help="the folder `rdkv-hf compress --out` wrote")
@@ -259,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--batch-size", type=int, default=None, help="questions per generate() call (default: all at once)")
     a.add_argument("--threads", type=int, default=None, help="torch threads")
-    a.set_defaults(func=_ask, one_line_errors=True)
+    a.set_defaults(func=_ask)
+
+    i = sub.add_parser("info", help="the supported architectures: what RDKV compresses in each, and its limits")
+    i.add_argument("--markdown", action="store_true", help="the README's support matrix, exactly (no versions)")
+    i.set_defaults(func=_info)
 
     pr = sub.add_parser("profile", help="inspect profiles")
     prs = pr.add_subparsers(dest="profile_command", required=True)
@@ -275,15 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a command; an error is one line on stderr and exit status 1 (the traceback with --debug)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
-        if args.verbose or not getattr(args, "one_line_errors", False):
+    except KeyboardInterrupt:
+        print(f"rdkv-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 (every error becomes one line; --debug shows it whole)
+        if args.debug:
             raise
-        print(f"rdkv-hf {args.command}: error: {err}", file=sys.stderr)  # one line; -v shows the traceback
-        return 2
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"rdkv-hf {args.command}: error: {message} (--debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -69,7 +69,11 @@ class RDKVConfig:
             twice the nominal 16 bits).
         backend: decode attention path, ``"auto"``, ``"torch"`` (reference), ``"cpu"`` or ``"triton"``.
         compress_followups: also compress the tokens of multi-token forwards after the first one
-            (a follow-up turn, chunked prefill); otherwise they stay in full precision.
+            (a follow-up turn, chunked prefill; the tokens decoded before it are compressed with it);
+            otherwise they stay in full precision.
+        residual: the newest this many tokens of every compressing forward stay in full precision
+            in the tail, outside the budget (as ``residual_length`` in Transformers'
+            ``QuantizedCache``); a prompt no longer than it is not compressed. ``nbytes`` counts them.
     """
 
     budget: float | None = DEFAULT_BUDGET
@@ -88,6 +92,7 @@ class RDKVConfig:
     high_precision_dtype: str | None = None
     backend: str = "auto"
     compress_followups: bool = True
+    residual: int = 0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -108,17 +113,22 @@ class RDKVConfig:
         planner_class(self.mode)  # a registered mode (each one checks its own needs when built)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.window, int) or self.window < 1:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"`window` must be a positive int, got {self.window!r}")
-        if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+        if isinstance(self.pool_kernel, bool) or not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"`pool_kernel` must be a positive odd int, got {self.pool_kernel!r}")
         if self.pool not in ("avg", "max"):
             raise ValueError(f"`pool` must be 'avg' or 'max', got {self.pool!r}")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"`residual` must be a number of tokens >= 0 (0: compress every prompt token), got {self.residual!r}")
         if isinstance(self.carry, bool) or not isinstance(self.carry, (int, float)) or not 0 <= self.carry < 1:
             raise ValueError(f"`carry` must be in [0, 1) (0 turns it off), got {self.carry!r}")
         set_("carry", float(self.carry))
+        if isinstance(self.k_share, bool) or not isinstance(self.k_share, (int, float)):
+            raise TypeError(f"`k_share` must be a number in (0, 1) (the share of the budget spent on K), got {self.k_share!r}")
         if not 0 < self.k_share < 1:
-            raise ValueError(f"`k_share` must be in (0, 1), got {self.k_share}")
+            raise ValueError(f"`k_share` must be in (0, 1) (the share of the budget spent on K), got {self.k_share}")
+        set_("k_share", float(self.k_share))
         if isinstance(self.head_floor, bool) or not isinstance(self.head_floor, (int, float)) or not 0 <= self.head_floor < 1:
             raise ValueError(
                 f"`head_floor` must be a share of the budget in [0, 1), got {self.head_floor!r}; "

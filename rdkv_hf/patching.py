@@ -24,6 +24,7 @@ from .attention import RDKV_ATTENTION
 from .cache import RDKVCache
 from .config import RDKVConfig
 from .model_patches import compressed_layers, patcher_for
+from .parallel import kv_head_range
 from .planners import make_planner
 from .profile import RDKVProfile
 from .state import PatchState, patch_state, set_patch_state
@@ -56,7 +57,7 @@ def _resolve_config(budget, tokens, profile, mode, config, options) -> RDKVConfi
         raise ValueError(f"give `budget` (bits per element) or `tokens` (FP16-equivalent tokens per head), not both; got budget={budget!r}, tokens={tokens!r}")
     if mode is None:
         mode = "rdkv+profile" if profile is not None else "rdkv"
-    profile_id = profile if isinstance(profile, str) else getattr(profile, "name_or_path", None)
+    profile_id = os.fspath(profile) if isinstance(profile, (str, os.PathLike)) else getattr(profile, "name_or_path", None)
     given = {k: v for k, v in (("budget", budget), ("tokens", tokens)) if v is not None}
     return RDKVConfig(**given, mode=mode, profile=profile_id, **options)
 
@@ -78,15 +79,19 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
         **options: other :class:`RDKVConfig` fields (``window``, ``backend``, ...).
 
     Patching twice replaces the settings; a patch that fails leaves the model as it was (patched
-    with its previous settings, if it had any).
+    with its previous settings, if it had any). A tensor-parallel model is patched on every rank
+    (the profile check gathers the K/V weights; each rank gets the budgets of its own KV heads).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch() takes a Transformers model, got {type(model).__name__}")
     compat.check_transformers()
     patcher = patcher_for(model)
     cfg = _resolve_config(budget, tokens, profile, mode, config, options)
+    if cfg.profile is not None and os.path.isdir(cfg.profile):
+        cfg = cfg.replace(profile=os.path.abspath(cfg.profile))  # config.json names it from any working directory
     prof = _load_profile(profile if profile is not None else cfg.profile, model)
-    planner = make_planner(cfg, prof, compressed_layers(model))
+    _check_backend(cfg.backend, model)
+    planner = make_planner(cfg, prof, compressed_layers(model), heads=kv_head_range(model))
     notes = patcher.check(model)
     patcher.attention_modules(model)  # checks the layout
     with _lock:
@@ -95,6 +100,21 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
         warnings.warn(n, stacklevel=2)
     logger.info("rdkv_hf: patched %s (%s)", type(model).__name__, cfg)
     return model
+
+
+def _check_backend(backend: str, model) -> None:
+    """A decode backend asked for by name must be able to run on the model's devices."""
+    from .kernels import cpu_decode, triton_available
+
+    devices = {p.device.type for p in model.parameters()} - {"meta"}
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package: pip install triton (or backend='auto')")
+        if "cuda" not in devices and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' runs on CUDA devices; the model is on {sorted(devices)}: use backend='auto'")
+    if backend == "cpu" and not cpu_decode.available():
+        raise ValueError(f"backend='cpu' needs the C++ decode kernel, which is unavailable here ({cpu_decode.unavailable_reason()}); "
+                         "use backend='auto' or 'torch'")
 
 
 def _apply(model, planner, profile) -> None:

@@ -12,7 +12,7 @@ Tensors, ``L`` layers, ``H`` KV heads, ``W`` calibration widths:
 ``dist_*``              ``[L, H, W]`` measured relative MSE at the calibration widths
 ``eps_k``, ``eps_v``    ``[L, 3]``  RDKV epsilon tables at widths 2, 4, 8 per layer
 ``eps_*_global``        ``[3]``     their mean over layers
-``weight_norms``        ``[L, 2]``  Frobenius norms of the K and V projection weights
+``weight_norms``        ``[L, 2]``  Frobenius norms of the K and V projection weights (a record; they identify nothing)
 ``rd_budgets``          ``[R]``     budgets (bits per element) of the RDKV curves
 ``rd_dist``             ``[L, H, R]`` mean squared attention-output error of RDKV at those budgets
 ``sens_o``              ``[L, H]``  mean squared loss gradient at the head group's attention output
@@ -33,7 +33,7 @@ import torch
 
 from . import profile_card, profile_hub
 from .config import DEFAULT_BUDGET
-from .fingerprint import FINGERPRINT_KEYS, describe, fingerprint, weight_norms
+from .fingerprint import FINGERPRINT_KEYS, describe, fingerprint, same_shape, same_weights
 
 logger = logging.getLogger(__name__)
 
@@ -192,27 +192,26 @@ class RDKVProfile:
 
         return table(ek), table(ev)
 
-    def check_model(self, model, *, rtol: float = 1e-3) -> None:
+    def check_model(self, model) -> None:
         """Raise ``ValueError`` unless this profile was measured on `model`.
 
-        Shapes and architecture must match. The weight hash must match too, or, when it does not
-        (a float16 load of a float32 checkpoint rounds differently), every K/V projection norm must be
-        within `rtol` of the profile's.
+        Architecture and shapes must match, and the hash of the model's K/V projection weights must
+        equal the profile's at a precision both recorded (:func:`rdkv_hf.fingerprint.same_weights`:
+        bfloat16 for float32 and bfloat16 loads, float16 for float32 and float16 loads). The weights
+        are read whole wherever they are (tensor-parallel shards, offloaded layers): under tensor
+        parallelism every rank must call this.
         """
         theirs = fingerprint(model)
         ours = self.fingerprint
-        same_shape = all(str(ours.get(k)) == str(theirs.get(k)) for k in FINGERPRINT_KEYS[:-1])
-        if same_shape and ours["weights_sha256"] == theirs["weights_sha256"]:
+        if same_shape(ours, theirs) and same_weights(ours, theirs):
             return
-        if same_shape:
-            norms = weight_norms(model)
-            rel = ((norms - self.weight_norms).abs() / self.weight_norms.clamp(min=1e-12)).max().item()
-            if rel <= rtol:
-                logger.info("profile weights hash differs but K/V norms agree within %.1e: same weights, other precision", rel)
-                return
+        hint = ""
+        if same_shape(ours, theirs) and ours.get("weights_sha256_fp16") is None and _weights_dtype(model) == torch.float16:
+            hint = (" (the model is float16: its weights round differently from the bfloat16 this profile's only hash "
+                    "was taken at; load the model in float32 or bfloat16, or re-calibrate to record a float16 hash)")
         raise ValueError(
             f"profile {self.name_or_path or '<in memory>'} does not match this model: the profile was "
-            f"measured on [{describe(ours)}], the model is [{describe(theirs)}]; calibrate this model "
+            f"measured on [{describe(ours)}], the model is [{describe(theirs)}]{hint}; calibrate this model "
             "with rdkv_hf.calibrate(model, tokenizer=tokenizer) or load the profile made for it"
         )
 
@@ -242,3 +241,10 @@ class RDKVProfile:
     def plot(self, budget: float, path, *, integer: bool = True, bounds: tuple | None = None, layers=None) -> Path:
         """A PNG heat map of the K and V bits at `budget` (:func:`rdkv_hf.profile_card.plot`)."""
         return profile_card.plot(self, budget, path, integer=integer, bounds=bounds, layers=layers)
+
+
+def _weights_dtype(model) -> torch.dtype | None:
+    """The dtype of the model's first K projection weight."""
+    from .weights import kv_projections
+
+    return kv_projections(model)[0][0].weight.dtype

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import atomic
 from .profile_card import model_card
 from .version import __version__
 
@@ -32,8 +33,19 @@ SHIPPED_DIR = Path(__file__).parent / "data" / "profiles"
 _META_FIELDS = ("fingerprint", "quantizer", "calibration", "compressed_layers", "name_or_path")
 
 
+PROFILE_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, ".gitattributes")  # what a profile folder may hold
+
+
+def check_destination(save_directory) -> Path:
+    """`save_directory` as a place a profile can be saved to (checked before long work, such as a
+    calibration): absent, empty or a profile folder; ``ValueError`` otherwise."""
+    return atomic.check_destination(save_directory, PROFILE_FILES, "profile folder")
+
+
 def save(profile, save_directory, repo_id: str | None = None) -> Path:
-    """Write ``config.json``, ``profile.safetensors`` and ``README.md`` into `save_directory`.
+    """Write ``config.json``, ``profile.safetensors`` and ``README.md`` into `save_directory`, all at
+    once (:func:`rdkv_hf.atomic.atomic_folder`: a save killed at any moment leaves the previous
+    profile or the new one). ``config.json`` records the sha256 of the tensor file.
 
     Args:
         repo_id: the Hub id shown in the model card's usage snippet (default: the folder name).
@@ -43,9 +55,17 @@ def save(profile, save_directory, repo_id: str | None = None) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in profile.tensors().items()}
-    config = {
+    with atomic.atomic_folder(folder, PROFILE_FILES, "profile folder") as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "schema_version": str(SCHEMA_VERSION)})
+        config = _config(profile, tensors, atomic.sha256_file(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_NAME).write_text(model_card(profile, repo_id or folder.name), encoding="utf-8")
+    return folder
+
+
+def _config(profile, tensors: dict, weights_sha256: str) -> dict:
+    return {
         "schema_version": SCHEMA_VERSION,
         "library_name": "rdkv_hf",
         "created_with": f"rdkv_hf {__version__}",
@@ -55,11 +75,8 @@ def save(profile, save_directory, repo_id: str | None = None) -> Path:
         "compressed_layers": profile.compressed_layers,
         "eps_widths": list(profile.EPS_WIDTHS),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "tensors_sha256": weights_sha256,
     }
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "schema_version": str(SCHEMA_VERSION)})
-    (folder / CARD_NAME).write_text(model_card(profile, repo_id or folder.name), encoding="utf-8")
-    return folder
 
 
 def load(
@@ -99,7 +116,18 @@ def _load_files(cls, config_path: Path, weights_path: Path, name_or_path: str):
     version = config["schema_version"]
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ValueError(f"{config_path} has schema_version {version!r}; this rdkv_hf reads up to {SCHEMA_VERSION}: upgrade rdkv_hf")
+    for key in ("fingerprint", "quantizer", "calibration"):
+        if not isinstance(config[key], dict):
+            raise ValueError(f"{config_path}: `{key}` must be a JSON object, got {config[key]!r}; the file is damaged: save the profile again")
+    if not isinstance(config["calibration"].get("widths"), list):
+        raise ValueError(f"{config_path}: `calibration.widths` (the widths of the fits) is missing; the file is damaged: save the profile again")
     tensors = _read_safetensors(weights_path)
+    expected = config.get("tensors_sha256")  # absent in profiles saved before it was recorded
+    if expected is not None and atomic.sha256_file(weights_path) != expected:
+        raise ValueError(
+            f"{weights_path} is not the tensor file {config_path} was saved with (its sha256 differs): the files "
+            "were mixed or damaged; save or download the profile again"
+        )
     names = [f.name for f in dataclasses.fields(cls) if f.name not in _META_FIELDS]
     missing = [n for n in names if n not in tensors and n not in cls.OPTIONAL_TENSORS]
     if missing:
@@ -137,6 +165,8 @@ def shipped_profiles() -> list[str]:
 def _local_folder(name: str) -> Path | None:
     if os.path.isdir(name):
         return Path(name)
+    if os.path.isfile(name):
+        raise ValueError(f"profile {name!r} is a file; give the profile's folder (it holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     if "/" not in name and "\\" not in name and (SHIPPED_DIR / name / CONFIG_NAME).is_file():
         return SHIPPED_DIR / name
     if name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or os.path.splitdrive(name)[0]:

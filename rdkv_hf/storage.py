@@ -15,7 +15,7 @@ Two small int64 tables describe them, so a kernel can walk any head with no Pyth
 * ``heads [R, 6]``: ``n``, the V group range ``[v0, v1)``, the K group range ``[k0, k1)`` and the
   offset of the head's channel order in ``perm`` (-1: identity);
 * ``groups [NG, 7]``: ``bits``, ``count`` (V tokens or K channels), ``length`` (codes a row:
-  head_dim for V, ``n`` for K), ``row_words`` (int32 words a packed row; elements for raw rows),
+  ``v_dim`` for V, ``n`` for K), ``row_words`` (int32 words a packed row; elements for raw rows),
   ``data`` (offset in ``words``, or in ``raw`` when bits == 16), ``meta`` (offset in ``meta``) and
   ``start`` (first token of a V group in the head's token order, first position of a K group in
   its channel order).
@@ -23,6 +23,9 @@ Two small int64 tables describe them, so a kernel can walk any head with no Pyth
 A head keeps its tokens sorted by V width (16 first, then 8, 7, ..., 1); K rows are channels over
 those tokens in the same order, channels sorted by K width. :class:`PackedHead` and :class:`Group`
 are views on the buffers for the torch reference, tests and summaries.
+
+K and V may differ in width: ``head_dim`` is K's (the channels a query meets), ``v_dim`` V's (the
+output's); they differ in DeepSeek's multi-head latent attention.
 """
 
 from __future__ import annotations
@@ -59,13 +62,19 @@ class Group:
 
 @dataclass
 class PackedHead:
-    """One KV head's compressed tokens. ``n`` kept tokens of dimension ``head_dim``."""
+    """One KV head's compressed tokens: ``n`` kept tokens, keys of ``head_dim`` channels and values
+    of ``v_dim`` (``head_dim`` when not given)."""
 
     n: int
     head_dim: int
     v_groups: list[Group]
     k_perm: torch.Tensor | None  # uint8 [kept channels] (int16 past 256) in K group order; None: identity
     k_groups: list[Group]
+    v_dim: int | None = None
+
+    def __post_init__(self):
+        if self.v_dim is None:
+            self.v_dim = self.head_dim
 
     @property
     def nbytes(self) -> int:
@@ -95,9 +104,9 @@ class PackedHead:
         return out
 
     def dequantize(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k [n, D], v [n, D])`` as attended (evicted K channels are zero). Tests and debugging."""
+        """``(k [n, head_dim], v [n, v_dim])`` as attended (evicted K channels are zero). Tests and debugging."""
         dev = self.device
-        v = torch.cat([_dequant_rows(g, self.head_dim) for g in self.v_groups]) if self.v_groups else torch.zeros(0, self.head_dim, device=dev)
+        v = torch.cat([_dequant_rows(g, self.v_dim) for g in self.v_groups]) if self.v_groups else torch.zeros(0, self.v_dim, device=dev)
         k = torch.zeros(self.head_dim, self.n, device=dev)
         c0 = 0
         perm = self.channel_order()
@@ -125,17 +134,20 @@ class SegmentBuffers:
     perm: torch.Tensor  # uint8 or int16 [n_perm]
     heads: torch.Tensor  # int64 [R, 6]
     groups: torch.Tensor  # int64 [NG, 7]
-    head_dim: int
+    head_dim: int  # K's
     max_tokens: int | None = None  # at least the largest ``n`` of any head row (kernels size their grid by it)
+    v_dim: int | None = None  # V's (None: head_dim)
 
     def __post_init__(self):
         if self.max_tokens is None:  # read once here, not at every decode step (a GPU sync)
             self.max_tokens = int(self.heads[:, 0].max()) if self.heads.shape[0] else 0
+        if self.v_dim is None:
+            self.v_dim = self.head_dim
 
     def select(self, rows: torch.Tensor) -> SegmentBuffers:
         """The same buffers with head table rows ``rows`` (heads may repeat: beams share them)."""
         return SegmentBuffers(self.words, self.meta, self.raw, self.perm, self.heads[rows], self.groups, self.head_dim,
-                              self.max_tokens)
+                              self.max_tokens, self.v_dim)
 
     def view_head(self, r: int) -> PackedHead:
         """:class:`PackedHead` of row `r` whose groups are views on the buffers (no copy)."""
@@ -144,7 +156,7 @@ class SegmentBuffers:
         k_groups = [self._view_group(gi) for gi in range(k0, k1)]
         kept = sum(g.count for g in k_groups)
         perm = None if p < 0 else self.perm[p : p + kept]
-        return PackedHead(n, self.head_dim, v_groups, perm, k_groups)
+        return PackedHead(n, self.head_dim, v_groups, perm, k_groups, self.v_dim)
 
     def _view_group(self, gi: int) -> Group:
         bits, count, length, row_words, data, meta, _ = self.groups[gi].tolist()
@@ -165,6 +177,7 @@ class _Builder:
     head_dim: int
     keep_dtype: torch.dtype
     device: torch.device = torch.device("cpu")
+    v_dim: int | None = None
     words: list = field(default_factory=list)
     meta: list = field(default_factory=list)
     raw: list = field(default_factory=list)
@@ -214,6 +227,7 @@ class _Builder:
             groups=torch.tensor(self.groups, dtype=torch.int64, device=dev).reshape(-1, 7),
             head_dim=self.head_dim,
             max_tokens=max((h[0] for h in self.heads), default=0),
+            v_dim=self.v_dim,
         )
 
 
@@ -222,12 +236,12 @@ def pack_segment(
 ) -> tuple[list[PackedHead], SegmentBuffers]:
     """Compress many heads into one segment's buffers.
 
-    V groups are rows of tokens ``[n_w, words(D)]``; K groups are rows of channels over the kept
+    V groups are rows of tokens ``[n_w, words(Dv)]``; K groups are rows of channels over the kept
     tokens ``[c_w, words(n)]``, so each scale and minimum covers one token (V) or one channel (K).
     The V rows of one width are quantized for all heads at once.
 
     Args:
-        k, v: ``[R, T, D]`` post-RoPE keys and values (one row per (batch, KV head)).
+        k, v: ``[R, T, D]`` and ``[R, T, Dv]`` post-RoPE keys and values (one row per (batch, KV head)).
         v_bits: ``[R, T]`` width of each token (0 evicts it from K and V).
         k_bits: ``[R, D]`` width of each K channel over the kept tokens (0 drops the channel).
         keep_dtype: storage of the 16-bit groups.
@@ -235,7 +249,10 @@ def pack_segment(
         ``(heads, buffers)``: one :class:`PackedHead` per row, viewing the buffers.
     """
     R, T, D = k.shape
-    b = _Builder(D, keep_dtype, k.device)
+    Dv = v.shape[-1]
+    if v.shape[:2] != (R, T):
+        raise ValueError(f"`k` is [{R}, {T}, {D}] but `v` is {list(v.shape)}: they must share rows and tokens")
+    b = _Builder(D, keep_dtype, k.device, Dv)
     # Tokens of each head sorted by decreasing width (stable: ties keep their order); evicted last.
     order = torch.sort(-v_bits.long(), dim=1, stable=True).indices  # [R, T]
     vb = v_bits.long().gather(1, order)
@@ -243,7 +260,7 @@ def pack_segment(
     # Rows of [R * T, D] in sorted order; rows are gathered per width (V) and per head (K) rather
     # than copying whole sorted K and V: less transient memory while a layer is compressed.
     flat = (order + torch.arange(R, device=order.device)[:, None] * T).reshape(-1)
-    v_flat, k_flat = v.reshape(R * T, D), k.reshape(R * T, D)
+    v_flat, k_flat = v.reshape(R * T, Dv), k.reshape(R * T, D)
 
     # V: one quantize + pack per width over every head's tokens of that width. The buffers are
     # filled width by width; the group table is then laid out head by head.
@@ -262,7 +279,7 @@ def pack_segment(
                 if bits == 16:
                     b.add_raw(rows[r0 : r0 + c], start)
                 else:
-                    b.add_packed(bits, packed[r0 : r0 + c], scale[r0 : r0 + c], minimum[r0 : r0 + c], D, start)
+                    b.add_packed(bits, packed[r0 : r0 + c], scale[r0 : r0 + c], minimum[r0 : r0 + c], Dv, start)
                 v_rows[r].append(b.groups.pop())
             r0 += c
 
@@ -299,7 +316,7 @@ def pack_head(k: torch.Tensor, v: torch.Tensor, v_bits: torch.Tensor, k_bits: to
     """Compress one head: :func:`pack_segment` of a single row.
 
     Args:
-        k, v: ``[T, D]`` post-RoPE keys and values.
+        k, v: ``[T, D]`` and ``[T, Dv]`` post-RoPE keys and values.
         v_bits: ``[T]`` width of each token (0 evicts it from K and V).
         k_bits: ``[D]`` width of each K channel over the kept tokens (0 drops the channel).
     """
@@ -312,11 +329,11 @@ def buffers_from_heads(heads: list[PackedHead]) -> SegmentBuffers:
     old per-head tensors are freed). Heads that appear twice (shared beams) are stored once."""
     if not heads:
         return _Builder(0, torch.float16).build()
-    D = heads[0].head_dim
+    D, Dv = heads[0].head_dim, heads[0].v_dim
     raw_dtypes = {g.data.dtype for h in heads for g in h.v_groups + h.k_groups if g.bits == 16}
     if len(raw_dtypes) > 1:
         raise ValueError(f"the heads of one segment must share their 16-bit dtype, got {raw_dtypes}")
-    b = _Builder(D, raw_dtypes.pop() if raw_dtypes else torch.float16, heads[0].device)
+    b = _Builder(D, raw_dtypes.pop() if raw_dtypes else torch.float16, heads[0].device, Dv)
     rows, first = [], {}
     for h in heads:
         if id(h) not in first:
@@ -324,7 +341,7 @@ def buffers_from_heads(heads: list[PackedHead]) -> SegmentBuffers:
             v0 = len(b.groups)
             start = 0
             for g in h.v_groups:
-                _add_group(b, g, D, start)
+                _add_group(b, g, Dv, start)
                 start += g.count
             k0 = len(b.groups)
             start = 0

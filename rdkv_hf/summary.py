@@ -1,4 +1,8 @@
-"""`RDKVCache.summary()`: what the cache kept, per layer and KV head, as a table or dicts."""
+"""`RDKVCache.summary()`: what the cache kept, per layer and KV head, as a table or dicts.
+
+Head indices are global: under tensor parallelism a rank's cache holds a block of the model's KV
+heads and its rows are numbered from the block's first head; :meth:`CacheSummary.merge` (and
+:func:`rdkv_hf.parallel.gather_summaries`, which collects them) makes one table of all ranks."""
 
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class CacheSummary:
     bf16_bytes: int = 0  # the same tokens in a bf16 DynamicCache
     layers_compressed: list[int] = field(default_factory=list)
     layers_total: int = 0
+    prompt_bytes: int = 0  # packed bytes of the compressed prompt tokens (tails excluded)
+    prompt_elements: int = 0  # K and V elements of those tokens before compression
+    ranks: int = 1  # processes whose caches this summary covers (tensor parallelism)
 
     @property
     def compression_ratio(self) -> float:
@@ -36,15 +43,18 @@ class CacheSummary:
         :class:`~rdkv_hf.RDKVCache`: its ``rdkv_layers`` hold packed segments)."""
         compressed = set(cache.rdkv_layers)
         out = cls(nbytes=cache.nbytes, layers_compressed=cache.rdkv_layers, layers_total=len(cache.layers))
+        first_head = cache.planner.head_offset  # the global index of this cache's first KV head
         prompt_bytes = prompt_elems = 0
         for li, layer in enumerate(cache.layers):
-            if not getattr(layer, "is_initialized", False):
+            if not getattr(layer, "is_initialized", False) or layer.keys is None:  # no K/V (linear attention, shared)
                 continue
-            B, H, _, D = layer.keys.shape
+            B, H = layer.keys.shape[:2]
             seen = layer.get_seq_length()
-            out.bf16_bytes += B * H * seen * D * 2 * 2
+            out.bf16_bytes += B * H * seen * (layer.keys.shape[-1] + layer.values.shape[-1]) * 2
             if li not in compressed:
                 continue
+            # Elements of a token as compressed: K's plus V's (a latent layer's absorbed K and V, see cache.py).
+            dims = layer.segments[0].buffers.head_dim + layer.segments[0].buffers.v_dim if layer.segments else 0
             for h in range(H):
                 v, k, kept, t, nbytes = Counter(), Counter(), 0, 0, 0
                 for s in layer.segments:
@@ -54,13 +64,40 @@ class CacheSummary:
                     kept += head.n
                     t += int(s.real_tokens[batch_index])
                     nbytes += head.nbytes
-                bits = 8 * nbytes / (2 * t * D) if t else 0.0
-                out.rows.append(HeadRow(li, h, t, kept, dict(sorted(v.items())), dict(sorted(k.items())), bits))
+                bits = 8 * nbytes / (t * dims) if t else 0.0
+                out.rows.append(HeadRow(li, first_head + h, t, kept, dict(sorted(v.items())), dict(sorted(k.items())), bits))
             for s in layer.segments:
                 prompt_bytes += sum(hd.nbytes for hd in s.heads)
-                prompt_elems += int(s.real_tokens.sum()) * H * D * 2
+                prompt_elems += int(s.real_tokens.sum()) * H * dims
+        out.prompt_bytes, out.prompt_elements = prompt_bytes, prompt_elems
         out.prompt_bits_per_element = 8 * prompt_bytes / prompt_elems if prompt_elems else 0.0
         return out
+
+    @classmethod
+    def merge(cls, parts: list[CacheSummary]) -> CacheSummary:
+        """One summary of the caches of several tensor-parallel ranks (each holding its own KV
+        heads of the same layers): rows in (layer, head) order, bytes added up."""
+        if not parts:
+            raise ValueError("CacheSummary.merge needs at least one summary")
+        layers = {tuple(p.layers_compressed) for p in parts}
+        if len(layers) > 1:
+            raise ValueError(f"the summaries cover different layers: {sorted(layers)}; merge the ranks of one model's caches")
+        heads = [(r.layer, r.head) for p in parts for r in p.rows]
+        if len(set(heads)) != len(heads):
+            raise ValueError("two summaries hold the same (layer, head); merge the summaries of distinct tensor-parallel ranks")
+        prompt_bytes = sum(p.prompt_bytes for p in parts)
+        prompt_elements = sum(p.prompt_elements for p in parts)
+        return cls(
+            rows=sorted((r for p in parts for r in p.rows), key=lambda r: (r.layer, r.head)),
+            nbytes=sum(p.nbytes for p in parts),
+            prompt_bits_per_element=8 * prompt_bytes / prompt_elements if prompt_elements else 0.0,
+            bf16_bytes=sum(p.bf16_bytes for p in parts),
+            layers_compressed=list(parts[0].layers_compressed),
+            layers_total=parts[0].layers_total,
+            prompt_bytes=prompt_bytes,
+            prompt_elements=prompt_elements,
+            ranks=sum(p.ranks for p in parts),
+        )
 
     def to_dicts(self) -> list[dict]:
         return [r.__dict__.copy() for r in self.rows]
@@ -69,7 +106,7 @@ class CacheSummary:
         lines = [
             f"RDKVCache: {self.nbytes / 2**20:.2f} MiB held, {self.compression_ratio:.2f}x smaller than bf16 "
             f"({self.bf16_bytes / 2**20:.2f} MiB); prompt at {self.prompt_bits_per_element:.2f} bits/element; "
-            f"{len(self.layers_compressed)}/{self.layers_total} layers compressed",
+            f"{len(self.layers_compressed)}/{self.layers_total} layers compressed" + (f"; {self.ranks} ranks" if self.ranks > 1 else ""),
             f"{'layer':>5} {'head':>4} {'prompt':>7} {'kept':>6} {'bits':>5}  V tokens by width        K channels by width",
         ]
         for r in self.rows:

@@ -84,3 +84,18 @@ TINY_CORPUS = ["In the beginning God created the heaven and the earth. What is t
 @pytest.fixture(params=["llama", "qwen3", "mistral", "gemma3"])
 def arch(request):
     return request.param
+
+
+def run_triton_tests_in_interpreter(test_file: str) -> None:
+    """Run `test_file`'s ``test_triton_*`` tests in a child pytest under ``TRITON_INTERPRET=1``:
+    Triton picks interpreter or compiler when it is imported, and this process imported it already
+    (through transformers). Fails unless they all ran and passed."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "test_triton_"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(test_file))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.strip().splitlines()[-1], proc.stdout[-2000:]

@@ -1,6 +1,7 @@
 """A compressed cache saved and loaded: the loaded cache continues token for token (and logit for
 logit) as the saved one, in every mode; another model, a damaged file or a missing profile is refused."""
 
+import contextlib
 import json
 import os
 
@@ -18,7 +19,7 @@ from rdkv_hf.planners import modes
 
 CTX = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
 QUESTION = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(2))
-BUDGET = {"ratequant": 4.0, "uniform": 8.0}  # uniform: K scales per channel cost 32/6 bits a channel over a 6-token question
+BUDGET = {"ratequant": 8.0, "uniform": 8.0}  # K scales per channel cost 32/6 bits a channel over a 6-token question
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +243,41 @@ def test_smollm2_answers_from_a_loaded_context_as_from_the_in_memory_one(tmp_pat
     questions = [question_ids(tok, template, q) for q in ("What is the secret code of the vault?", "Who went to Moab?")]
     assert ask(model, loaded, questions, max_new_tokens=12) == ask(model, cache, questions, max_new_tokens=12)
     rdkv_hf.unpatch(model)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "gpt_oss"])
+def test_k_and_v_of_different_widths_and_sinks_are_saved_and_loaded(model_type, tmp_path, one_thread):
+    """DeepSeek-V3: V narrower than K (per head on Transformers 4.57, the latent on 5); GPT-OSS:
+    attention sinks and sliding layers."""
+    from tiny_models import tiny_arch
+
+    from rdkv_hf import compat
+
+    if not compat.has_model_type(model_type):
+        pytest.skip(f"no {model_type}")
+    model = tiny_arch(model_type)
+    with pytest.warns(UserWarning) if model_type == "gpt_oss" else contextlib.nullcontext():
+        rdkv_hf.patch(model, budget=4)
+    ctx = CTX % 100
+    cache = prefill(model, ctx)
+    widths = {(s.buffers.head_dim, s.buffers.v_dim) for layer in cache.layers if hasattr(layer, "segments") for s in layer.segments}
+    cache.save_pretrained(tmp_path / "ctx")
+    loaded = RDKVCache.from_pretrained(tmp_path / "ctx", model)
+    assert {(s.buffers.head_dim, s.buffers.v_dim) for layer in loaded.layers if hasattr(layer, "segments") for s in layer.segments} == widths
+    assert_continues_alike(model, cache, loaded, torch.cat([ctx, QUESTION % 100], 1))
+
+
+def test_a_hybrid_model_cache_is_refused_with_the_reason(tmp_path, one_thread):
+    from tiny_models import tiny_arch
+
+    from rdkv_hf import compat
+
+    if compat.TRANSFORMERS_VERSION.major < 5 or not compat.has_model_type("lfm2"):
+        pytest.skip("lfm2 is served on Transformers 5")
+    model = tiny_arch("lfm2")
+    with pytest.warns(UserWarning):
+        rdkv_hf.patch(model, budget=4)
+    cache = prefill(model, CTX % 100)
+    with pytest.raises(ValueError, match="convolution or recurrent states.*not supported yet"):
+        cache.save_pretrained(tmp_path / "ctx")
+    assert not (tmp_path / "ctx").exists()

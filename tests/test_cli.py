@@ -43,6 +43,17 @@ def test_python_dash_m_and_help():
     assert r.returncode == 0 and "demo" in r.stdout and "calibrate" in r.stdout and "profile" in r.stdout
 
 
+def test_info_prints_the_support_matrix(capsys):
+    from rdkv_hf.compat import TRANSFORMERS_VERSION
+    from rdkv_hf.model_patches import support_table
+
+    assert main(["info", "--markdown"]) == 0
+    assert capsys.readouterr().out == support_table() + "\n"
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"transformers {TRANSFORMERS_VERSION}" in out and "| `gpt_oss` |" in out and "Refused, with the reason: `mamba`" in out
+
+
 def test_bad_subcommand_is_an_error():
     with pytest.raises(SystemExit):
         main(["nope"])

@@ -20,6 +20,11 @@ from rdkv_hf.planners.eviction import SnapKVPlanner
 PROMPT, CONT = 96, 24
 
 
+def tiny_budget(method):
+    """2.5 bits, but 5 for RateQuant: with head_dim 16 its per-token scales alone cost 2 bits."""
+    return (5.0 if method.mode == "ratequant" else 2.5) if method.budgeted else None
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -62,7 +67,7 @@ def _direct(model, ids, cache_for):
 def test_shared_prefill_fills_the_same_cache_as_the_model(model, profile, spec):
     method = ev.parse_method(spec)
     ids = windows(1)[0]
-    budget = 2.5 if method.budgeted else None
+    budget = tiny_budget(method)
     pre = ev.prefill(model, ids[:, :PROMPT])
     rdkv_hf.patch(model, budget=16)
     try:
@@ -183,7 +188,7 @@ def test_methods_registry_builds_every_method_below_full_bytes(model, profile):
     assert {m.name for m in ev.all_methods().values() if m.kind == "eviction"} == {n for n, c in modes().items() if c.evicts_only}
     pre = ev.prefill(model, windows(1)[0][:, :PROMPT])
     for name, method in ev.all_methods().items():
-        cache = ev.build_cache(model, pre, method, 2.5 if method.budgeted else None, profile)
+        cache = ev.build_cache(model, pre, method, tiny_budget(method), profile)
         nbytes = ev.cache_nbytes(cache)
         if name == "full":
             assert nbytes == 2 * pre.bf16_bytes  # float32
@@ -191,7 +196,7 @@ def test_methods_registry_builds_every_method_below_full_bytes(model, profile):
             assert 0 < nbytes < pre.bf16_bytes / 2, name
 
 
-def test_bad_method_names_list_the_valid_ones():
+def test_bad_method_names_list_the_valid_ones(capsys):
     with pytest.raises(ValueError, match=r"unknown method 'kivi'; valid methods: full, rdkv, rdkv\+profile"):
         ev.parse_method("kivi")
     with pytest.raises(ValueError, match=r"bad option 'colour=red' for method 'snapkv'.*window"):
@@ -202,9 +207,12 @@ def test_bad_method_names_list_the_valid_ones():
         ev.EvalSettings("tiny", tasks=("mmlu",))
     with pytest.raises(ValueError, match="valid ones: niah_single"):
         ev.EvalSettings("tiny", ruler_tasks=("qa",))
-    # The CLI refuses before it loads any model.
+    # The CLI refuses before it loads any model, in one line.
+    assert main(["eval", "--methods", "rdkv,nope"]) == 1
+    err = capsys.readouterr().err
+    assert "valid methods" in err and err.count("\n") == 1 and "Traceback" not in err
     with pytest.raises(ValueError, match="valid methods"):
-        main(["eval", "--methods", "rdkv,nope"])
+        main(["--debug", "eval", "--methods", "rdkv,nope"])
 
 
 def test_profile_methods_are_skipped_without_a_profile(model, tmp_path, caplog):

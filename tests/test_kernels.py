@@ -1,12 +1,13 @@
 """Kernels against their torch references: the C++ CPU decode partials, and the Triton quantize+pack
-and decode partials (run by Triton's CPU interpreter, so sizes stay tiny)."""
+and decode partials (run by Triton's CPU interpreter, so sizes stay tiny); soft-capped logits,
+attention sinks and K/V of different widths in every decode path against plain eager attention."""
 
 import importlib.util
 import os
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import TOL, run_triton_tests_in_interpreter
 
 from rdkv_hf import quant
 from rdkv_hf.attention import attend, head_partials_reference
@@ -21,11 +22,12 @@ WIDTH_MIXES = {
 KEEP = {"rdkv": torch.float16, "any": torch.bfloat16, "uniform3": torch.float32}
 
 
-def _segment(R, T, D, mix, seed):
-    """R ragged heads of up to T tokens: random widths from `mix`, head 1 keeps fewer tokens."""
+def _segment(R, T, D, mix, seed, Dv=None):
+    """R ragged heads of up to T tokens (K of D channels, V of Dv): random widths from `mix`, head 1
+    keeps fewer tokens."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(R, T, D, generator=g) * torch.rand(D, generator=g) * 3
-    v = torch.randn(R, T, D, generator=g)
+    v = torch.randn(R, T, Dv or D, generator=g)
     widths = torch.tensor(WIDTH_MIXES[mix])
     v_bits = widths[torch.randint(0, len(widths), (R, T), generator=g)]
     k_bits = widths[torch.randint(0, len(widths), (R, D), generator=g)]
@@ -155,6 +157,102 @@ def test_segment_words_equal_quant_pack_exactly():
     assert set(buffers.groups[:, G_BITS].tolist()) <= set(WIDTH_MIXES["any"])
 
 
+# -- soft-capping, sinks, K and V of different widths ---------------------------------------------
+
+SOFTCAP_DV = [(None, 16, 40), (1.5, 24, 16), (0.5, 72, 64)]  # (softcap, D, Dv): caps that bend the logits
+
+
+def _dense_reference(query, heads, tail_k, tail_v, scaling, softcap, sinks):
+    """Eager attention of ``query [B, Hq, q, D]`` over each head's dequantized segment and its tail
+    (causal within the new tokens), soft-capped, with one sink column per query head:
+    ``(out [B, Hq, q, Dv], lse [B, Hq, q])``."""
+    B, Hq, q, _ = query.shape
+    Hkv, n_tail = tail_k.shape[1], tail_k.shape[2]
+    g = Hq // Hkv
+    out, lse = torch.zeros(B, Hq, q, tail_v.shape[-1]), torch.zeros(B, Hq, q)
+    sees = torch.arange(n_tail)[None, :] <= torch.arange(q)[:, None] + n_tail - q
+    for b in range(B):
+        for h in range(Hq):
+            k_seg, v_seg = heads[b * Hkv + h // g].dequantize()
+            k, v = torch.cat([k_seg, tail_k[b, h // g]]), torch.cat([v_seg, tail_v[b, h // g]])
+            logits = (query[b, h] * scaling) @ k.T
+            logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+            logits[:, k_seg.shape[0] :] = logits[:, k_seg.shape[0] :].masked_fill(~sees, -torch.inf)
+            if sinks is not None:
+                logits = torch.cat([logits, sinks[h].expand(q, 1)], -1)
+            lse[b, h] = torch.logsumexp(logits, -1)
+            out[b, h] = torch.softmax(logits, -1)[:, : k.shape[0]] @ v
+    return out, lse
+
+
+def _attend_case(D, Dv, q_len, seed=13):
+    B, Hkv, g = 2, 2, 3
+    heads, buffers = _segment(B * Hkv, 63, D, "any", seed=seed, Dv=Dv)
+    gen = torch.Generator().manual_seed(seed)
+    seg = Segment(heads, B, Hkv, torch.tensor([63, 63]), buffers)
+    tail_k, tail_v = torch.randn(B, Hkv, 5, D, generator=gen), torch.randn(B, Hkv, 5, Dv, generator=gen)
+    query = torch.randn(B, Hkv * g, q_len, D, generator=gen)
+    sinks = torch.randn(Hkv * g, generator=gen) + 2  # each worth several tokens' mass
+    return seg, tail_k, tail_v, query, sinks
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("T", [1, 63, 1000])
+@pytest.mark.parametrize("softcap,D,Dv", SOFTCAP_DV)
+def test_cpu_partials_with_softcap_and_other_v_width(T, softcap, D, Dv):
+    R, G = 3, 4
+    heads, buffers = _segment(R, T, D, "any", seed=T + D + Dv, Dv=Dv)
+    assert buffers.v_dim == Dv and all(h.v_dim == Dv for h in heads)
+    q = torch.randn(R, G, D, generator=torch.Generator().manual_seed(T)) * 3 * D**-0.5
+    got = cpu_decode.segment_partials(buffers, q, chunk=480, out=_poisoned(R, G, Dv), softcap=softcap)
+    _assert_partials_close(got, [head_partials_reference(h, q[r], softcap) for r, h in enumerate(heads)], heads)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("softcap,D,Dv", SOFTCAP_DV)
+def test_attend_with_softcap_sinks_and_other_v_width_is_eager_attention(backend, q_len, softcap, D, Dv):
+    seg, tail_k, tail_v, query, sinks = _attend_case(D, Dv, q_len)
+    ref_out, ref_lse = _dense_reference(query, seg.heads, tail_k, tail_v, D**-0.5, softcap, sinks)
+    out, lse = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend=backend, softcap=softcap, sinks=sinks)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+    # the sinks and the cap matter here: leaving either out moves the output
+    without = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend=backend, softcap=softcap)[0]
+    assert (without - ref_out).abs().max() > 1e-2
+    if softcap is not None:
+        uncapped = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend=backend, sinks=sinks)[0]
+        assert (uncapped - ref_out).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dense_attention_in_chunks_of_queries_is_one_attention(monkeypatch, padded):
+    """Where sdpa cannot serve (softcap, sinks), a long prompt attends DENSE_CHUNK queries at a time."""
+    from rdkv_hf import attention
+
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, grp, q, D, Dv = 2, 2, 3, 11, 24, 16
+    query, key, value = torch.randn(B, Hkv * grp, q, D, generator=g), torch.randn(B, Hkv, q, D, generator=g), torch.randn(B, Hkv, q, Dv, generator=g)
+    mask = None
+    if padded:  # row 1 left-padded by 3, as Transformers' sdpa mask lays it out
+        mask = torch.ones(q, q, dtype=torch.bool).tril().expand(B, 1, q, q).clone()
+        mask[1, :, :, :3] = False
+    kw = dict(softcap=1.5, sinks=torch.randn(Hkv * grp, generator=g))
+    whole = attend(query, [], key, value, mask, D**-0.5, **kw)
+    monkeypatch.setattr(attention, "DENSE_CHUNK", 4)
+    chunked = attention.dense_attention(query, key, value, mask, D**-0.5, **kw)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@needs_cpu_kernel
+def test_cpu_launcher_validates_softcap():
+    heads, buffers = _segment(3, 10, 16, "rdkv", seed=1)
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match="`softcap` must be None or a positive number"):
+            cpu_decode.segment_partials(buffers, torch.randn(3, 1, 16), softcap=bad)
+
+
 # -- Triton (CPU interpreter) ---------------------------------------------------------------------
 #
 # Triton picks interpreter or compiler when it is imported, and conftest's transformers import
@@ -178,14 +276,7 @@ def interpret():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the Triton tests run in this process")
 def test_interpreter_child_runs_the_triton_tests():
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.strip().splitlines()[-1], proc.stdout[-2000:]
+    run_triton_tests_in_interpreter(__file__)
 
 
 @needs_triton
@@ -234,6 +325,29 @@ def test_triton_decode_partials_match_reference(interpret, T, D, group, q_len, m
     got = segment_partials(buffers, q, block_t=32, out=out)
     assert all(a is b for a, b in zip(got, out))
     _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(heads)], heads)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 63])
+@pytest.mark.parametrize("softcap,D,Dv", SOFTCAP_DV)
+def test_triton_partials_with_softcap_and_other_v_width(interpret, T, softcap, D, Dv):
+    from rdkv_hf.kernels.decode_partials import segment_partials
+
+    R, G = 3, 4
+    heads, buffers = _segment(R, T, D, "any", seed=T + D + Dv, Dv=Dv)
+    q = torch.randn(R, G, D, generator=torch.Generator().manual_seed(T)) * 3 * D**-0.5
+    got = segment_partials(buffers, q, block_t=32, out=_poisoned(R, G, Dv), softcap=softcap)
+    _assert_partials_close(got, [head_partials_reference(h, q[r], softcap) for r, h in enumerate(heads)], heads)
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap,D,Dv", SOFTCAP_DV[:2])
+def test_triton_attend_with_softcap_sinks_and_other_v_width_is_eager_attention(interpret, softcap, D, Dv):
+    seg, tail_k, tail_v, query, sinks = _attend_case(D, Dv, q_len=3)
+    ref_out, ref_lse = _dense_reference(query, seg.heads, tail_k, tail_v, D**-0.5, softcap, sinks)
+    out, lse = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend="triton", softcap=softcap, sinks=sinks)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -176,7 +176,7 @@ def test_unsupported_architecture_lists_supported():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match=r"gpt2.*supported: \['gemma3_text', 'llama', 'mistral', 'qwen3'\]"):
+    with pytest.raises(ValueError, match=r"'gpt2' yet; supported: \[.*'gemma3_text', .*'llama', .*'mistral', .*'qwen3'.*\]"):
         rdkv_hf.patch(model, budget=2.5)
     assert "generate" not in model.__dict__
 
@@ -228,19 +228,6 @@ def test_rdkv_cache_requires_config_or_patched_model():
     assert isinstance(RDKVCache(model.config, RDKVConfig(budget=3)), RDKVCache)
 
 
-def test_registry_holds_every_patcher_module():
-    import pkgutil
-
-    import rdkv_hf.model_patches as mp
-    from rdkv_hf.model_patches import PATCHERS, Patcher
-
-    modules = {m.name for m in pkgutil.iter_modules(mp.__path__)} - {"base"}
-    classes = {type(p) for p in PATCHERS.values()}
-    assert {c.__module__.rsplit(".", 1)[1] for c in classes} == modules
-    assert all(issubclass(c, Patcher) and c.model_types for c in classes)
-    assert set(PATCHERS) == {t for c in classes for t in c.model_types}
-
-
 def test_generate_with_a_foreign_cache_warns():
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=2.5)
@@ -273,7 +260,7 @@ def test_profile_modes_run_within_budget(mode, tmp_path):
     widths = {b for r in s.rows for b, n in r.v_widths.items() if n}
     if mode == "ratequant":
         assert 0 not in widths and all(r.kept_tokens == r.prompt_tokens for r in s.rows)
-    assert s.prompt_bits_per_element <= 3.0 + 0.6  # head_dim 16: scales cost 2 bits a V element here
+    assert s.prompt_bits_per_element <= 3.0  # everything stored counts, scales included
     with pytest.raises(ValueError, match="not `tokens`"):
         rdkv_hf.patch(model, tokens=8, profile=str(tmp_path), mode=mode)
 

@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from rdkv_hf.calibration import RD_QUERY_STRIDE, RD_SEQS, calibrate
 from rdkv_hf.config import RDKVConfig
-from rdkv_hf.fingerprint import fingerprint
+from rdkv_hf.fingerprint import fingerprint, weight_norms
 from rdkv_hf.head_budgets import on_layers, profile_rd_bits, ratequant_bits
 from rdkv_hf.planners import make_planner
 from rdkv_hf.profile import RDKVProfile
@@ -107,6 +107,7 @@ def test_missing_tensor_and_shape_mismatch(model_and_profile, saved):
 
     tensors = load_file(saved / "profile.safetensors")
     config = json.loads((saved / "config.json").read_text())
+    del config["tensors_sha256"]  # as saved before the hash was recorded: the tensors are checked one by one
     config["fingerprint"]["num_layers"] = 3
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"shape \(2, 2\), expected \(3, 2\)"):
@@ -147,6 +148,46 @@ def test_check_model(model_and_profile):
         prof.check_model(tiny_model("llama", num_hidden_layers=3))
     with pytest.raises(ValueError, match="model_type=llama.*model_type=qwen3"):
         prof.check_model(tiny_model("qwen3"))
+
+
+def _rows_permuted(model):
+    with torch.no_grad():
+        w = model.model.layers[0].self_attn.k_proj.weight
+        w.copy_(w.flip(0))
+    return model
+
+
+def _negated(model):
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.neg_()
+    return model
+
+
+@pytest.mark.parametrize("change", [_rows_permuted, _negated], ids=["k_proj-rows-permuted", "v_proj-negated"])
+def test_weights_with_equal_norms_are_other_weights(model_and_profile, change):
+    """Rows permuted or signs flipped keep every norm, but they are other weights (and another
+    model's attention): the fingerprint hashes the weights, so the profile is refused. (Before the
+    fallback to norms was removed, both were accepted.)"""
+    _, prof = model_and_profile
+    other = change(tiny_model("llama"))
+    assert torch.allclose(weight_norms(other), prof.weight_norms)
+    with pytest.raises(ValueError, match="does not match this model"):
+        prof.check_model(other)
+    with pytest.raises(ValueError, match="does not match this model"):
+        prof.check_model(other.to(torch.bfloat16))
+
+
+def test_each_precision_is_checked_by_its_own_hash(model_and_profile):
+    """A float16 load is identified by the float16 hash, a bfloat16 load by the bfloat16 one; a
+    profile saved with only the bfloat16 hash refuses a float16 model and says why."""
+    model, prof = model_and_profile
+    fp32, fp16 = fingerprint(model), fingerprint(tiny_model("llama").to(torch.float16))
+    assert fp16["weights_sha256"] != fp32["weights_sha256"]  # a float16 load rounds differently...
+    assert fp16["weights_sha256_fp16"] == fp32["weights_sha256_fp16"]  # ...and is still the same weights
+    old = dataclasses.replace(prof, fingerprint={k: v for k, v in prof.fingerprint.items() if k != "weights_sha256_fp16"})
+    old.check_model(tiny_model("llama").to(torch.bfloat16))
+    with pytest.raises(ValueError, match="the model is float16.*load the model in float32 or bfloat16"):
+        old.check_model(tiny_model("llama").to(torch.float16))
 
 
 @pytest.mark.parametrize("budget", [2.0, 2.5, 3.0, 3.5, 4.0])

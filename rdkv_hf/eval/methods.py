@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import prompt_weights
+from ..attention import compress_layer
 from ..cache import RDKVCache, RDKVLayer, layer_nbytes
 from ..config import RDKVConfig
 from ..model_patches import compressed_layers
@@ -270,14 +270,14 @@ class ProtectedPlanner(Planner):
         self.inner, self.sinks, self.recent = inner, int(sinks), int(recent)
         self.config, self.profile, self.layers = inner.config, inner.profile, inner.layers
 
-    def widths(self, layer_idx, w_tok, w_ch, real):
+    def widths(self, layer_idx, w_tok, w_ch, real, v_dim=None):
         if self.sinks or self.recent:
             pos = real.long().cumsum(1)  # 1 for the first real token
             from_end = pos[:, -1:] - pos  # 0 for the last one
             protect = ((pos <= self.sinks) | (from_end < self.recent)) & real
             top = w_tok.amax(-1, keepdim=True).clamp(min=1e-30) * 1e6
             w_tok = torch.where(protect[:, None, :], top, w_tok)
-        return self.inner.widths(layer_idx, w_tok, w_ch, real)
+        return self.inner.widths(layer_idx, w_tok, w_ch, real, v_dim)
 
 
 def uniform_budget(width: int, head_dim: int, tokens: int) -> float:
@@ -349,8 +349,7 @@ def _fill_rdkv(cache: RDKVCache, pre: Prefill) -> None:
         cfg = layer.config
         if cfg.window > pre.queries[i].shape[2]:
             raise ValueError(f"`window`={cfg.window} exceeds the {pre.queries[i].shape[2]} queries the prefill kept; raise its window")
-        w_tok, w_ch, real = prompt_weights(pre.queries[i], layer.keys, None, pre.scalings[i], k.shape[-2], cfg)
-        layer.compress_tail(k.shape[-2], w_tok, w_ch, real)
+        compress_layer(layer, pre.queries[i], None, pre.scalings[i])
 
 
 def cache_nbytes(cache) -> int:

@@ -173,6 +173,13 @@ def load_gguf(name: str, workdir: Path | None = None, attn_implementation: str =
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # Transformers before 5.6 read SmolLM2's GGUF tokenizer with <|im_start|> as its EOS token; the
+    # model's config, from the same file, names the right one (<|im_end|>, where chat turns end).
+    eos = model.config.eos_token_id
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        logger.warning("the GGUF tokenizer of %s says EOS is %r; using the model config's %r", name,
+                       tokenizer.eos_token, tokenizer.convert_ids_to_tokens(eos))
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     logger.info("loaded %s from GGUF %s in %.1f s", name, path, time.perf_counter() - start)
     return model, tokenizer
 

@@ -4,6 +4,8 @@
 * ``quantize_pack``: Triton quantize + pack of rows (reference: ``rdkv_hf.quant``).
 * ``decode_partials``: Triton decode partials over a packed segment (reference:
   ``rdkv_hf.attention.head_partials_reference``).
+* ``paged_decode``: Triton decode partials over a paged segment, the serving-engine layout
+  prototype (reference: ``rdkv_hf.paged.paged_partials_reference``).
 
 The Triton modules import ``triton`` at their top: import them only when :func:`triton_available`.
 """
@@ -31,3 +33,48 @@ def launch_context(t: torch.Tensor):
 def triton_device_ok(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
     return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def merge_chunk_partials(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor, out=None):
+    """Merge split-K partials of chunks by log-sum-exp: ``cm, cl [R, C, G]``, ``cacc [R, C, G, D]``
+    -> ``(max [R, G], sum [R, G], acc [R, G, D])``, written into `out` when given. Chunks without
+    tokens (``max = -inf``) count for nothing."""
+    M = cm.amax(1)
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)
+    R, _, G, D = cacc.shape
+    m_out, l_out, acc_out = out if out is not None else (torch.empty_like(M), torch.empty_like(M), torch.empty(R, G, D, device=cacc.device))
+    m_out.copy_(M)
+    l_out.copy_((cl * f).sum(1))
+    acc_out.copy_((cacc * f[..., None]).sum(1))
+    return m_out, l_out, acc_out
+
+
+def check_decode_inputs(q, block_t: int, rows: int, head_dim: int, tensors: dict, what: str) -> tuple[int, int, int]:
+    """Validate a decode launch: ``q [R, G, D]`` contiguous float32 on a Triton device, with `rows`
+    head rows of `head_dim`; `block_t` a power of two >= 16; every tensor of `tensors` (``{name:
+    tensor}`` of `what`, the storage) contiguous on q's device. Returns ``(R, G, D)``."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"`q` must be a [R, G, D] tensor, got {getattr(q, 'shape', type(q))}")
+    R, G, D = q.shape
+    if q.dtype != torch.float32 or not q.is_contiguous():
+        raise ValueError(f"`q` must be contiguous float32, got {q.dtype}, contiguous={q.is_contiguous()}")
+    if not triton_device_ok(q):
+        raise ValueError(f"`q` must be on a CUDA device (or the CPU with TRITON_INTERPRET=1), got {q.device}")
+    if rows != R or head_dim != D:
+        raise ValueError(f"`q` is [{R}, {G}, {D}] but the {what} has {rows} heads of dim {head_dim}")
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"`block_t` must be a power of two >= 16, got {block_t}")
+    for name, t in tensors.items():
+        if t.device != q.device or not t.is_contiguous():
+            raise ValueError(f"{what} `{name}` must be contiguous on {q.device}, got {t.device}")
+    return R, G, D
+
+
+def check_softcap(softcap) -> float:
+    """The cap as the kernels take it (0.0: none); raises for anything but None or a positive number."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"`softcap` must be None or a positive number, got {softcap!r}")
+    return float(softcap)

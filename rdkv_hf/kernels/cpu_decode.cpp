@@ -5,7 +5,9 @@
 // folded into the query and the minimum into one bias per query row, takes its own softmax max and
 // sum, and accumulates V with the scale folded into the probabilities and the minimum into one
 // bias per query row. No dequantized K or V row is ever written. Tasks of one head are merged by
-// log-sum-exp at the end.
+// log-sum-exp at the end. With a soft cap (Gemma 2) the logits are capped, softcap * tanh(x /
+// softcap), bias included, before the softmax. K has D channels, V rows Dv elements (they differ in
+// DeepSeek's multi-head latent attention).
 //
 // Threads: the caller works through the tasks itself while helper threads (a small persistent
 // pool) take tasks from the same atomic counter. The caller never waits for a helper to wake up,
@@ -156,7 +158,9 @@ struct Buffers {
     int raw_kind;  // 0 float32, 1 float16, 2 bfloat16
     const void* perm;
     int perm_kind;  // 0 uint8, 1 int16
-    int64_t D;
+    int64_t D;      // K channels (the query's width)
+    int64_t Dv;     // V elements (the output's width)
+    float softcap;  // 0: no cap
 };
 
 inline float raw_at(const Buffers& b, int64_t i) {
@@ -304,19 +308,19 @@ const KFn K_FNS[9][4] = {{}, ROW4(k_packed, 1), ROW4(k_packed, 2), ROW4(k_packed
 const VFn V_FNS[9][4] = {{}, ROW4(v_stream, 1), ROW4(v_stream, 2), {}, ROW4(v_stream, 4), {}, {}, {}, ROW4(v_stream, 8)};
 const VRowFn V_ROWS[9] = {nullptr, v_rows<1>, v_rows<2>, v_rows<3>, v_rows<4>, v_rows<5>, v_rows<6>, v_rows<7>, v_rows<8>};
 
-// Partials of one task: head r, kept tokens [t0, t1). Writes m [G], l [G], acc [G, D].
+// Partials of one task: head r, kept tokens [t0, t1). Writes m [G], l [G], acc [G, Dv].
 void run_task(const Buffers& b, const float* q, int64_t G, int64_t r, int64_t t0, int64_t t1,
               float* m_out, float* l_out, float* acc, std::vector<float>& scratch) {
-    const int64_t D = b.D;
+    const int64_t D = b.D, Dv = b.Dv;
     const int64_t* h = b.heads + r * H_COLS;
     const int64_t tn = t1 - t0;
     const float* qr = q + r * G * D;
     // scratch: logits [G, tn], ps [G, tn + L] (zero padded), qs [G, D], scales and minima
-    // [max(D, tn)], bias [G], then the width kernels' scratch (see k_packed and v_stream).
-    const int64_t big = std::max(D, tn), ldp = tn + L;
-    // k_packed: A [4][32][2 L]. v_stream: A [4][K][P] (K * P <= max(32 L, D + 32)), alignment, then
-    // psv [nvec][4][L] with nvec <= V_BLOCK * W / L + 1 and W <= D / 4 + 1.
-    const int64_t kscratch = 4 * std::max<int64_t>(64 * L, D + 32) + 2 * L + 4 * (V_BLOCK * (D / 4 + 1) + L);
+    // [max(D, Dv, tn)], bias [G], then the width kernels' scratch (see k_packed and v_stream).
+    const int64_t big = std::max(std::max(D, Dv), tn), ldp = tn + L;
+    // k_packed: A [4][32][2 L]. v_stream: A [4][K][P] (K * P <= max(32 L, Dv + 32)), alignment, then
+    // psv [nvec][4][L] with nvec <= V_BLOCK * W / L + 1 and W <= Dv / 4 + 1.
+    const int64_t kscratch = 4 * std::max<int64_t>(64 * L, Dv + 32) + 2 * L + 4 * (V_BLOCK * (Dv / 4 + 1) + L);
     const int64_t need = G * tn + G * ldp + G * D + 2 * big + G + kscratch;
     if ((int64_t)scratch.size() < need) scratch.resize(need);
     float* logits = scratch.data();
@@ -364,6 +368,14 @@ void run_task(const Buffers& b, const float* q, int64_t G, int64_t r, int64_t t0
         }
     }
 
+    if (b.softcap > 0.0f) {  // the cap is not linear: the bias goes in first
+        for (int64_t g = 0; g < G; ++g) {
+            float* lg = logits + g * tn;
+            for (int64_t t = 0; t < tn; ++t) lg[t] = b.softcap * std::tanh((lg[t] + bias[g]) / b.softcap);
+            bias[g] = 0.0f;
+        }
+    }
+
     for (int64_t g = 0; g < G; ++g) {
         float* lg = logits + g * tn;
         const float bg = bias[g];
@@ -372,7 +384,7 @@ void run_task(const Buffers& b, const float* q, int64_t G, int64_t r, int64_t t0
         m_out[g] = mx + bg;
     }
 
-    std::fill(acc, acc + G * D, 0.0f);
+    std::fill(acc, acc + G * Dv, 0.0f);
     for (int64_t gi = h[H_V0]; gi < h[H_V1]; ++gi) {
         const int64_t* gr = b.groups + gi * G_COLS;
         const int64_t bits = gr[G_BITS], count = gr[G_COUNT], start = gr[G_START], W = gr[G_WORDS];
@@ -380,15 +392,15 @@ void run_task(const Buffers& b, const float* q, int64_t G, int64_t r, int64_t t0
         if (nt <= 0) continue;
         if (bits == 16) {
             for (int64_t t = ta; t < tb; ++t) {
-                const int64_t base = gr[G_DATA] + (t - start) * D;
+                const int64_t base = gr[G_DATA] + (t - start) * Dv;
                 for (int64_t g = 0; g < G; ++g) {
                     const float p = logits[g * tn + (t - t0)];
-                    float* ag = acc + g * D;
+                    float* ag = acc + g * Dv;
                     if (b.raw_kind == 0) {
                         const float* x = (const float*)b.raw + base;
-                        for (int64_t d = 0; d < D; ++d) ag[d] += p * x[d];
+                        for (int64_t d = 0; d < Dv; ++d) ag[d] += p * x[d];
                     } else {
-                        for (int64_t d = 0; d < D; ++d) ag[d] += p * raw_at(b, base + d);
+                        for (int64_t d = 0; d < Dv; ++d) ag[d] += p * raw_at(b, base + d);
                     }
                 }
             }
@@ -416,14 +428,14 @@ void run_task(const Buffers& b, const float* q, int64_t G, int64_t r, int64_t t0
                 vb += p[t] * mn[t];
             }
             std::fill(pg + nt, pg + nt + L, 0.0f);
-            for (int64_t d = 0; d < D; ++d) acc[g * D + d] += vb;
+            for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] += vb;
         }
         const int32_t* rows = b.words + gr[G_DATA] + (ta - start) * W;
         const bool stream = V_FNS[bits][0] != nullptr && (L % W == 0 || W % L == 0);
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
             const int64_t gb = std::min<int64_t>(4, G - g0);
-            if (stream) V_FNS[bits][gb - 1](rows, W, nt, ps + g0 * ldp, ldp, acc + g0 * D, D, ks);
-            else V_ROWS[bits](rows, W, nt, ps + g0 * ldp, ldp, gb, acc + g0 * D, D);
+            if (stream) V_FNS[bits][gb - 1](rows, W, nt, ps + g0 * ldp, ldp, acc + g0 * Dv, Dv, ks);
+            else V_ROWS[bits](rows, W, nt, ps + g0 * ldp, ldp, gb, acc + g0 * Dv, Dv);
         }
     }
 }
@@ -512,7 +524,7 @@ void segment_task(void* ctx, int64_t i, std::vector<float>& scratch) {
     const SegmentJob& s = *(const SegmentJob*)ctx;
     const int64_t r = s.task_r[i], t0 = s.task_t0[i];
     const int64_t t1 = std::min(t0 + s.chunk, s.b->heads[r * H_COLS + H_N]);
-    run_task(*s.b, s.q, s.G, r, t0, t1, &s.tm[i * s.G], &s.tl[i * s.G], &s.tacc[i * s.G * s.b->D], scratch);
+    run_task(*s.b, s.q, s.G, r, t0, t1, &s.tm[i * s.G], &s.tl[i * s.G], &s.tacc[i * s.G * s.b->Dv], scratch);
 }
 
 }  // namespace
@@ -521,15 +533,17 @@ extern "C" {
 
 int rdkv_chunk_align() { return (int)CHUNK_ALIGN; }
 
-// Partials of q [R, G, D] (scaled) over every head of one segment: m, l [R, G], acc [R, G, D].
-// chunk: tokens per task (a multiple of CHUNK_ALIGN); threads: threads to use (the caller included).
-int rdkv_segment_partials(const float* q, int64_t R, int64_t G, int64_t D,
+// Partials of q [R, G, D] (scaled) over every head of one segment: m, l [R, G], acc [R, G, Dv].
+// chunk: tokens per task (a multiple of CHUNK_ALIGN); threads: threads to use (the caller included);
+// softcap: the logit cap (0: none).
+int rdkv_segment_partials(const float* q, int64_t R, int64_t G, int64_t D, int64_t Dv,
                           const int64_t* heads, const int64_t* groups, const int32_t* words,
                           const uint16_t* meta, const void* raw, int raw_kind, const void* perm,
-                          int perm_kind, int64_t chunk, int threads,
+                          int perm_kind, float softcap, int64_t chunk, int threads,
                           float* m_out, float* l_out, float* acc_out) {
     if (chunk <= 0 || chunk % CHUNK_ALIGN) return 1;
-    Buffers b{heads, groups, words, meta, raw, raw_kind, perm, perm_kind, D};
+    if (softcap < 0.0f) return 2;
+    Buffers b{heads, groups, words, meta, raw, raw_kind, perm, perm_kind, D, Dv, softcap};
     std::vector<int64_t> task_r, task_t0, first(R + 1, 0);
     for (int64_t r = 0; r < R; ++r) {
         first[r] = (int64_t)task_r.size();
@@ -540,7 +554,7 @@ int rdkv_segment_partials(const float* q, int64_t R, int64_t G, int64_t D,
     }
     first[R] = (int64_t)task_r.size();
     const int64_t NT = first[R];
-    std::vector<float> tm(NT * G), tl(NT * G), tacc(NT * G * D);
+    std::vector<float> tm(NT * G), tl(NT * G), tacc(NT * G * Dv);
     SegmentJob ctx{&b, q, G, chunk, task_r.data(), task_t0.data(), tm.data(), tl.data(), tacc.data()};
     Job job;
     job.n = NT;
@@ -552,13 +566,13 @@ int rdkv_segment_partials(const float* q, int64_t R, int64_t G, int64_t D,
             float M = -INFINITY;
             for (int64_t i = first[r]; i < first[r + 1]; ++i) M = std::max(M, tm[i * G + g]);
             float Lsum = 0.0f;
-            float* a = acc_out + (r * G + g) * D;
-            std::fill(a, a + D, 0.0f);
+            float* a = acc_out + (r * G + g) * Dv;
+            std::fill(a, a + Dv, 0.0f);
             for (int64_t i = first[r]; i < first[r + 1]; ++i) {
                 const float f = std::exp(tm[i * G + g] - M);
                 Lsum += tl[i * G + g] * f;
-                const float* ta = &tacc[(i * G + g) * D];
-                for (int64_t d = 0; d < D; ++d) a[d] += ta[d] * f;
+                const float* ta = &tacc[(i * G + g) * Dv];
+                for (int64_t d = 0; d < Dv; ++d) a[d] += ta[d] * f;
             }
             m_out[r * G + g] = M;
             l_out[r * G + g] = Lsum;

@@ -8,6 +8,11 @@ the tasks with helper threads that join only if they wake up in time, so a busy 
 parallelism rather than stalls at a barrier (OpenMP's end-of-region barrier waits for every
 thread: on a shared 2-core machine that made 2 threads 3-4x slower than 1).
 
+Dtypes: the queries are float32 (``attention.attend`` converts a bf16 or float16 model's queries
+once per step, ``[B, kv_heads, group * q, head_dim]`` values, before calling any backend); the
+16-bit zone is read in the dtype it was stored in (float32, float16 or bfloat16, converted to float32
+in registers); codes, float16 scales and minima as packed; the partials come back in float32.
+
 The library has no Python or torch headers, so it builds in about 5 s of CPU
 (``g++ -O3 -march=native -pthread``) and is cached under ``$RDKV_HF_CACHE/kernels`` (default
 ``~/.cache/rdkv_hf/kernels``), keyed by the source, the flags and the CPU.
@@ -27,6 +32,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from . import check_softcap
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ def load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         fn = lib.rdkv_segment_partials
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        fn.argtypes = [p, i64, i64, i64, p, p, p, p, p, i32, p, i32, i64, i32, p, p, p]
+        fn.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32, p, i32, ctypes.c_float, i64, i32, p, p, p]
         fn.restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 (any failure means: use another backend)
@@ -104,30 +111,35 @@ _RAW_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _PERM_KIND = {torch.uint8: 0, torch.int16: 1}
 
 
-def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threads: int | None = None, out=None):
+def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threads: int | None = None, out=None,
+                     softcap: float | None = None):
     """Split-K partials of ``q [R, G, D]`` (float32, already scaled) over every head of a segment.
 
     Args:
-        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``R`` head rows.
+        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``R`` head rows (K of ``D``
+            channels, V of ``Dv = buffers.v_dim`` elements).
         q: ``[R, G, D]`` float32 queries, row ``r`` attending head ``r``.
         chunk: tokens per task (a multiple of 480).
         threads: threads, the caller's included (default ``torch.get_num_threads()``).
-        out: optional ``(m [R, G], l [R, G], acc [R, G, D])`` contiguous float32 tensors to write.
+        out: optional ``(m [R, G], l [R, G], acc [R, G, Dv])`` contiguous float32 tensors to write.
+        softcap: caps each logit at ``softcap * tanh(logit / softcap)`` (None: no cap).
     Returns:
-        ``(max [R, G], sum [R, G], acc [R, G, D])`` float32, as ``head_partials_reference``.
+        ``(max [R, G], sum [R, G], acc [R, G, Dv])`` float32, as ``head_partials_reference``.
     """
     lib = load()
     if lib is None:
         raise RuntimeError(f"the RDKV CPU decode kernel is unavailable: {_error}")
     R, G, D = _check(buffers, q, chunk)
-    m, l, acc = out if out is not None else (torch.empty(R, G, device="cpu"), torch.empty(R, G, device="cpu"), torch.empty(R, G, D, device="cpu"))
-    for name, t, shape in (("m", m, (R, G)), ("l", l, (R, G)), ("acc", acc, (R, G, D))):
+    Dv = buffers.v_dim
+    cap = check_softcap(softcap)
+    m, l, acc = out if out is not None else (torch.empty(R, G, device="cpu"), torch.empty(R, G, device="cpu"), torch.empty(R, G, Dv, device="cpu"))
+    for name, t, shape in (("m", m, (R, G)), ("l", l, (R, G)), ("acc", acc, (R, G, Dv))):
         if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"`out` {name} must be a contiguous float32 CPU tensor of shape {shape}, got {tuple(t.shape)} {t.dtype}")
     rc = lib.rdkv_segment_partials(
-        q.data_ptr(), R, G, D, buffers.heads.data_ptr(), buffers.groups.data_ptr(), buffers.words.data_ptr(),
+        q.data_ptr(), R, G, D, Dv, buffers.heads.data_ptr(), buffers.groups.data_ptr(), buffers.words.data_ptr(),
         buffers.meta.data_ptr(), buffers.raw.data_ptr(), _RAW_KIND[buffers.raw.dtype], buffers.perm.data_ptr(),
-        _PERM_KIND[buffers.perm.dtype], chunk, threads or torch.get_num_threads(), m.data_ptr(), l.data_ptr(), acc.data_ptr(),
+        _PERM_KIND[buffers.perm.dtype], cap, chunk, threads or torch.get_num_threads(), m.data_ptr(), l.data_ptr(), acc.data_ptr(),
     )
     if rc:
         raise RuntimeError(f"rdkv_segment_partials failed with code {rc}")

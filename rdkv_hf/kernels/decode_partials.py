@@ -4,7 +4,9 @@ One program per (head, chunk of ``BLOCK_T`` kept tokens): K codes are unpacked i
 multiplied by the query scaled per channel (``q . (s*c + m) = (q*s) . c + q . m``), V codes by the
 probabilities scaled per token; 16-bit groups are read as they are. Heads are ragged (their own
 token counts and width groups, read from the segment's tables), GQA query rows of one KV head are
-one ``[G, D]`` block. The launcher merges the chunk partials of each head by log-sum-exp.
+one ``[G, D]`` block. The launcher merges the chunk partials of each head by log-sum-exp. K has
+``D`` channels and V rows ``DV`` elements (DeepSeek's latent attention); with ``SOFTCAP`` the
+logits are capped at ``softcap * tanh(x / softcap)`` (Gemma 2) before the softmax.
 
 Reference: ``rdkv_hf.attention.head_partials_reference`` (the layout is in ``rdkv_hf/storage.py``).
 """
@@ -16,16 +18,16 @@ import triton
 import triton.language as tl
 
 from ..storage import G_COLS_COUNT, H_COLS_COUNT
-from . import launch_context, triton_device_ok
+from . import check_decode_inputs, check_softcap, launch_context, merge_chunk_partials
 
 
 @triton.jit
 def _decode_partials_kernel(
     q_ptr, heads_ptr, groups_ptr, words_ptr, meta_ptr, raw_ptr, perm_ptr,
     m_ptr, l_ptr, acc_ptr,
-    G, D, n_chunks,
-    HC: tl.constexpr, GC: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    G, D, DV, n_chunks, softcap,
+    HC: tl.constexpr, GC: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -38,7 +40,7 @@ def _decode_partials_kernel(
     perm_off = tl.load(h + 5).to(tl.int32)
 
     gs = tl.arange(0, BLOCK_G)
-    ds = tl.arange(0, BLOCK_D)
+    ds = tl.arange(0, BLOCK_DV)
     ts = chunk * BLOCK_T + tl.arange(0, BLOCK_T)  # kept tokens of this program
     t_ok = ts < n
     q_row = q_ptr + r * G * D
@@ -75,13 +77,16 @@ def _decode_partials_kernel(
                 bias += tl.sum(qg * mn[None, :], axis=1)
                 logits += tl.sum((qg * sc[None, :])[:, :, None] * code[None, :, :], axis=1)
 
-    logits = tl.where(t_ok[None, :], logits + bias[:, None], float("-inf"))
+    logits = logits + bias[:, None]
+    if SOFTCAP:  # tanh(x) = 2 sigmoid(2x) - 1
+        logits = softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)
+    logits = tl.where(t_ok[None, :], logits, float("-inf"))
     m = tl.max(logits, axis=1)
     m_safe = tl.where(m > float("-inf"), m, 0.0)
     p = tl.exp(logits - m_safe[:, None])  # exp(-inf) = 0 for tokens past n
     l = tl.sum(p, axis=1)
 
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
     for gi in range(v0, v1):
         grp = groups_ptr + gi * GC
         bits = tl.load(grp + 0).to(tl.int32)
@@ -92,10 +97,10 @@ def _decode_partials_kernel(
         start = tl.load(grp + 6).to(tl.int32)
         in_grp = t_ok & (ts >= start) & (ts < start + count)
         rows = tl.where(in_grp, ts - start, 0)
-        ok = in_grp[:, None] & (ds[None, :] < D)
+        ok = in_grp[:, None] & (ds[None, :] < DV)
         pg = tl.where(in_grp[None, :], p, 0.0)
         if bits == 16:
-            val = tl.load(raw_ptr + data + rows[:, None] * D + ds[None, :], mask=ok, other=0.0).to(tl.float32)
+            val = tl.load(raw_ptr + data + rows[:, None] * DV + ds[None, :], mask=ok, other=0.0).to(tl.float32)
             acc += tl.sum(pg[:, :, None] * val[None, :, :], axis=1)
         else:
             k = 32 // bits
@@ -110,61 +115,44 @@ def _decode_partials_kernel(
     g_ok = gs < G
     tl.store(m_ptr + out * G + gs, m, mask=g_ok)
     tl.store(l_ptr + out * G + gs, l, mask=g_ok)
-    tl.store(acc_ptr + (out * G + gs[:, None]) * D + ds[None, :], acc, mask=g_ok[:, None] & (ds[None, :] < D))
+    tl.store(acc_ptr + (out * G + gs[:, None]) * DV + ds[None, :], acc, mask=g_ok[:, None] & (ds[None, :] < DV))
 
 
-def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None):
+def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, softcap: float | None = None):
     """Split-K partials of ``q [R, G, D]`` (float32, already scaled) over every head of a segment.
 
     Args:
-        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``R`` head rows, on q's device.
+        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``R`` head rows, on q's device
+            (K of ``D`` channels, V of ``Dv = buffers.v_dim`` elements).
         q: ``[R, G, D]`` contiguous float32 on CUDA (or the CPU under ``TRITON_INTERPRET=1``).
         block_t: kept tokens per program (a power of two).
-        out: optional ``(m [R, G], l [R, G], acc [R, G, D])`` float32 tensors to write.
+        out: optional ``(m [R, G], l [R, G], acc [R, G, Dv])`` float32 tensors to write.
+        softcap: caps each logit at ``softcap * tanh(logit / softcap)`` (None: no cap).
     Returns:
-        ``(max [R, G], sum [R, G], acc [R, G, D])`` as ``head_partials_reference``.
+        ``(max [R, G], sum [R, G], acc [R, G, Dv])`` as ``head_partials_reference``.
     """
     R, G, D = _check(buffers, q, block_t)
+    Dv = buffers.v_dim
+    cap = check_softcap(softcap)
     n_max = buffers.max_tokens if R else 0
     n_chunks = max(1, triton.cdiv(n_max, block_t))
     cm = torch.empty(R, n_chunks, G, dtype=torch.float32, device=q.device)
     cl = torch.empty_like(cm)
-    cacc = torch.empty(R, n_chunks, G, D, dtype=torch.float32, device=q.device)
+    cacc = torch.empty(R, n_chunks, G, Dv, dtype=torch.float32, device=q.device)
     if R:
         with launch_context(q):
             _decode_partials_kernel[(R, n_chunks)](
                 q, buffers.heads, buffers.groups, buffers.words, buffers.meta, buffers.raw, buffers.perm,
-                cm, cl, cacc, G, D, n_chunks,
-                HC=H_COLS_COUNT, GC=G_COLS_COUNT, BLOCK_G=triton.next_power_of_2(G), BLOCK_D=triton.next_power_of_2(D),
-                BLOCK_T=block_t, BLOCK_C=16,
+                cm, cl, cacc, G, D, Dv, n_chunks, cap,
+                HC=H_COLS_COUNT, GC=G_COLS_COUNT, SOFTCAP=cap > 0, BLOCK_G=triton.next_power_of_2(G),
+                BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_T=block_t, BLOCK_C=16,
             )
-    M = cm.amax(1)  # [R, G]
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)  # chunks without tokens have m = -inf
-    m_out, l_out, acc_out = out if out is not None else (torch.empty_like(M), torch.empty_like(M), torch.empty(R, G, D, device=q.device))
-    m_out.copy_(M)
-    l_out.copy_((cl * f).sum(1))
-    acc_out.copy_((cacc * f[..., None]).sum(1))
-    return m_out, l_out, acc_out
+    return merge_chunk_partials(cm, cl, cacc, out)  # chunks without tokens have m = -inf
 
 
 def _check(buffers, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"`q` must be a [R, G, D] tensor, got {getattr(q, 'shape', type(q))}")
-    R, G, D = q.shape
-    if q.dtype != torch.float32 or not q.is_contiguous():
-        raise ValueError(f"`q` must be contiguous float32, got {q.dtype}, contiguous={q.is_contiguous()}")
-    if not triton_device_ok(q):
-        raise ValueError(f"`q` must be on a CUDA device (or the CPU with TRITON_INTERPRET=1), got {q.device}")
-    if buffers.heads.shape[0] != R or buffers.head_dim != D:
-        raise ValueError(f"`q` is [{R}, {G}, {D}] but the segment has {buffers.heads.shape[0]} heads of dim {buffers.head_dim}")
-    if block_t < 16 or block_t & (block_t - 1):
-        raise ValueError(f"`block_t` must be a power of two >= 16, got {block_t}")
-    for name in ("heads", "groups", "words", "meta", "raw", "perm"):
-        t = getattr(buffers, name)
-        if t.device != q.device or not t.is_contiguous():
-            raise ValueError(f"segment buffer `{name}` must be contiguous on {q.device}, got {t.device}")
-    return R, G, D
+    tensors = {name: getattr(buffers, name) for name in ("heads", "groups", "words", "meta", "raw", "perm")}
+    return check_decode_inputs(q, block_t, buffers.heads.shape[0], buffers.head_dim, tensors, "segment buffer")
 
 
 def available() -> bool:

@@ -47,9 +47,10 @@ def planner_class(mode: str) -> type[Planner]:
     return found
 
 
-def make_planner(config, profile=None, layers=None) -> Planner:
-    """The planner of ``config.mode`` for a cache compressing `layers` (None: all)."""
-    return planner_class(config.mode)(config, profile, layers)
+def make_planner(config, profile=None, layers=None, heads=None) -> Planner:
+    """The planner of ``config.mode`` for a cache compressing `layers` (None: all) of the KV heads
+    `heads` (``[start, stop)``, a tensor-parallel rank's; None: all)."""
+    return planner_class(config.mode)(config, profile, layers, heads)
 
 
 __all__ = ["Planner", "make_planner", "modes", "planner_class"]

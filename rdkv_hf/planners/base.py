@@ -28,6 +28,10 @@ class Planner:
         profile: an :class:`~rdkv_hf.RDKVProfile` (modes with ``needs_profile``; others ignore it).
         layers: indices of the layers this planner compresses (None: all); a profile's head
             budgets are shared among those layers only (Gemma 3: its full-attention layers).
+        heads: the global KV heads ``[start, stop)`` the cache holds (a tensor-parallel rank's
+            block, :func:`rdkv_hf.parallel.kv_head_range`); None: all of them. Budgets across heads
+            are allocated over all heads, then sliced to this block (:meth:`own_heads`), so the
+            mean budget holds over the whole model, not on each rank.
     """
 
     name: ClassVar[str | None] = None  # the mode this class implements (None: not a mode)
@@ -47,7 +51,7 @@ class Planner:
                 raise ValueError(f"two planners claim mode {name!r}: {other.__qualname__} and {cls.__qualname__}")
             _REGISTRY[name] = cls
 
-    def __init__(self, config: RDKVConfig, profile=None, layers=None):
+    def __init__(self, config: RDKVConfig, profile=None, layers=None, heads: tuple[int, int] | None = None):
         if self.name is not None and config.mode != self.name:
             config = config.replace(mode=self.name)
         if self.needs_profile and profile is None:
@@ -57,17 +61,48 @@ class Planner:
         self.config = config
         self.profile = profile if self.needs_profile else None
         self.layers = None if layers is None else tuple(int(i) for i in layers)
+        if heads is not None:
+            start, stop = (int(h) for h in heads)
+            if not 0 <= start < stop:
+                raise ValueError(f"`heads` must be a range [start, stop) of KV heads with 0 <= start < stop, got {heads!r}")
+            heads = (start, stop)
+        self.heads = heads
+
+    @property
+    def head_offset(self) -> int:
+        """The global index of the cache's first KV head (0 without tensor parallelism)."""
+        return 0 if self.heads is None else self.heads[0]
+
+    def own_heads(self, bits: torch.Tensor) -> torch.Tensor:
+        """``[layers, kv_heads]`` budgets of all heads -> the columns of the heads this cache holds."""
+        if self.heads is None:
+            return bits
+        start, stop = self.heads
+        if stop > bits.shape[1]:
+            raise ValueError(f"this rank holds KV heads [{start}, {stop}) but the profile has {bits.shape[1]}")
+        return bits[:, start:stop].contiguous()
+
+    def check_heads(self, layer_idx: int, heads: int, budgets: torch.Tensor) -> None:
+        """Raise unless a layer's `heads` KV heads are the ones `budgets` ``[layers, kv_heads]`` cover."""
+        if budgets.shape[1] != heads:
+            where = "all KV heads" if self.heads is None else f"KV heads [{self.heads[0]}, {self.heads[1]})"
+            raise ValueError(
+                f"layer {layer_idx} holds {heads} KV heads, but the planner has budgets for {budgets.shape[1]} ({where}); "
+                "a tensor-parallel model must be patched on every rank after it is loaded with its plan, so that "
+                "each rank gets the budgets of its own heads"
+            )
 
     def keep_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """Storage dtype of the 16-bit zone for a model running in `model_dtype`."""
         return self.config.keep_dtype(model_dtype)
 
-    def widths(self, layer_idx: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor):
+    def widths(self, layer_idx: int, w_tok: torch.Tensor, w_ch: torch.Tensor, real: torch.Tensor, v_dim: int | None = None):
         """Widths of the tokens of one forward of layer `layer_idx`.
 
         Args:
             w_tok: ``[B, kv_heads, T]`` token weights; w_ch: ``[B, kv_heads, D]`` channel weights.
             real: ``[B, T]`` bool, non-padding tokens.
+            v_dim: elements of one V token (None: ``D``, K's channels; DeepSeek's MLA differs).
         Returns:
             ``(v_bits [B, kv_heads, T], k_bits [B, kv_heads, D])`` long widths (0 evicts).
         """

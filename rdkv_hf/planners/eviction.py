@@ -28,9 +28,9 @@ class EvictionPlanner(Planner):
     evicts_only = True
     takes_tokens = False
 
-    def __init__(self, config, profile=None, layers=None):
+    def __init__(self, config, profile=None, layers=None, heads=None):
         # kvpress's definitions: average pooling, no carry (RDKV's own addition).
-        super().__init__(config.replace(carry=0.0, pool="avg"), profile, layers)
+        super().__init__(config.replace(carry=0.0, pool="avg"), profile, layers, heads)
 
     def n_keep(self, real: torch.Tensor) -> torch.Tensor:
         """``[B]`` tokens to keep per head of each batch row."""
@@ -47,7 +47,7 @@ class EvictionPlanner(Planner):
         rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order).contiguous())
         return (rank < self.n_keep(real)[:, None, None]) & real[:, None, :]
 
-    def widths(self, layer_idx, w_tok, w_ch, real):
+    def widths(self, layer_idx, w_tok, w_ch, real, v_dim=None):
         keep = self.keep_mask(w_tok, real)
         v_bits = keep.long() * 16
         k_bits = torch.full(w_ch.shape, 16, dtype=torch.long, device=w_ch.device)

@@ -22,9 +22,10 @@ class ProfilePlanner(RDKVPlanner):
     takes_tokens = False
     rank = 20
 
-    def __init__(self, config, profile=None, layers=None):
-        super().__init__(config, profile, layers)
-        self.k_bits, self.v_bits = self.head_bits()  # [layers, kv_heads] each, CPU
+    def __init__(self, config, profile=None, layers=None, heads=None):
+        super().__init__(config, profile, layers, heads)
+        # [layers, kv_heads] each, CPU: allocated over all heads, then this cache's block of them
+        self.k_bits, self.v_bits = (self.own_heads(b) for b in self.head_bits())
 
     def head_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head K and V budgets averaging ``budget`` over the compressed layers (others 0)."""
@@ -53,6 +54,7 @@ class ProfilePlanner(RDKVPlanner):
         )
 
     def head_budgets(self, layer_idx, B, H, tokens):
+        self.check_heads(layer_idx, H, self.k_bits)
         dev = tokens.device
         return (self.k_bits[layer_idx].to(dev, torch.float64).repeat(B), self.v_bits[layer_idx].to(dev, torch.float64).repeat(B))
 

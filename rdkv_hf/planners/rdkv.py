@@ -23,14 +23,15 @@ class RDKVPlanner(Planner):
         """``(eps_k, eps_v)``: the distortion of each width, relative to eviction."""
         return self.config.eps_k, self.config.eps_v
 
-    def widths(self, layer_idx, w_tok, w_ch, real):
+    def widths(self, layer_idx, w_tok, w_ch, real, v_dim=None):
         B, H, T = w_tok.shape
         D = w_ch.shape[-1]
+        Dv = v_dim or D
         real_rows, t_real = rows(real, H)
         k_avg, v_avg = self.head_budgets(layer_idx, B, H, t_real)
         eps_k, eps_v = self.eps_tables(layer_idx)
         v, k = allocate_rdkv(
             w_tok.reshape(B * H, T), w_ch.reshape(B * H, D), real_rows,
-            v_avg * t_real * D, k_avg * t_real * D, self.config.widths, eps_v, eps_k,
+            v_avg * t_real * Dv, k_avg * t_real * D, self.config.widths, eps_v, eps_k, v_dim=Dv,
         )
         return v.reshape(B, H, T), k.reshape(B, H, D)

@@ -93,3 +93,32 @@ def test_layers_split_across_two_devices():
     assert assert_cache_on(cache, layer_dev) == 4
     assert 0 < cache.summary().prompt_bits_per_element <= BUDGET
     assert torch.equal(out.sequences.to(d0), ref)
+
+
+def test_layer_offloaded_to_the_cpu_with_a_profile(tmp_path, device):
+    """One GPU and a layer accelerate offloads to the CPU (its weights on meta between forwards, run
+    on the GPU): the profile check reads the offloaded weights, the patched model generates what it
+    does in memory with the same settings, and every layer's cache is on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from rdkv_hf.calibration import calibrate
+
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "model")
+    calibrate(base, torch.randint(1, 128, (3, 40), generator=torch.Generator().manual_seed(0)), progress=False).save_pretrained(tmp_path / "profile")
+    settings = dict(budget=BUDGET, profile=str(tmp_path / "profile"), backend=BACKEND)
+    ids, mask = _prompt(device, seed=7)
+    ref_model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).to(device).eval()
+    rdkv_hf.patch(ref_model, **settings)
+    ref = ref_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0)
+
+    gpu = str(device) if device.type == "cuda" else "cpu"
+    device_map = {"model.embed_tokens": gpu, "model.rotary_emb": gpu, "model.layers.0": gpu, "model.layers.1": "cpu",
+                  "model.norm": gpu, "lm_head": gpu}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32, device_map=device_map).eval()
+    if device.type == "cuda":
+        assert model.model.layers[1].self_attn.k_proj.weight.device.type == "meta"  # offloaded, runs on the GPU
+    rdkv_hf.patch(model, **settings)
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert assert_cache_on(output_cache(out), ids.device) == 2

@@ -6,8 +6,10 @@ random per-token V widths and per-channel K widths from RDKV's {0, 2, 4, 8, 16},
 nothing. ``attention.segment_partials(seg, q, "triton")`` must match ``"torch"`` for odd token
 counts, GQA ratios 1-8, head dims 64-256 and bf16 / fp16 16-bit zones; ``attention.attend`` over
 several segments and a tail must match both its torch backend and a dense softmax over the
-dequantized K/V. Partials are compared as the normalized output and the log-sum-exp
-(``_assert_partials_close`` of tests/test_kernels.py), in float32 with the suite's tolerance table.
+dequantized K/V; soft-capped logits, attention sinks and V narrower or wider than K (DeepSeek's
+MLA: 192/128 per head, 576/512 absorbed) must match the torch backend too. Partials are compared as
+the normalized output and the log-sum-exp (``_assert_partials_close`` of tests/test_kernels.py), in
+float32 with the suite's tolerance table.
 """
 
 import math
@@ -28,12 +30,12 @@ WIDTHS = torch.tensor([0, 2, 4, 8, 16])  # RDKV's widths
 B, HKV = 2, 2  # four heads per segment: row 1 ragged, row 2 one K width, row 3 empty
 
 
-def make_segment(T, D, keep, device, seed, batch=B, kv_heads=HKV):
-    """A segment of ``batch * kv_heads`` heads over `T` tokens of dim `D`, packed on `device`."""
+def make_segment(T, D, keep, device, seed, batch=B, kv_heads=HKV, Dv=None):
+    """A segment of ``batch * kv_heads`` heads over `T` tokens of dim `D` (V: `Dv`), packed on `device`."""
     g = torch.Generator().manual_seed(seed)
     R = batch * kv_heads
     k = torch.randn(R, T, D, generator=g) * (torch.rand(D, generator=g) * 3 + 0.1)  # outlier channels
-    v = torch.randn(R, T, D, generator=g)
+    v = torch.randn(R, T, Dv or D, generator=g)
     v_bits = WIDTHS[torch.randint(0, len(WIDTHS), (R, T), generator=g)]
     k_bits = WIDTHS[torch.randint(0, len(WIDTHS), (R, D), generator=g)]
     if T > 1:
@@ -109,6 +111,25 @@ def test_triton_launcher_writes_out_at_every_block_size(device, block_t):
     _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(seg.heads)], seg.heads)
 
 
+@pytest.mark.parametrize("keep", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("page_words", [256, 2048])
+def test_triton_paged_partials_match_the_flat_segment(device, keep, page_words):
+    """The serving-engine prototype: the segment laid out in pages (on the device) decodes by the
+    paged Triton op to the flat segment's torch partials."""
+    from rdkv_hf.kernels.paged_decode import paged_partials
+    from rdkv_hf.paged import page_segment
+
+    T, D, G = (63, 64, 4) if DRY_RUN else (1000, 128, 4)
+    seg = make_segment(T, D, keep, device, seed=page_words + D)
+    paged = page_segment(seg.buffers, page_words=page_words)
+    assert paged.pages.device == seg.buffers.words.device
+    q = _query((B * HKV, G, D), page_words, device)
+    out = tuple(t.to(device) for t in _poisoned(B * HKV, G, D))
+    got = paged_partials(paged, q, out=out)
+    assert all(a is b for a, b in zip(got, out))
+    _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(seg.heads)], seg.heads)
+
+
 def test_triton_partials_after_beam_select(device):
     """Beams share heads: the selected segment's head table repeats rows of the same buffers."""
     seg = make_segment(63, 64, torch.bfloat16, device, seed=7)
@@ -173,3 +194,20 @@ def test_attend_triton_matches_torch_and_dense(device, dtype, q_len, padded):
 @pytest.mark.skipif(DRY_RUN, reason="'auto' picks the C++ kernel on the CPU")
 def test_auto_backend_is_triton_on_cuda(device):
     assert resolve_backend("auto", device) == "triton"
+
+
+@pytest.mark.parametrize("softcap,D,Dv,group", [(None, 192, 128, 4), (1.5, 64, 96, 3), (30.0, 576, 512, 2)])
+def test_attend_triton_with_softcap_sinks_and_other_v_width_matches_torch(device, softcap, D, Dv, group):
+    if DRY_RUN and D > 128:
+        pytest.skip("too big for the CPU dry run (Triton interpreter); runs on CUDA")
+    T = 127 if DRY_RUN else 1000
+    seg = make_segment(T, D, torch.bfloat16, device, seed=D + Dv, Dv=Dv)
+    gen = torch.Generator().manual_seed(D)
+    tail_k, tail_v = torch.randn(B, HKV, 6, D, generator=gen).to(device), torch.randn(B, HKV, 6, Dv, generator=gen).to(device)
+    query = (torch.randn(B, HKV * group, 2, D, generator=gen) * 2).to(device)
+    sinks = (torch.randn(HKV * group, generator=gen) + 2).to(device)
+    ref = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend="torch", softcap=softcap, sinks=sinks)
+    got = attend(query, [seg], tail_k, tail_v, None, D**-0.5, backend="triton", softcap=softcap, sinks=sinks)
+    assert got[0].shape == (B, HKV * group, 2, Dv)
+    torch.testing.assert_close(got[0], ref[0], **TOL[torch.float32])
+    torch.testing.assert_close(got[1], ref[1], **TOL[torch.float32])

@@ -1,0 +1,161 @@
+"""Short chats: does a compressed cache keep what the full cache answers? (issue "Nothing silently wrong")
+
+    python benchmarks/bench_short_prompts.py                          # residual 0, 32, 64, 128 at 2.5 bits
+    python benchmarks/bench_short_prompts.py --residuals 0 128 --budgets 2.5 4 --modes rdkv rdkv+profile
+
+SmolLM2-135M-Instruct (float32, chat template) answers 56 short chat prompts (20-300 tokens: plain
+questions and instructions, and passages of held-out KJV text with a request) and 8 prompts of about
+800 tokens, greedily, 24 new tokens, with the full cache and with RDKV. For each setting the table
+gives, per length bucket, the share of answers identical to the full cache's and the mean KL divergence
+(nats per answer token) of RDKV's next-token distribution from the full cache's, teacher-forcing the
+full cache's answer; and the cost of the residual: the bytes of a 2,048-token prompt's cache as a share
+of bf16. Writes ``benchmarks/results/short-prompts.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import OtherLoad, machine  # noqa: E402
+
+import rdkv_hf  # noqa: E402
+from rdkv_hf.compat import cache_kwargs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 24
+
+QUESTIONS = [
+    "Count to five, please.", "What is 12 times 7?", "Name three primary colors.", "What is the capital of France?",
+    "Write a haiku about the sea.", "Give me a synonym for happy.", "What day comes after Monday?",
+    "Translate 'good morning' into Spanish.", "How many legs does a spider have?", "What is the opposite of cold?",
+    "Tell me a fun fact about cats.", "What is 100 divided by 4?", "Spell the word 'banana' backwards.",
+    "Name a fruit that is yellow.", "What is the boiling point of water in Celsius?", "List the four seasons.",
+    "Who wrote Romeo and Juliet?", "What color is the sky on a clear day?", "Give me one tip for better sleep.",
+    "What is the plural of mouse?", "Write one sentence about the moon.", "What is 9 plus 10?",
+    "Name two animals that live in the ocean.", "What is the largest planet in our solar system?",
+    "Suggest a name for a pet goldfish.", "How many minutes are in an hour?", "What is the chemical symbol for water?",
+    "Say hello in French.", "What shape has three sides?", "Recommend a book for children.",
+]
+REQUESTS = [
+    "Summarize the passage above in one sentence.", "Who are the people named in the passage above?",
+    "What is the main event of the passage above?", "Give the passage above a short title.",
+    "What place is mentioned first in the passage above?",
+]
+
+
+def prompts(tokenizer, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """``(label, input_ids [1, T])`` of every prompt, short ones first, then the ~800-token ones."""
+    from rdkv_hf.text import load_text
+
+    rng = random.Random(seed)
+    words = re.sub(r"\s+", " ", load_text("eval")).split(" ")
+    chat = lambda text: tokenizer.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = [("question", chat(q)) for q in QUESTIONS]
+    for i in range(26):  # passages of 15-220 words: 40-300 tokens with the request
+        n = 15 + (205 * i) // 25
+        start = rng.randrange(len(words) - n)
+        out.append(("passage", chat(" ".join(words[start : start + n]) + "\n\n" + REQUESTS[i % len(REQUESTS)])))
+    for i in range(8):  # ~800 tokens
+        start = rng.randrange(len(words) - 700)
+        out.append(("long", chat(" ".join(words[start : start + 600]) + "\n\n" + REQUESTS[i % len(REQUESTS)])))
+    return out
+
+
+@torch.no_grad()
+def answer(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full cache's greedy answer ``[n]`` and the log-probs ``[n, vocab]`` it was chosen from."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1] :], torch.cat(out.logits).float().log_softmax(-1)
+
+
+@torch.no_grad()
+def answer_logits(model, ids, ans, cache) -> torch.Tensor:
+    """``[len(ans), vocab]`` log-probs of each answer token's position, the answer teacher-forced."""
+    first = model(ids, **cache_kwargs(cache)).logits[0, -1:]
+    rest = model(ans[None, :-1], **cache_kwargs(cache)).logits[0] if len(ans) > 1 else first[:0]
+    return torch.cat([first, rest]).float().log_softmax(-1)
+
+
+def bucket(label: str, T: int) -> str:
+    return "~800 tok" if label == "long" else ("20-100 tok" if T <= 100 else "100-300 tok")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--residuals", type=int, nargs="+", default=[0, 32, 64, 128])
+    p.add_argument("--budgets", type=float, nargs="+", default=[2.5])
+    p.add_argument("--modes", nargs="+", default=["rdkv"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "short-prompts.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from rdkv_hf.eval.models import load_model, shipped_profile_name
+
+    model, tok = load_model("smollm2-135m")
+    cases = prompts(tok)
+    start, load = time.perf_counter(), OtherLoad()
+    load.start()
+    full = [answer(model, ids) for _, ids in cases]
+    rows = []
+    for mode in args.modes:
+        profile = shipped_profile_name("smollm2-135m") if mode != "rdkv" else None
+        for budget in args.budgets:
+            for r in args.residuals:
+                rdkv_hf.patch(model, budget=budget, mode=mode, profile=profile, residual=r)
+                per_bucket: dict[str, list] = {}
+                for (label, ids), (ans, ref) in zip(cases, full):
+                    got = answer_logits(model, ids, ans, rdkv_hf.RDKVCache(model))
+                    # Greedy decoding with RDKV writes the same answer iff it picks each of its tokens
+                    # when fed the ones before: the argmax of every teacher-forced position.
+                    same = bool((got.argmax(-1) == ans).all())
+                    kl = F.kl_div(got, ref, log_target=True, reduction="batchmean").item()
+                    per_bucket.setdefault(bucket(label, ids.shape[1]), []).append((same, kl))
+                long_ids = torch.randint(100, 40000, (1, 2048), generator=torch.Generator().manual_seed(0))
+                cache = rdkv_hf.RDKVCache(model)
+                with torch.no_grad():
+                    model(long_ids, **cache_kwargs(cache), logits_to_keep=1)
+                share = cache.nbytes / cache.summary().bf16_bytes
+                rdkv_hf.unpatch(model)
+                for name, results in per_bucket.items():
+                    rows.append((mode, budget, r, name, len(results), 100 * sum(s for s, _ in results) / len(results),
+                                 statistics.mean(k for _, k in results), share))
+                    print(f"{mode} {budget:g} bits residual {r}: {name}: {rows[-1][5]:.0f}% identical, KL {rows[-1][6]:.4f}, "
+                          f"2K prompt at {100 * share:.1f}% of bf16", flush=True)
+    other = load.stop()
+    lines = [
+        "# Short chats at low bits: identical answers and KL against the full cache",
+        "",
+        f"Machine: {machine()}, transformers {__import__('transformers').__version__}; {time.perf_counter() - start:.0f} s, "
+        f"other CPU load {other:.2f} cores (quality figures do not depend on it).",
+        f"Command: `python benchmarks/bench_short_prompts.py --residuals {' '.join(map(str, args.residuals))} "
+        f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --modes {' '.join(args.modes)}`.",
+        "",
+        f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; {len(QUESTIONS)} questions and 26 passages with a request "
+        "(20-300 tokens), 8 prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
+        "cache's answer teacher-forced. Cost: a 2,048-token prompt's whole cache (residual included) as a share of bf16.",
+        "",
+        "| mode | budget | residual | prompts | n | identical answers | answer-token KL | 2K cache, % of bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, budget, r, name, n, same, kl, share in rows:
+        lines.append(f"| {mode} | {budget:g} | {r} | {name} | {n} | {same:.0f}% | {kl:.4f} | {100 * share:.1f}% |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
