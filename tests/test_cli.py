@@ -104,6 +104,6 @@ def test_cli_compress_then_ask(tiny_checkpoint, tmp_path, capsys, one_thread):
 ])
 def test_cli_errors_are_one_line(argv, message, tiny_checkpoint, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert main([str(tiny_checkpoint) if a == "MODEL" else a for a in argv]) == 2
+    assert main([str(tiny_checkpoint) if a == "MODEL" else a for a in argv]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
