@@ -25,15 +25,18 @@ RoPE is already applied), so none are stored.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import threading
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
-from . import cache_cap, compat, decode_blocks
+from . import cache_cap, cache_io, compat, decode_blocks
 from .config import RDKVConfig
 from .model_patches import compressed_layers, latent_attention
 from .parallel import kv_head_range
@@ -144,6 +147,11 @@ class RDKVLayer(CacheLayerMixin):
                 )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"this RDKVCache holds {self.keys.shape[0]} batch rows and the forward has {key_states.shape[0]}; for several "
+                f"questions over one context use cache.fork({key_states.shape[0]}) (rows sharing its packed segments)"
+            )
         if key_states.shape[-2] > 1:
             self.pending = key_states.shape[-2]
         if self.keys.shape[-2] == 0:  # the usual prompt case: no copy of a whole layer's K/V
@@ -186,6 +194,12 @@ class RDKVLayer(CacheLayerMixin):
         self.unread = False
         decode_blocks.init_state(self)
         _offered().discard(self)
+
+    def restore(self, segments: list[Segment], keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Put back the state of a saved layer (:meth:`RDKVCache.from_pretrained`): its packed
+        segments, its full-precision tail ``[B, kv_heads, n_tail, D]`` and the tokens it saw."""
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.segments, self.seen = keys, values, list(segments), seen
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -395,6 +409,9 @@ class RDKVCache(DynamicCache):
         decode_blocks.check_model(model_config, planner.config)
         super().__init__(config=model_config)
         self.planner = planner
+        # save_pretrained records the fingerprint of the model that filled the cache.
+        self._model = weakref.ref(model_or_config) if isinstance(model_or_config, torch.nn.Module) else None
+        self.context_ids: torch.Tensor | None = None  # [batch, tokens] ids of the saved context (from_pretrained)
         text_config = model_config.get_text_config(decoder=True)
         for i in layers:
             self.layers[i] = RDKVLayer.replacing(self.layers[i], i, planner, text_config, latent)
@@ -425,3 +442,103 @@ class RDKVCache(DynamicCache):
     def summary(self) -> CacheSummary:
         """What the cache kept, per layer and KV head (print it for a table)."""
         return CacheSummary.from_cache(self)
+
+    # -- compress once, ask many ---------------------------------------------------------------
+
+    def fork(self, repeats: int = 1) -> RDKVCache:
+        """A new cache over the same tokens, for another continuation (another question).
+
+        The packed segments are shared, not copied; the full-precision tails and Transformers' own
+        layers (sliding windows) are copied, so forks decode independently of each other and of
+        this cache. Each batch row is repeated `repeats` times (a batch of questions over one
+        context). Memory for N forks: the packed context once plus N tails (:func:`held_nbytes`).
+        """
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"`repeats` must be a positive int (rows per row of this cache), got {repeats!r}")
+        if any(getattr(layer, "pending", 0) for layer in self.layers):
+            raise RuntimeError("the cache is in the middle of a forward (tokens not yet compressed); fork it after the forward returns")
+        new = copy.copy(self)
+        new.layers = [_fork_layer(layer) for layer in self.layers]
+        if repeats > 1:
+            new.batch_repeat_interleave(repeats)
+            if self.context_ids is not None:
+                new.context_ids = self.context_ids.repeat_interleave(repeats, 0)
+        return new
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, input_ids: torch.Tensor | None = None, model=None,
+                        metadata: dict | None = None) -> Path:
+        """Save this cache into a folder: packed segments and tails in safetensors, a JSON with the
+        schema version, the model's fingerprint, the RDKV settings and the token count (see
+        :mod:`rdkv_hf.cache_io`). Written to a temporary folder and renamed into place; a saved
+        cache already there is replaced, any other existing folder is refused.
+
+        Args:
+            input_ids: ``[batch, tokens]`` the token ids the cache holds (default: ``context_ids``),
+                saved so that questions can be appended to them in ``generate()``.
+            model: the model that filled the cache (default: the one it was built for).
+            metadata: JSON-serializable notes saved as they are.
+        Returns:
+            the folder.
+        """
+        model = model if model is not None else (self._model() if self._model is not None else None)
+        if model is None:
+            raise ValueError("this cache was built from a config, not a model: pass save_pretrained(dir, model=model) to record its fingerprint")
+        ids = input_ids if input_ids is not None else self.context_ids
+        return cache_io.save(self, save_directory, model, ids, metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model, *, profile=None) -> RDKVCache:
+        """Load a cache saved by :meth:`save_pretrained` for `model`, a patched model (only RDKV
+        attention reads packed segments).
+
+        The cache keeps the settings it was compressed with, whatever the model's patch settings,
+        so it continues exactly as the saved one would; ``context_ids`` holds the saved token ids
+        (None if none were saved). Raises ``ValueError`` for another model (its fingerprint
+        differs), a damaged or inconsistent file, or a missing profile.
+
+        Args:
+            profile: the :class:`~rdkv_hf.RDKVProfile` it was compressed with, for the modes that
+                need one (default: the patched model's, or the one its settings name).
+        """
+        if patch_state(model) is None:
+            raise ValueError(
+                "RDKVCache.from_pretrained needs a patched model (only RDKV attention reads packed tokens): call "
+                "rdkv_hf.patch(model) first; the loaded cache keeps the settings it was compressed with"
+            )
+        loaded = cache_io.load(directory, model, profile)
+        cache = cls(model, planner=loaded.planner)
+        loaded.fill(cache)
+        return cache
+
+
+def _fork_layer(layer):
+    """A copy of a cache layer sharing its packed segments: tensors cloned, lists copied."""
+    new = copy.copy(layer)
+    for name, value in vars(layer).items():
+        if isinstance(value, torch.Tensor):
+            setattr(new, name, value.clone())
+        elif isinstance(value, list):
+            setattr(new, name, list(value))
+    return new
+
+
+def held_nbytes(caches) -> int:
+    """Bytes of memory the caches hold together: every tensor storage counted once, whole (forks
+    share their packed segments; a view keeps its whole storage alive). Scales, tables and tails
+    included."""
+    seen: dict[tuple, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.numel():
+            storage = t.untyped_storage()
+            seen[(t.device, storage.data_ptr())] = storage.nbytes()
+
+    for cache in caches:
+        for layer in cache.layers:
+            for value in vars(layer).values():
+                add(value)
+            for seg in getattr(layer, "segments", ()):
+                for t in (seg.buffers.words, seg.buffers.meta, seg.buffers.raw, seg.buffers.perm, seg.buffers.heads,
+                          seg.buffers.groups, seg.real_tokens):
+                    add(t)
+    return sum(seen.values())

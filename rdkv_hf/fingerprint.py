@@ -24,7 +24,7 @@ import hashlib
 
 import torch
 
-from .weights import head_shape, kv_projections, read_parameter
+from .weights import head_shape, kv_projections, kv_sources, read_parameter
 
 FINGERPRINT_KEYS = ("model_type", "architecture", "num_layers", "num_kv_heads", "head_dim", "weights_sha256")
 HASHES = {"weights_sha256": torch.bfloat16, "weights_sha256_fp16": torch.float16}  # key -> the rounding it hashes
@@ -34,22 +34,22 @@ def fingerprint(model) -> dict:
     """Identity of a model for a profile: architecture, shapes and the hashes of its K/V projections.
 
     Each hash is the first 16 hex chars of a sha256 over the K and V projection weights (and biases)
-    of every layer, in order, rounded to the hash's 16-bit format (:data:`HASHES`). Under tensor
-    parallelism every rank must call it (the shards are gathered).
+    of every attention layer, in order (:func:`~rdkv_hf.weights.kv_sources`: a latent model's
+    ``kv_a_proj_with_mqa`` and ``kv_b_proj``, a fused ``qkv_proj``), rounded to the hash's 16-bit
+    format (:data:`HASHES`). Under tensor parallelism every rank must call it (the shards are gathered).
     """
     cfg = model.config.get_text_config(decoder=True)  # a VLM's shapes are its text decoder's
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     hashes = {key: hashlib.sha256() for key in HASHES}
-    for i, (k_proj, v_proj) in enumerate(kv_projections(model)):
-        for label, module in (("k_proj", k_proj), ("v_proj", v_proj)):
-            for name in ("weight", "bias"):
-                t = read_parameter(module, name, where=f"layer {i} {label}")
-                if t is None:
-                    continue
-                for key, dtype in HASHES.items():
-                    r = t.to(dtype).contiguous()
-                    hashes[key].update(f"{name}{tuple(r.shape)}".encode())
-                    hashes[key].update(r.view(torch.int16).numpy().tobytes())
+    for label, module in kv_sources(model):
+        for name in ("weight", "bias"):
+            t = read_parameter(module, name, where=label)
+            if t is None:
+                continue
+            for key, dtype in HASHES.items():
+                r = t.to(dtype).contiguous()
+                hashes[key].update(f"{name}{tuple(r.shape)}".encode())
+                hashes[key].update(r.view(torch.int16).numpy().tobytes())
     n_kv, head_dim = head_shape(cfg)
     return {
         "model_type": model.config.model_type,

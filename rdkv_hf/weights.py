@@ -1,6 +1,7 @@
 """A model's K/V projection weights, read whole wherever they are.
 
-* :func:`kv_projections`: the ``(k_proj, v_proj)`` modules of every decoder layer.
+* :func:`kv_projections`: the ``(k_proj, v_proj)`` modules of every decoder layer; :func:`kv_sources`:
+  whatever makes each attention layer's K and V (fingerprints).
 * :func:`read_parameter`: the whole value of a parameter, on the CPU, whether it is a plain tensor, a
   ``DTensor`` sharded by tensor parallelism (``tp_plan="auto"``: gathered with ``full_tensor()``, a
   collective that every rank must join) or a weight accelerate offloaded to the CPU or disk (left on
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 
-def kv_projections(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """``[(k_proj, v_proj)]`` of every decoder layer (``self_attn`` of the layers where the
-    registry's patcher finds them; ``model.model.layers`` for a model type outside it)."""
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of `model` (where the registry's patcher finds them; ``model.model.layers``
+    for a model type outside it)."""
     from .model_patches import PATCHERS
 
     patcher = PATCHERS.get(getattr(model.config, "model_type", None))
@@ -26,12 +27,36 @@ def kv_projections(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
+    return list(layers)
+
+
+def kv_projections(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """``[(k_proj, v_proj)]`` of every decoder layer's ``self_attn``."""
     out = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(decoder_layers(model)):
         attn = getattr(layer, "self_attn", None)
         if attn is None or not hasattr(attn, "k_proj") or not hasattr(attn, "v_proj"):
             raise ValueError(f"layer {i} of {type(model).__name__} has no self_attn.k_proj / v_proj; this architecture is not supported")
         out.append((attn.k_proj, attn.v_proj))
+    return out
+
+
+# What makes a layer's keys and values, by the attention's layout: separate projections, DeepSeek's
+# latent (MLA), one fused projection (Phi-3).
+KV_SOURCES = (("k_proj", "v_proj"), ("kv_a_proj_with_mqa", "kv_b_proj"), ("qkv_proj",))
+
+
+def kv_sources(model) -> list[tuple[str, torch.nn.Module]]:
+    """``[(label, module)]``: the modules that make the keys and values of every attention layer, in
+    order (``"layer 3 k_proj"``); layers without attention (a hybrid's Mamba or convolution layers)
+    add none. Raises ``ValueError`` when no layer has any."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn = getattr(layer, "self_attn", None)
+        names = next((n for n in KV_SOURCES if attn is not None and all(hasattr(attn, x) for x in n)), ())
+        out.extend((f"layer {i} {name}", getattr(attn, name)) for name in names)
+    if not out:
+        raise ValueError(f"no layer of {type(model).__name__} has a self_attn with K/V projections ({KV_SOURCES})")
     return out
 
 

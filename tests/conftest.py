@@ -76,6 +76,11 @@ def tiny_tokenizer(corpus: list[str], vocab_size: int = 400, special_tokens=("<s
     return tok
 
 
+# A chat template and a corpus for tiny tokenizers of compress-once tests (tests/test_context.py, tests/test_cli.py).
+TINY_CHAT = "{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+TINY_CORPUS = ["In the beginning God created the heaven and the earth. What is the code? The code is 48213."] * 20
+
+
 @pytest.fixture(params=["llama", "qwen3", "mistral", "gemma3"])
 def arch(request):
     return request.param

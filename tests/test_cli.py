@@ -1,8 +1,10 @@
 import importlib.util
+import json
 import subprocess
 import sys
 
 import pytest
+from conftest import TINY_CHAT, TINY_CORPUS, tiny_model, tiny_tokenizer
 
 from rdkv_hf.cli import main
 
@@ -65,3 +67,43 @@ def test_calibrate_cli_on_smollm2(tmp_path, capsys):
     assert main(["calibrate", "--model", "smollm2-135m", "--out", str(out), "--n-seqs", "1", "--seq-len", "64"]) == 0
     assert (out / "profile.safetensors").exists() and (out / "README.md").exists()
     assert "calibrated in" in capsys.readouterr().out
+
+
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny Llama and a tokenizer with a chat template, saved as a Transformers folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer(TINY_CORPUS, special_tokens=("<s>", "</s>", "<|user|>", "<|assistant|>"), chat_template=TINY_CHAT)
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_compress_then_ask(tiny_checkpoint, tmp_path, capsys, one_thread):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(TINY_CORPUS[:3]))
+    assert main(["compress", "--model", str(tiny_checkpoint), "--input", str(doc), "--out", str(tmp_path / "ctx"), "--budget", "4"]) == 0
+    out = capsys.readouterr()
+    assert "compressed" in out.out and "rdkv at 4 bits" in out.out and "MiB on disk" in out.out
+    assert "prefill" in out.err and "2/2" in out.err  # the progress bar, one step a layer
+    saved = json.loads((tmp_path / "ctx" / "rdkv_cache.json").read_text())
+    assert saved["metadata"]["model"] == str(tiny_checkpoint) and "{question}" in saved["metadata"]["question_template"]
+    assert saved["settings"]["compress_followups"] is False  # questions stay in full precision by default
+    assert main(["ask", str(tmp_path / "ctx"), "What is the code?", "Who created the earth?", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == 2 and out.count("A: ") == 2 and "answered 2 question(s)" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "--model", "MODEL", "--input", "nope.txt", "--out", "ctx"], "--input 'nope.txt' does not exist"),
+    (["ask", "nope", "q?"], "saved cache folder 'nope' does not exist"),
+])
+def test_cli_errors_are_one_line(argv, message, tiny_checkpoint, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(tiny_checkpoint) if a == "MODEL" else a for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
