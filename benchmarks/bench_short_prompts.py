@@ -1,6 +1,7 @@
 """Short chats: does a compressed cache keep what the full cache answers? (issue "Nothing silently wrong")
 
-    python benchmarks/bench_short_prompts.py                          # residual 0, 32, 64, 128 at 2.5 bits
+    python benchmarks/bench_short_prompts.py --residuals 0                  # the defaults (min_tokens 512)
+    python benchmarks/bench_short_prompts.py --min-tokens 0 --out benchmarks/results/short-prompts-residual-sweep.md
     python benchmarks/bench_short_prompts.py --residuals 0 128 --budgets 2.5 4 --modes rdkv rdkv+profile
 
 SmolLM2-135M-Instruct (float32, chat template) answers 56 short chat prompts (20-300 tokens: plain
@@ -9,7 +10,7 @@ questions and instructions, and passages of held-out KJV text with a request) an
 gives, per length bucket, the share of answers identical to the full cache's and the mean KL divergence
 (nats per answer token) of RDKV's next-token distribution from the full cache's, teacher-forcing the
 full cache's answer; and the cost of the residual: the bytes of a 2,048-token prompt's cache as a share
-of bf16. Writes ``benchmarks/results/short-prompts.md``.
+of bf16. Writes ``benchmarks/results/short-prompts.md`` (``--out``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def bucket(label: str, T: int) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--residuals", type=int, nargs="+", default=[0, 32, 64, 128])
+    p.add_argument("--min-tokens", type=int, default=None, help="RDKVConfig.min_tokens (default: the library's, 512)")
     p.add_argument("--budgets", type=float, nargs="+", default=[2.5])
     p.add_argument("--modes", nargs="+", default=["rdkv"])
     p.add_argument("--threads", type=int, default=2)
@@ -113,7 +115,8 @@ def main(argv=None) -> None:
         profile = shipped_profile_name("smollm2-135m") if mode != "rdkv" else None
         for budget in args.budgets:
             for r in args.residuals:
-                rdkv_hf.patch(model, budget=budget, mode=mode, profile=profile, residual=r)
+                rdkv_hf.patch(model, budget=budget, mode=mode, profile=profile, residual=r, min_tokens=args.min_tokens)
+                min_tokens = rdkv_hf.state.patch_state(model).planner.config.min_tokens
                 per_bucket: dict[str, list] = {}
                 for (label, ids), (ans, ref) in zip(cases, full):
                     got = answer_logits(model, ids, ans, rdkv_hf.RDKVCache(model))
@@ -129,9 +132,9 @@ def main(argv=None) -> None:
                 share = cache.nbytes / cache.summary().bf16_bytes
                 rdkv_hf.unpatch(model)
                 for name, results in per_bucket.items():
-                    rows.append((mode, budget, r, name, len(results), 100 * sum(s for s, _ in results) / len(results),
+                    rows.append((mode, budget, r, min_tokens, name, len(results), 100 * sum(s for s, _ in results) / len(results),
                                  statistics.mean(k for _, k in results), share))
-                    print(f"{mode} {budget:g} bits residual {r}: {name}: {rows[-1][5]:.0f}% identical, KL {rows[-1][6]:.4f}, "
+                    print(f"{mode} {budget:g} bits residual {r} min_tokens {min_tokens}: {name}: {rows[-1][6]:.0f}% identical, KL {rows[-1][7]:.4f}, "
                           f"2K prompt at {100 * share:.1f}% of bf16", flush=True)
     other = load.stop()
     lines = [
@@ -140,17 +143,18 @@ def main(argv=None) -> None:
         f"Machine: {machine()}, transformers {__import__('transformers').__version__}; {time.perf_counter() - start:.0f} s, "
         f"other CPU load {other:.2f} cores (quality figures do not depend on it).",
         f"Command: `python benchmarks/bench_short_prompts.py --residuals {' '.join(map(str, args.residuals))} "
-        f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --modes {' '.join(args.modes)}`.",
+        f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --modes {' '.join(args.modes)}"
+        f"{'' if args.min_tokens is None else f' --min-tokens {args.min_tokens}'}`.",
         "",
         f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; {len(QUESTIONS)} questions and 26 passages with a request "
         "(20-300 tokens), 8 prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
         "cache's answer teacher-forced. Cost: a 2,048-token prompt's whole cache (residual included) as a share of bf16.",
         "",
-        "| mode | budget | residual | prompts | n | identical answers | answer-token KL | 2K cache, % of bf16 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | budget | residual | min_tokens | prompts | n | identical answers | answer-token KL | 2K cache, % of bf16 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, budget, r, name, n, same, kl, share in rows:
-        lines.append(f"| {mode} | {budget:g} | {r} | {name} | {n} | {same:.0f}% | {kl:.4f} | {100 * share:.1f}% |")
+    for mode, budget, r, min_tokens, name, n, same, kl, share in rows:
+        lines.append(f"| {mode} | {budget:g} | {r} | {min_tokens} | {name} | {n} | {same:.0f}% | {kl:.4f} | {100 * share:.1f}% |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

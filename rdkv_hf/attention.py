@@ -72,17 +72,18 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
     compressed = q_len > 1 and (not layer.segments or cfg.compress_followups)
     if compressed:
-        compress_layer(layer, q_at, attention_mask, scaling, lse, keys=k_at, softcap=softcap, sinks=sinks, q_len=q_len)
+        compressed = compress_layer(layer, q_at, attention_mask, scaling, lse, keys=k_at, softcap=softcap, sinks=sinks, q_len=q_len)
     if cfg.decode_block is not None:
         decode_blocks.after_forward(layer, query, attention_mask, scaling, lse, compressed, softcap=softcap)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
 
 
-def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=None, sinks=None, q_len=None) -> None:
+def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=None, sinks=None, q_len=None) -> bool:
     """Pack every tail token of `layer` but the newest ``config.residual`` into a new segment,
     weighed by the attention of `query`'s last ``config.window`` queries (the forward that just
-    attended, or the last queries a prefill kept). The tail is then always the newest tokens.
+    attended, or the last queries a prefill kept), if they are at least ``config.min_tokens``.
+    The tail is then always the newest tokens. Returns whether it packed.
 
     Args:
         query: ``[B, Hq, q, D]``; mask: the forward's attention mask over the tail (or None).
@@ -93,11 +94,13 @@ def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=
     keys = layer.keys if keys is None else keys
     n_tail = keys.shape[-2]
     keep = min(layer.config.residual, n_tail)
-    if n_tail > keep:
-        w_tok, w_ch, real = prompt_weights(query, keys, mask, scaling, n_tail, layer.config, lse, softcap, sinks, q_len=q_len,
-                                           keep_last=keep)
-        layer.compress_tail(n_tail, w_tok, w_ch, real, keep_last=keep)
     layer.pending = 0
+    if n_tail - keep < max(layer.config.min_tokens, 1):
+        return False
+    w_tok, w_ch, real = prompt_weights(query, keys, mask, scaling, n_tail, layer.config, lse, softcap, sinks, q_len=q_len,
+                                       keep_last=keep)
+    layer.compress_tail(n_tail, w_tok, w_ch, real, keep_last=keep)
+    return True
 
 
 def sink_logits(sinks: torch.Tensor, kv_heads: int, q_len: int) -> torch.Tensor:

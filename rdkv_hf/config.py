@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_BUDGET = 2.5  # bits per element, when neither `budget` nor `tokens` is given
+# Tokens a compressing forward must pack before it packs any (`min_tokens`): short chats stay whole
+# (benchmarks/results/short-prompts.md). Read when an RDKVConfig is made.
+DEFAULT_MIN_TOKENS = 512
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
 # RDKV's fallback epsilon tables (relative distortion of one unit at b bits), from the reference code.
@@ -74,6 +77,12 @@ class RDKVConfig:
         residual: the newest this many tokens of every compressing forward stay in full precision
             in the tail, outside the budget (as ``residual_length`` in Transformers'
             ``QuantizedCache``); a prompt no longer than it is not compressed. ``nbytes`` counts them.
+        min_tokens: a compressing forward packs its tail only when that is at least this many tokens
+            beyond `residual`; fewer stay in full precision (None: ``DEFAULT_MIN_TOKENS``, 512). At 2.5
+            bits a 20-300-token chat changes most greedy answers and packing it saves a few hundred
+            KiB (``benchmarks/results/short-prompts.md``); 0 compresses every prompt. The tail keeps
+            growing with decoded tokens until a later multi-token forward (a follow-up) or a
+            decode block packs it.
         decode_block: compress decoded tokens too, in blocks of this many tokens (None: decoded
             tokens stay in full precision). Once the full-precision tail holds ``decode_block``
             tokens beyond its newest ``max(decode_window, residual)``, the oldest ``decode_block``
@@ -106,6 +115,7 @@ class RDKVConfig:
     backend: str = "auto"
     compress_followups: bool = True
     residual: int = 0
+    min_tokens: int | None = None
     decode_block: int | None = None
     decode_window: int | None = None
     max_cache_bytes: int | None = None
@@ -137,6 +147,10 @@ class RDKVConfig:
             raise ValueError(f"`pool` must be 'avg' or 'max', got {self.pool!r}")
         if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"`residual` must be a number of tokens >= 0 (0: compress every prompt token), got {self.residual!r}")
+        if self.min_tokens is None:
+            set_("min_tokens", DEFAULT_MIN_TOKENS)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"`min_tokens` must be a number of tokens >= 0 (0: compress every prompt), got {self.min_tokens!r}")
         if isinstance(self.carry, bool) or not isinstance(self.carry, (int, float)) or not 0 <= self.carry < 1:
             raise ValueError(f"`carry` must be in [0, 1) (0 turns it off), got {self.carry!r}")
         set_("carry", float(self.carry))

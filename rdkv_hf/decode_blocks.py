@@ -74,9 +74,11 @@ def after_forward(layer, query: torch.Tensor, mask, scaling: float, lse, compres
         softcap: the model's logit cap (None: none). Sinks need nothing here: `lse` counts them,
             and a model with sinks always has it (its attention runs in :func:`attend` or eager form).
     """
-    if compressed or layer.block_mass is None:
+    if compressed:
         _reset(layer)
-    else:
+    else:  # a decode step, or a forward left in full precision (shorter than `min_tokens`)
+        if layer.block_mass is None:
+            _reset(layer)
         _grow(layer)
         _accumulate(layer, query, mask, scaling, lse, softcap)
     packed = _pack_due(layer, mask)

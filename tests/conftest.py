@@ -46,6 +46,16 @@ def tiny_model(arch: str, **overrides):
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def compress_short_prompts(request, monkeypatch):
+    """The tiny models' prompts are a few dozen tokens: by default (``RDKVConfig.min_tokens``, 512)
+    RDKV would keep them whole. Tests compress them, unless marked ``library_defaults``."""
+    if request.node.get_closest_marker("library_defaults") is None:
+        import rdkv_hf.config
+
+        monkeypatch.setattr(rdkv_hf.config, "DEFAULT_MIN_TOKENS", 0)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny ops are dominated by thread start-up, and on a shared CPU two threads can be 5x slower."""

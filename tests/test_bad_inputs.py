@@ -51,6 +51,8 @@ PATCH_CASES = [
     (dict(high_precision_dtype="float64"), ValueError, r"`high_precision_dtype` must be one of"),
     (dict(backend="cuda"), ValueError, r"`backend` must be one of"),
     (dict(residual=-1), ValueError, r"`residual` must be a number of tokens"),
+    (dict(min_tokens=-1), ValueError, r"`min_tokens` must be a number of tokens"),
+    (dict(min_tokens=2.5), ValueError, r"`min_tokens` must be a number of tokens"),
     (dict(colour="red"), TypeError, r"colour"),
     (dict(config="budget=2"), TypeError, r"`config` must be an RDKVConfig"),
     (dict(config=RDKVConfig(), budget=3), ValueError, r"either `config=RDKVConfig\(...\)` or keyword settings"),

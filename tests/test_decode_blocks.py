@@ -265,3 +265,17 @@ def test_decode_blocks_on_a_latent_cache_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"`decode_block` \(8\) is not supported on deepseek_v3's latent"):
         rdkv_hf.patch(model, budget=2.5, decode_block=8)
     assert not rdkv_hf.is_patched(model)
+
+
+def test_a_prompt_left_whole_by_min_tokens_is_packed_in_decode_blocks(one_thread):
+    """A prompt under `min_tokens` stays in the tail; with `decode_block` its tokens are packed as
+    decoded blocks, weighed by the queries after them (the prompt's own included)."""
+    model = _model("llama")
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(7))
+    ref = _gen(model, ids, 30)
+    rdkv_hf.patch(model, **EXACT, decode_block=8, min_tokens=100)
+    out = _gen(model, ids, 30, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    cache = output_cache(out)
+    assert _layer(cache).segments and all(s.decoded for s in _layer(cache).segments)
+    assert keep_tokens(cache.rdkv_config) <= _layer(cache).keys.shape[-2] < keep_tokens(cache.rdkv_config) + 8

@@ -229,3 +229,36 @@ def test_calibrate_command_checks_its_output_folder_before_calibrating(tmp_path,
     assert main(["calibrate", "--model", "no/such-model-anywhere", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "holds other files (notes.txt)" in err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.library_defaults
+def test_a_short_chat_is_left_whole_and_a_long_prompt_compressed():
+    """13. A 40-token chat at budget 2.5 used to be packed (0 of 10 SmolLM2 answers kept): prompts
+    shorter than `min_tokens` (512 by default) stay in full precision, longer ones are packed."""
+    model = tiny_model("llama", max_position_embeddings=2048)
+    assert rdkv_hf.RDKVConfig().min_tokens == 512
+    short, long = _ids(13, T=40), _ids(14, T=600)
+    ref = _greedy(model, short)
+    rdkv_hf.patch(model, budget=2.5)
+    out = _greedy(model, short, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    cache = output_cache(out)
+    assert all(not layer.segments for layer in cache.layers) and cache.nbytes > 0
+    cache = RDKVCache(model)
+    with torch.no_grad():
+        model(long, **cache_kwargs(cache))
+    assert all(len(layer.segments) == 1 for layer in cache.layers)
+    assert cache.summary().prompt_bits_per_element <= 2.5
+
+
+def test_a_follow_up_packs_the_tail_once_it_reaches_min_tokens():
+    """A prompt under `min_tokens` waits in the tail; the follow-up that brings it to the threshold
+    packs all of it (but the residual)."""
+    model = rdkv_hf.patch(tiny_model("llama"), budget=2.5, min_tokens=50, residual=4)
+    cache = RDKVCache(model)
+    with torch.no_grad():
+        model(_ids(15, T=30), **cache_kwargs(cache))
+        assert [layer.keys.shape[-2] for layer in cache.layers] == [30, 30] and not cache.layers[0].segments
+        model(_ids(16, T=30), **cache_kwargs(cache))
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [4, 4]
+    assert all(len(layer.segments) == 1 and layer.segments[0].buffers.max_tokens <= 56 for layer in cache.layers)
