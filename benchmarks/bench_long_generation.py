@@ -2,6 +2,8 @@
 against generated length.
 
     python benchmarks/bench_long_generation.py quality   # streaming PPL + recall, every method (resumable)
+    python benchmarks/bench_long_generation.py quality --decode-block 64 --methods full rdkv rdkv-cap --samples 1 \
+        --out benchmarks/results/long_generation/block64                       # the block-size sweep
     python benchmarks/bench_long_generation.py speed     # bytes and ms/token vs generated length
     python benchmarks/bench_long_generation.py plot      # the plot from both result files
     python benchmarks/bench_long_generation.py repack    # what merging decoded blocks costs (K error)
@@ -64,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--plain-steps", type=int, default=32, help="steps timed for methods without periodic work")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=2.5)
+    p.add_argument("--decode-block", type=int, default=128, help="quality: the decode block of every RDKV method")
     p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rdkv_hf" / "bench")
     return p.parse_args(argv)
 
@@ -76,7 +79,7 @@ def quality(args) -> None:
     model, tok = load_model("smollm2-135m")
     model = model.to(torch.bfloat16)
     settings = StreamSettings("smollm2-135m", methods=tuple(args.methods or STREAM_METHODS), budget=args.budget,
-                              stream_tokens=args.stream_tokens, samples=args.samples)
+                              stream_tokens=args.stream_tokens, samples=args.samples, decode_block=args.decode_block)
     print(f"machine: {machine()}; threads {args.threads}; loadavg {loadavg()}")
     evaluate_stream(model, tok, settings, args.out, profile=shipped_profile("smollm2-135m"))
     print((args.out / "stream_table.md").read_text())
