@@ -67,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=2.5)
     p.add_argument("--decode-block", type=int, default=128, help="quality: the decode block of every RDKV method")
+    p.add_argument("--cap-share", type=float, default=0.10, help="quality: the cap, a share of the full cache's bf16 bytes at the end")
     p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rdkv_hf" / "bench")
     return p.parse_args(argv)
 
@@ -79,7 +80,8 @@ def quality(args) -> None:
     model, tok = load_model("smollm2-135m")
     model = model.to(torch.bfloat16)
     settings = StreamSettings("smollm2-135m", methods=tuple(args.methods or STREAM_METHODS), budget=args.budget,
-                              stream_tokens=args.stream_tokens, samples=args.samples, decode_block=args.decode_block)
+                              stream_tokens=args.stream_tokens, samples=args.samples, decode_block=args.decode_block,
+                              cap_share=args.cap_share)
     print(f"machine: {machine()}; threads {args.threads}; loadavg {loadavg()}")
     evaluate_stream(model, tok, settings, args.out, profile=shipped_profile("smollm2-135m"))
     print((args.out / "stream_table.md").read_text())

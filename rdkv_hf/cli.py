@@ -14,7 +14,7 @@ def _demo(args) -> int:
     from .eval.demo import run_demo
 
     runs = run_demo(args.model, budget=args.budget, context=args.context, seed=args.seed,
-                    profile=None if args.no_profile else (args.profile or "default"), threads=args.threads)
+                    profile=None if args.no_profile else (args.profile or "default"), threads=args.threads, dtype=args.dtype)
     return 0 if all(r.text for r in runs) else 1
 
 
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--profile", default=None, help="profile dir or Hub id (default: the shipped one, if any)")
     d.add_argument("--no-profile", action="store_true", help="plain RDKV, equal head budgets")
     d.add_argument("--threads", type=int, default=None, help="torch threads")
+    d.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="model dtype (auto: bfloat16 where the CPU has AVX-512 BF16 or AMX, else float32)")
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("eval", help="quality per byte of RDKV and its peers (perplexity, RULER-style tasks, distortion)",

@@ -107,3 +107,17 @@ def test_cli_errors_are_one_line(argv, message, tiny_checkpoint, capsys, monkeyp
     assert main([str(tiny_checkpoint) if a == "MODEL" else a for a in argv]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_demo_runs_in_bf16_where_the_cpu_computes_it(monkeypatch):
+    import torch
+
+    from rdkv_hf.eval.demo import demo_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert demo_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert demo_dtype("auto") == torch.float32 and demo_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="`dtype` must be 'auto', 'float32' or 'bfloat16', got 'fp8'"):
+        demo_dtype("fp8")
