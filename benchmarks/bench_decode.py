@@ -101,6 +101,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}, git {git_sha()}"
 
 
+def write_report(lines: list[str], out: Path) -> None:
+    """Print a benchmark's markdown report and write it to `out` (its folder made if missing)."""
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
 def loadavg() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])

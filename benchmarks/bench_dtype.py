@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import DEFAULT_TEXT, OtherLoad, machine, text_ids  # noqa: E402
+from bench_decode import DEFAULT_TEXT, OtherLoad, machine, text_ids, write_report  # noqa: E402
 
 import rdkv_hf  # noqa: E402
 from rdkv_hf.compat import cache_kwargs  # noqa: E402
@@ -99,10 +99,7 @@ def main(argv=None) -> None:
     for method in ("dynamic", "rdkv"):
         (p32, d32), (p16, d16) = med[("float32", method)], med[("bfloat16", method)]
         lines.append(f"- {method}: prefill {p16 / p32:.2f}, decode {d16 / d32:.2f}")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import OtherLoad, machine  # noqa: E402
+from bench_decode import OtherLoad, machine, write_report  # noqa: E402
 
 import rdkv_hf  # noqa: E402
 from rdkv_hf.compat import cache_kwargs  # noqa: E402
@@ -155,10 +155,7 @@ def main(argv=None) -> None:
     ]
     for mode, budget, r, min_tokens, name, n, same, kl, share in rows:
         lines.append(f"| {mode} | {budget:g} | {r} | {min_tokens} | {name} | {n} | {same:.0f}% | {kl:.4f} | {100 * share:.1f}% |")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

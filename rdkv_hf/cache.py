@@ -44,6 +44,7 @@ from .planners import Planner, make_planner
 from .state import patch_state
 from .storage import Group, PackedHead, Segment, SegmentBuffers, pack_head, pack_segment  # noqa: F401 (re-exported)
 from .summary import CacheSummary
+from .weights import head_shape
 
 logger = logging.getLogger(__name__)
 
@@ -345,14 +346,10 @@ def _kv_heads_and_dim(text_config) -> tuple[int, int] | None:
     """``(kv_heads, head_dim)`` a model config promises (None when it does not say)."""
     if text_config is None:
         return None
-    heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
-    if getattr(text_config, "qk_nope_head_dim", None) and getattr(text_config, "qk_rope_head_dim", None):
-        # MLA cached per head (Transformers 4.57's DeepSeek-V3): keys of qk_nope + qk_rope channels; its
-        # `head_dim` names the rope part alone.
-        return int(heads), int(text_config.qk_nope_head_dim + text_config.qk_rope_head_dim)
-    dim = getattr(text_config, "head_dim", None) or (
-        text_config.hidden_size // text_config.num_attention_heads if getattr(text_config, "hidden_size", None) else None)
-    return (int(heads), int(dim)) if heads and dim else None
+    try:
+        return head_shape(text_config)
+    except (AttributeError, TypeError):  # no head count, or neither head_dim nor hidden_size
+        return None
 
 
 def layer_nbytes(cache) -> list[int]:
@@ -406,7 +403,7 @@ class RDKVCache(DynamicCache):
                     "RDKVCache(model, RDKVConfig(budget=2.5))"
                 )
             planner = state.planner
-        decode_blocks.check_model(model_config, planner.config)
+        decode_blocks.check_latent(planner.config, latent, model_config.model_type)
         super().__init__(config=model_config)
         self.planner = planner
         # save_pretrained records the fingerprint of the model that filled the cache.

@@ -38,6 +38,7 @@ import torch
 from .allocate import channel_widths, lagrangian_widths, unit_costs
 from .compat import layer_types
 from .storage import Segment, pack_segment
+from .weights import head_shape
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,7 @@ def _other_layers(layer, B: int, elem: int) -> int:
         return 0
     compressed = set(_compressed(layer))
     types = layer_types(tc)
-    H = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-    D = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    H, D = head_shape(tc)
     total = 0
     for i, t in enumerate(types):
         if i in compressed:

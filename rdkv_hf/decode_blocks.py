@@ -32,18 +32,18 @@ import torch
 
 from . import cache_cap
 from .allocate import cap_logits, pool_weights
-from .model_patches import latent_attention
 from .stacked import StackedSegment, stack_segments, stacked_partials
 
 STATE = ("block_mass", "block_seen", "block_qsq", "block_nq")
 
 
-def check_model(model_config, cfg) -> None:
-    """Refuse `decode_block` where decoded blocks cannot be weighed yet: a latent cache (DeepSeek's
-    MLA since Transformers 5), whose blocks would be scored with un-absorbed queries."""
-    if cfg.decode_block is not None and latent_attention(model_config) is not None:
+def check_latent(cfg, latent, model_type: str) -> None:
+    """Refuse `decode_block` where decoded blocks cannot be weighed yet: a latent cache (`latent`, from
+    ``model_patches.latent_attention``: DeepSeek's MLA since Transformers 5), whose blocks would be
+    scored with un-absorbed queries."""
+    if cfg.decode_block is not None and latent is not None:
         raise ValueError(
-            f"`decode_block` ({cfg.decode_block}) is not supported on {model_config.model_type}'s latent (MLA) cache yet; "
+            f"`decode_block` ({cfg.decode_block}) is not supported on {model_type}'s latent (MLA) cache yet; "
             "leave decode_block=None there (the prompt is still compressed)"
         )
 

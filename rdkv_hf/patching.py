@@ -23,7 +23,7 @@ from . import compat, decode_blocks
 from .attention import RDKV_ATTENTION
 from .cache import RDKVCache
 from .config import RDKVConfig
-from .model_patches import compressed_layers, patcher_for
+from .model_patches import compressed_layers, latent_attention, patcher_for
 from .parallel import kv_head_range
 from .planners import make_planner
 from .profile import RDKVProfile
@@ -92,7 +92,7 @@ def patch(model: nn.Module, budget: float | None = None, *, tokens: int | None =
     prof = _load_profile(profile if profile is not None else cfg.profile, model)
     _check_backend(cfg.backend, model)
     planner = make_planner(cfg, prof, compressed_layers(model), heads=kv_head_range(model))
-    decode_blocks.check_model(model.config, cfg)
+    decode_blocks.check_latent(cfg, latent_attention(model), model.config.model_type)
     notes = patcher.check(model)
     patcher.attention_modules(model)  # checks the layout
     with _lock:

@@ -61,10 +61,15 @@ def kv_sources(model) -> list[tuple[str, torch.nn.Module]]:
 
 
 def head_shape(config) -> tuple[int, int]:
-    """``(num_kv_heads, head_dim)`` of a model's (text) config."""
+    """``(num_kv_heads, head_dim)`` of a model's (text) config: ``head_dim`` is the width of one head's
+    key. An MLA config (DeepSeek) keys a head with ``qk_nope + qk_rope`` channels; its own
+    ``head_dim`` names the rope part alone."""
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n_heads = cfg.num_attention_heads
-    return int(getattr(cfg, "num_key_value_heads", None) or n_heads), int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    if getattr(cfg, "qk_nope_head_dim", None) and getattr(cfg, "qk_rope_head_dim", None):
+        return n_kv, int(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    return n_kv, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
 
 
 def _dtensor_class():
