@@ -7,6 +7,7 @@ against generated length.
     python benchmarks/bench_long_generation.py speed     # bytes and ms/token vs generated length
     python benchmarks/bench_long_generation.py plot      # the plot from both result files
     python benchmarks/bench_long_generation.py repack    # what merging decoded blocks costs (K error)
+    python benchmarks/bench_long_generation.py recall-trace --cap-share 0.2   # where the capped recall goes
 
 Model: SmolLM2-135M-Instruct. Results go to ``--out`` (default ``benchmarks/results/long_generation``).
 
@@ -33,6 +34,7 @@ full-precision tail: what decoding with RDKV did before ``decode_block``), ``rdk
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -56,7 +58,7 @@ PROMPT = 64
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "speed", "plot", "repack"))
+    p.add_argument("what", choices=("quality", "speed", "plot", "repack", "recall-trace"))
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--stream-tokens", type=int, default=6144)
@@ -138,6 +140,29 @@ def build_state(method: str, model, seed: dict, length: int, budget: float):
     return cache
 
 
+@contextlib.contextmanager
+def counting_reallocations():
+    """Count the cap's re-allocations (layer calls of ``cache_cap.reallocate``) and the seconds they
+    take while the block runs: yields ``[calls, seconds]``, filled as it goes."""
+    from rdkv_hf import cache_cap
+
+    seen, reallocate = [0, 0.0], cache_cap.reallocate
+
+    def counted(layer, target):
+        t0 = time.perf_counter()
+        try:
+            return reallocate(layer, target)
+        finally:
+            seen[0] += 1
+            seen[1] += time.perf_counter() - t0
+
+    cache_cap.reallocate = counted
+    try:
+        yield seen
+    finally:
+        cache_cap.reallocate = reallocate
+
+
 @torch.no_grad()
 def time_decode(model, cache, steps: int, warmup: int = 4):
     tok = torch.tensor([[42]])
@@ -165,7 +190,8 @@ def speed(args) -> None:
     print(f"machine: {machine()}; threads {args.threads}; loadavg {loadavg()}; model float32")
     path = args.out / "speed.jsonl"
     done = {json.dumps([r["method"], r["length"]]) for r in _read(path)}
-    header = f"{'method':>12} {'generated':>9} {'MiB':>8} {'bytes/token':>11} {'ms/token':>8} {'median':>7} {'max':>7} {'other':>5}"
+    header = (f"{'method':>12} {'generated':>9} {'MiB':>8} {'bytes/token':>11} {'ms/token':>8} {'median':>7} {'max':>7} {'other':>5}"
+              f" {'re-allocs':>9} {'realloc ms/token':>16}")
     print(header)
     for method in args.methods or SPEED_METHODS:
         for length in args.lengths:
@@ -175,14 +201,16 @@ def speed(args) -> None:
             cache = build_state(method, model, seed, length, args.budget)
             build_s = time.perf_counter() - t0
             steps = args.steps if method in ("rdkv-blocks", "rdkv-cap") else args.plain_steps
-            mean, median, most, other = time_decode(model, cache, steps)
+            with counting_reallocations() as reallocations:
+                mean, median, most, other = time_decode(model, cache, steps)
             nbytes = sum(layer_nbytes(cache))
             rec = dict(method=method, length=length, nbytes=nbytes, bytes_token=nbytes / (PROMPT + length + steps + 4), ms_token=mean,
-                       median_ms=median, max_ms=most, other=other, steps=steps, build_s=build_s, loadavg=loadavg(), machine=machine())
+                       median_ms=median, max_ms=most, other=other, steps=steps, build_s=build_s, loadavg=loadavg(), machine=machine(),
+                       reallocations=reallocations[0], realloc_s=reallocations[1])
             with path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"{method:>12} {length:>9} {nbytes / 2**20:>8.2f} {rec['bytes_token']:>11.0f} {mean:>8.1f} {median:>7.1f} "
-                  f"{most:>7.0f} {other:>5.2f}", flush=True)
+                  f"{most:>7.0f} {other:>5.2f} {reallocations[0]:>9} {1e3 * reallocations[1] / (steps + 4):>16.1f}", flush=True)
             import rdkv_hf
 
             rdkv_hf.unpatch(model)
@@ -228,6 +256,116 @@ def repack(args) -> None:
     print(f"mean: K {100 * sum(r[2] for r in rows) / len(rows):.1f}%, V {100 * sum(r[3] for r in rows) / len(rows):.1f}%")
 
 
+@torch.no_grad()
+def recall_trace(args) -> None:
+    """The capped stream of sample 0 twice: as the library runs it, and with re-allocation merging the
+    old part at unchanged widths (the cap then not kept: isolates the merge's re-quantization from the
+    widths it takes). For the library run, each re-allocation's effect on the code's tokens (its digits
+    and the two tokens before them) in every KV head, and on all V bits. Writes ``recall_trace.md``."""
+    from rdkv_hf import cache_cap
+    from rdkv_hf.cache import RDKVLayer
+    from rdkv_hf.eval.models import load_model
+    from rdkv_hf.eval.stream import StreamSettings, run_cell, stream_sample
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model("smollm2-135m")
+    model = model.to(torch.bfloat16)
+    settings = StreamSettings("smollm2-135m", methods=("rdkv-cap",), samples=1, cap_share=args.cap_share,
+                              decode_block=args.decode_block, budget=args.budget, stream_tokens=args.stream_tokens)
+    ids, code, text_end = stream_sample(tok, settings, settings.seed)
+    seq, digits = ids[0].tolist(), tok(code, add_special_tokens=False).input_ids
+    first = next(i for i in range(len(seq)) if seq[i : i + len(digits)] == digits)
+    code_pos = torch.arange(first - 2, first + len(digits))
+    pos: dict[int, torch.Tensor] = {}  # id(head.w_tok) -> the head's token positions, in its token order
+    stats = dict(rows=0, lowered=0, evicted=0, v_before=0, v_after=0, reallocations=0)
+
+    def order_of(bits):  # pack_segment's token order
+        return torch.sort(-bits.long(), stable=True).indices
+
+    compress_tail, v_widths, part_init, repack_fn = RDKVLayer.compress_tail, cache_cap._v_widths, cache_cap._Part.__init__, cache_cap._repack
+
+    def traced_compress_tail(layer, n_new, w_tok, w_ch, real, keep_last=0, decoded=False):
+        n_tail = layer.keys.shape[-2]
+        positions = torch.arange(n_tail - n_new, n_tail - keep_last) + (layer.seen - n_tail)
+        widths = layer.planner.widths
+        got = []
+        layer.planner.widths = lambda *a, **k: got.append(widths(*a, **k)) or got[-1]
+        try:
+            compress_tail(layer, n_new, w_tok, w_ch, real, keep_last=keep_last, decoded=decoded)
+        finally:
+            del layer.planner.widths
+        v_bits = got[0][0].reshape(-1, len(positions)).cpu()
+        for r, h in enumerate(layer.segments[-1].heads):
+            pos[id(h.w_tok)] = positions[order_of(v_bits[r])][: h.n]
+
+    def traced_part_init(part, members, rows):
+        part_init(part, members, rows)
+        part.pos = [torch.cat([pos.get(id(s.heads[r].w_tok), torch.full((s.heads[r].n,), -1)) for s in members]) for r in rows]
+
+    def traced_v_widths(planner, layer_idx, parts, *rest):
+        out = v_widths(planner, layer_idx, parts, *rest)
+        stats["reallocations"] += 1
+        for p, new in zip(parts, out):
+            for u, (old, nw) in enumerate(zip(p.vw, new)):
+                stats["v_before"] += int(old.sum())
+                stats["v_after"] += int(nw.sum())
+                at = torch.isin(p.pos[u], code_pos)
+                if at.any():
+                    stats["rows"] += 1
+                    stats["lowered"] += int(bool((nw[at] < old[at]).any()))
+                    stats["evicted"] += int(bool(((nw[at] == 0) & (old[at] > 0)).any()))
+        return out
+
+    def traced_repack(part, vw, kw, row_of, *rest):
+        seg = repack_fn(part, vw, kw, row_of, *rest)
+        if seg is not None:
+            for r, h in enumerate(seg.heads):
+                u = row_of[r]
+                pos[id(h.w_tok)] = part.pos[u][order_of(vw[u])][: h.n]
+        return seg
+
+    RDKVLayer.compress_tail, cache_cap._v_widths = traced_compress_tail, traced_v_widths
+    cache_cap._Part.__init__, cache_cap._repack = traced_part_init, traced_repack
+    try:
+        traced = run_cell(model, ids, code, text_end, "rdkv-cap", settings, None, tok)
+    finally:
+        RDKVLayer.compress_tail, cache_cap._v_widths = compress_tail, v_widths
+        cache_cap._Part.__init__, cache_cap._repack = part_init, repack_fn
+    enforce = cache_cap.enforce
+
+    def merge_only(layer):  # merge the old part at the widths it has whenever the library would re-allocate
+        share, fixed = cache_cap.limits(layer)
+        if cache_cap._held(layer.segments) + fixed > share:
+            cache_cap.reallocate(layer, 0)
+
+    cache_cap.enforce = merge_only
+    cache_cap._v_widths = lambda planner, layer_idx, parts, *rest: [list(p.vw) for p in parts]
+    k_widths, cache_cap._k_widths = cache_cap._k_widths, lambda planner, layer_idx, part, vw, budget: list(part.kw)
+    try:
+        merged = run_cell(model, ids, code, text_end, "rdkv-cap", settings, None, tok)
+    finally:
+        cache_cap.enforce, cache_cap._v_widths, cache_cap._k_widths = enforce, v_widths, k_widths
+    pieces = [tok.decode([t]) for t in seq[first - 2 : first + len(digits)]]
+    lines = [
+        f"# Where the recall goes under a {100 * args.cap_share:.0f}% cap", "",
+        f"`python benchmarks/bench_long_generation.py recall-trace --cap-share {args.cap_share} --threads {args.threads}` "
+        f"({machine()}; quality figures do not depend on load). SmolLM2-135M-Instruct in bf16, the stream of "
+        f"`quality` (sample 0: code {code}, its tokens {pieces} at position {first - 2}), decode_block "
+        f"{args.decode_block}, budget {args.budget}.", "",
+        "| run | % of bf16 bytes (end) | most bytes / cap | PPL | answer |", "|---|---|---|---|---|",
+    ]
+    for name, r in (("library (re-allocation takes widths, merges the decoded blocks)", traced),
+                    ("merge only (old part merged at unchanged widths; cap not kept)", merged)):
+        lines.append(f"| {name} | {r['pct_bf16']:.1f}% | {r['max_nbytes'] / r['cap']:.3f} | {r['ppl']:.2f} | {r['answer'].strip()!r} |")
+    lines += ["", f"Library run: {stats['reallocations']} re-allocations (layers x times) took "
+              f"{100 * (1 - stats['v_after'] / max(stats['v_before'], 1)):.1f}% of the old part's V bits; of the "
+              f"{stats['rows']} (layer, KV head) rows holding the code's tokens, {stats['lowered']} lost bits on at least "
+              f"one of them and {stats['evicted']} evicted at least one."]
+    text = "\n".join(lines) + "\n"
+    (args.out / "recall_trace.md").write_text(text)
+    print(text)
+
+
 def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -267,7 +405,7 @@ def plot(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"quality": quality, "speed": speed, "plot": plot, "repack": repack}[args.what](args)
+    {"quality": quality, "speed": speed, "plot": plot, "repack": repack, "recall-trace": recall_trace}[args.what](args)
 
 
 if __name__ == "__main__":
