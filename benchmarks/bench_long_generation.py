@@ -5,6 +5,7 @@ against generated length.
     python benchmarks/bench_long_generation.py quality --decode-block 64 --methods full rdkv rdkv-cap --samples 1 \
         --out benchmarks/results/long_generation/block64                       # the block-size sweep
     python benchmarks/bench_long_generation.py speed     # bytes and ms/token vs generated length
+    python benchmarks/bench_long_generation.py ratio     # the cap at 16K against RDKV at 4K, interleaved
     python benchmarks/bench_long_generation.py plot      # the plot from both result files
     python benchmarks/bench_long_generation.py repack    # what merging decoded blocks costs (K error)
     python benchmarks/bench_long_generation.py recall-trace --cap-share 0.2   # where the capped recall goes
@@ -58,7 +59,8 @@ PROMPT = 64
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "speed", "plot", "repack", "recall-trace"))
+    p.add_argument("what", choices=("quality", "speed", "ratio", "plot", "repack", "recall-trace"))
+    p.add_argument("--rounds", type=int, default=8, help="ratio: rounds of each method, alternated")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--stream-tokens", type=int, default=6144)
@@ -215,6 +217,35 @@ def speed(args) -> None:
 
             rdkv_hf.unpatch(model)
             del cache
+
+
+def ratio(args) -> None:
+    """Issue 15's speed target as one ratio: ``rdkv-cap`` after 16K generated tokens against
+    ``rdkv-prompt`` at 4K, two models in one process, alternating rounds of ``--steps / --rounds``
+    steps so that the machine's drift falls on both. The capped rounds together cover ``--steps``
+    decode steps (their packing and re-allocations included); the prompt's tail grows by as many."""
+    from rdkv_hf.eval.models import load_model
+
+    torch.set_num_threads(args.threads)
+    seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+    cap_len, ref_len = max(args.lengths), 4096
+    states = {}
+    for method, length in (("rdkv-prompt", ref_len), ("rdkv-cap", cap_len)):
+        model, _ = load_model("smollm2-135m")
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, PROMPT + cap_len + args.steps + 1024)
+        states[method] = (model, build_state(method, model, seed, length, args.budget))
+        time_decode(model, states[method][1], 4, warmup=0)  # warm up
+    print(f"machine: {machine()}; threads {args.threads}; loadavg {loadavg()}; model float32")
+    per_round = max(1, args.steps // args.rounds)
+    times: dict = {m: [] for m in states}
+    for r in range(args.rounds):
+        for method, (model, cache) in states.items():
+            mean, median, _, other = time_decode(model, cache, per_round, warmup=0)
+            times[method].append(mean)
+            print(f"round {r}: {method:>11} {mean:7.1f} ms/token (median {median:6.1f}, other {other:.2f})", flush=True)
+    ref, cap = statistics.mean(times["rdkv-prompt"]), statistics.mean(times["rdkv-cap"])
+    print(f"rdkv-cap at {cap_len} generated: {cap:.1f} ms/token; rdkv-prompt at {ref_len}: {ref:.1f}; ratio {cap / ref:.2f} "
+          f"(median of the rounds' ratios {statistics.median(c / p for c, p in zip(times['rdkv-cap'], times['rdkv-prompt'])):.2f})")
 
 
 @torch.no_grad()
@@ -405,7 +436,7 @@ def plot(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"quality": quality, "speed": speed, "plot": plot, "repack": repack, "recall-trace": recall_trace}[args.what](args)
+    {"quality": quality, "speed": speed, "ratio": ratio, "plot": plot, "repack": repack, "recall-trace": recall_trace}[args.what](args)
 
 
 if __name__ == "__main__":
