@@ -293,6 +293,8 @@ def reallocate(layer, target: int) -> None:
     segments = []
     for p, vw in zip(parts, v_new):
         kw = _k_widths(planner, layer.layer_idx, p, vw, f * k_rate[heads_of] * D * tokens[parts.index(p)])
+        if all(int((v > 0).sum()) == 0 for v in vw):
+            continue  # no row keeps a token: its tables would be all it holds
         if not p.decoded and all(torch.equal(a, b) for a, b in zip(vw, p.vw)) and all(torch.equal(a, b) for a, b in zip(kw, p.kw)):
             segments.append(p.members[0])  # nothing changed: keep it as it is
             continue

@@ -134,6 +134,17 @@ def test_cache_bytes_never_exceed_the_cap(one_thread, mode, prompt, steps, block
     assert cache.get_seq_length() == prompt + steps
 
 
+def test_a_segment_that_kept_nothing_is_dropped_by_the_cap(one_thread):
+    """Found by the property test above: SnapKV at budget 8 evicts a one-token prompt whole, and at a
+    cap of exactly the minimum the empty segment's tables alone passed the share."""
+    model = _model("llama", num_hidden_layers=1)
+    ids = torch.randint(1, 128, (1, 2), generator=torch.Generator().manual_seed(2))
+    cfg = dict(budget=8.0, mode="snapkv", decode_block=2, residual=1)
+    cap = int(_minimum(model, ids, **cfg))
+    most, cache = _run_capped(model, ids, 3, cap, **cfg)
+    assert most <= cap and all(any(h.n for h in s.heads) for s in _layer(cache).segments)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_the_cap_holds_over_thousands_of_steps(one_thread, arch):
     model = _model(arch, num_hidden_layers=1) if arch == "llama" else _model(arch)
