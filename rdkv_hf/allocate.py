@@ -4,8 +4,8 @@ Units are V tokens and K channels of one KV head ("row"). Each unit u gets a wid
 allowed set, minimizing  sum_u w_u * eps(b_u)  subject to  sum_u cost(b_u) <= budget  (bits).
 Costs count what is stored: codes, plus a float16 scale and minimum per quantized V token or
 K channel. The Lagrangian relaxation  min_b w*eps(b) + lam*cost(b)  is solved per unit and
-`lam` is found by bisection; we return the allocation at the smallest feasible `lam` seen, so the
-budget is never exceeded.
+`lam` is the smallest at which the row fits, found exactly from every unit's switch points; we return
+the allocation there, so the budget is never exceeded.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .quant import META_BITS, per_word
-
-_BISECT_STEPS = 48
 
 
 def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -131,38 +129,40 @@ def lagrangian_widths(
     eps = eps.double().to(w.device)
     budget = budget.double()
 
-    R = w.shape[0]
-    # lam above which every unit prefers eviction: w*(eps0 - eps_k) <= lam*cost_k for all k.
-    gain = (eps[0] - eps)[None, :] / costs.clamp(min=1e-12)  # [R, K]
-    lam_hi = (w.amax(1, keepdim=True) * gain[:, 1:]).amax(1) * 1.01 + 1e-30 if costs.shape[1] > 1 else w.new_ones(R)
-    lam_lo = torch.zeros(R, dtype=torch.float64, device=w.device)
     # lam = 0 keeps everything at the best width; if that fits, we are done (e.g. budget 16).
-    opt0, spent0 = _choose(w, costs, eps, lam_lo)
+    opt0, spent0 = _choose(w, costs, eps, torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
     fits0 = spent0 <= budget
-    done = fits0.clone()
-    # For lam > 0 a unit's choice depends only on lam / w: precompute each row's lower envelope
-    # of the lines eps_k + x * cost_k, so one step costs a searchsorted instead of [R, U, K] work.
+    if bool(fits0.all()):
+        return opt0
+    # For lam > 0 a unit's choice depends only on lam / w: each row's lower envelope of the lines
+    # eps_k + x * cost_k gives the unit's option on each interval of x (breaks), so the unit moves
+    # to its next, cheaper hull option at lam = w * breaks[j] ("events").
     breaks, hull = _envelopes(costs, eps)
-    hull_cost = torch.gather(costs, 1, hull)  # [R, K]
-    w_sorted = w.sort(1).values
-    n_pos = (w > 0).sum(1)
-    moved = torch.zeros_like(done)  # rows whose lam_hi was lowered to a feasible mid
-    for _ in range(_BISECT_STEPS):
-        if bool(done.all()):
-            break
-        mid = (lam_lo + lam_hi) / 2
-        spent = _spend_hull(w_sorted, n_pos, breaks, hull_cost, mid)
-        ok = spent <= budget
-        lam_hi = torch.where(ok, mid, lam_hi)
-        lam_lo = torch.where(ok, lam_lo, mid)
-        moved |= ok & ~done
-        # A row whose (lam_lo, lam_hi) holds a single choice change (some w * breaks[j]) is settled:
-        # every later lam_hi lies above that change and below the next, where the choice is the same.
-        done |= moved & (_changes_between(w_sorted, n_pos, breaks, lam_lo, lam_hi) == 1)
-    # The allocation at the smallest feasible lam seen; eviction (always feasible) if none was.
-    opt_hi, _ = _choose_hull(w, costs, breaks, hull, lam_hi)
-    best = torch.where(moved[:, None], opt_hi, torch.zeros_like(opt_hi))
-    return torch.where(fits0[:, None], opt0, best)
+    opt = _lowest_feasible(w, breaks, hull, torch.gather(costs, 1, hull), budget)
+    return torch.where(fits0[:, None], opt0, opt)
+
+
+def _lowest_feasible(w, breaks, hull, hull_cost, budget):
+    """The allocation at the smallest feasible lam: every unit's events sorted per row, the bits
+    they save summed in that order, and the first event whose prefix fits the budget taken with
+    every event at or below it (ties move together). Eviction (always feasible) for a row whose
+    last event does not fit."""
+    R, U = w.shape
+    K1 = breaks.shape[1]
+    finite = torch.isfinite(breaks)  # [R, K-1]
+    b = torch.where(finite, breaks, torch.zeros_like(breaks))
+    events = torch.where(finite[:, None, :] & (w > 0)[:, :, None], w[:, :, None] * b[:, None, :],
+                         torch.full((), math.inf, dtype=w.dtype, device=w.device))  # [R, U, K-1]
+    saved = (hull_cost[:, :K1] - hull_cost[:, 1 : K1 + 1])[:, None, :].expand(R, U, K1)  # bits each event saves
+    values, order = events.reshape(R, -1).sort(1)
+    cum = torch.gather(saved.reshape(R, -1), 1, order).cumsum(1)
+    start = (w > 0).sum(1).double() * hull_cost[:, 0]  # every unit at its first hull option (lam -> 0+)
+    ok = (start[:, None] - cum <= budget[:, None]) & torch.isfinite(values)
+    first = torch.where(ok.any(1), ok.double().argmax(1), torch.full_like(budget, -1, dtype=torch.long))
+    lam = torch.gather(values, 1, first.clamp(min=0)[:, None])  # [R, 1]
+    moves = (events <= lam[:, :, None]).sum(-1)  # [R, U] events each unit takes (breaks ascend: a prefix)
+    opt = torch.gather(hull, 1, moves)
+    return torch.where((first >= 0)[:, None] & (w > 0), opt, torch.zeros_like(opt))
 
 
 def _choose(w, costs, eps, lam):
@@ -210,38 +210,6 @@ def _envelopes(costs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, to
         if xs:
             breaks[r, : len(xs)] = torch.tensor(xs, dtype=torch.float64, device="cpu")
     return breaks.to(costs.device), hull.to(costs.device)
-
-
-def _spend_hull(w_sorted, n_pos, breaks, hull_cost, lam):
-    """Bits spent at `lam` (as `_choose`), from the ascending weights: a unit with w > 0 takes
-    hull option j when ``breaks[j-1] <= lam / w < breaks[j]``, i.e. w in ``(lam/breaks[j], lam/breaks[j-1]]``."""
-    U = w_sorted.shape[1]
-    thr = lam[:, None] / breaks  # [R, K-1]; breaks = +inf gives 0: every unit with w > 0
-    below = U - torch.searchsorted(w_sorted, thr.contiguous(), right=True)  # units with lam / w < breaks[j]
-    below = torch.minimum(below, n_pos[:, None])
-    counts = torch.diff(below, dim=1, prepend=torch.zeros_like(below[:, :1]))  # per interval j < K-1
-    last = n_pos - below[:, -1]  # units past the last break
-    K1 = breaks.shape[1]
-    return (counts * hull_cost[:, :K1]).sum(1) + last * hull_cost[:, K1]
-
-
-def _changes_between(w_sorted, n_pos, breaks, lo, hi):
-    """``[R]`` number of (unit, break) pairs with ``lo < w * breaks[j] < hi`` (units with w > 0)."""
-    U = w_sorted.shape[1]
-    finite = torch.isfinite(breaks)
-    b = torch.where(finite, breaks, torch.ones_like(breaks))
-    above_lo = U - torch.searchsorted(w_sorted, (lo[:, None] / b).contiguous(), right=True)  # w > lo / b
-    below_hi = U - torch.searchsorted(w_sorted, (hi[:, None] / b).contiguous(), right=False)  # w >= hi / b
-    return ((above_lo - below_hi).clamp(min=0) * finite).sum(1)
-
-
-def _choose_hull(w, costs, breaks, hull, lam):
-    """`_choose` for ``lam > 0`` through the precomputed envelopes."""
-    x = lam[:, None] / w  # w = 0 gives +inf: the cheapest option, then forced to eviction below
-    opt = torch.gather(hull, 1, torch.searchsorted(breaks, x, right=True))
-    opt = torch.where(w > 0, opt, torch.zeros_like(opt))
-    spent = torch.gather(costs, 1, opt).sum(1)
-    return opt, spent
 
 
 def unit_costs(widths: torch.Tensor, elems_per_unit: torch.Tensor) -> torch.Tensor:

@@ -412,3 +412,22 @@ def test_fast_lagrangian_matches_dense_bisection(seed):
     costs = unit_costs(widths, torch.tensor([64, 17, 0]))  # a row with nothing to spend on
     budget = torch.rand(R, generator=g).double() * 5 * U * 64
     assert torch.equal(lagrangian_widths(w, costs, eps, budget), _dense_lagrangian(w, costs, eps, budget))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lagrangian_finds_the_lowest_feasible_lam(seed):
+    """Weights across many orders of magnitude, where a 48-step bisection stops short of the
+    smallest feasible lam (and spends less than it may): the allocation is the one a bisection run
+    to convergence finds, within the budget."""
+    from rdkv_hf.allocate import lagrangian_widths, unit_costs
+
+    g = torch.Generator().manual_seed(seed)
+    widths = torch.tensor(WIDTH_MIXES["rdkv"])
+    eps = torch.tensor([1.0, 0.312, 0.0138, 4.8e-5, 0.0])
+    R, U = 4, 300
+    w = torch.exp(torch.randn(R, U, generator=g) * 5)
+    costs = unit_costs(widths, torch.tensor([64, 64, 128, 5]))
+    budget = torch.rand(R, generator=g).double() * costs.amax(1) * U
+    opt = lagrangian_widths(w, costs, eps, budget)
+    assert bool((torch.gather(costs.double(), 1, opt).sum(1) <= budget).all())
+    assert torch.equal(opt, _dense_lagrangian(w, costs, eps, budget, steps=400))
