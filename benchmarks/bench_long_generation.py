@@ -256,6 +256,7 @@ def repack(args) -> None:
     from rdkv_hf import cache_cap, decode_blocks
     from rdkv_hf.attention import compress_layer
     from rdkv_hf.eval.models import load_model
+    from rdkv_hf.storage import pack_order
 
     torch.set_num_threads(args.threads)
     seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
@@ -280,7 +281,7 @@ def repack(args) -> None:
         for r in heads:
             k0 = torch.cat([b.heads[r].dequantize()[0] for b in blocks])
             v0 = torch.cat([b.heads[r].dequantize()[1] for b in blocks])
-            order = torch.sort(-part.vw[r], stable=True).indices  # the merged segment's token order
+            order = pack_order(part.vw[r])  # the merged segment's token order
             k1, v1 = merged.heads[r].dequantize()
             rows.append((li, r, float((k1 - k0[order]).norm() / k0.norm()), float((v1 - v0[order]).norm() / v0.norm())))
             print(f"layer {li:2d} head {r}: K {100 * rows[-1][2]:5.1f}%  V {100 * rows[-1][3]:.1f}% (relative error added by the merge)")
@@ -297,6 +298,7 @@ def recall_trace(args) -> None:
     from rdkv_hf.cache import RDKVLayer
     from rdkv_hf.eval.models import load_model
     from rdkv_hf.eval.stream import StreamSettings, run_cell, stream_sample
+    from rdkv_hf.storage import pack_order
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
@@ -309,9 +311,6 @@ def recall_trace(args) -> None:
     code_pos = torch.arange(first - 2, first + len(digits))
     pos: dict[int, torch.Tensor] = {}  # id(head.w_tok) -> the head's token positions, in its token order
     stats = dict(rows=0, lowered=0, evicted=0, v_before=0, v_after=0, reallocations=0)
-
-    def order_of(bits):  # pack_segment's token order
-        return torch.sort(-bits.long(), stable=True).indices
 
     compress_tail, v_widths, part_init, repack_fn = RDKVLayer.compress_tail, cache_cap._v_widths, cache_cap._Part.__init__, cache_cap._repack
 
@@ -327,7 +326,7 @@ def recall_trace(args) -> None:
             del layer.planner.widths
         v_bits = got[0][0].reshape(-1, len(positions)).cpu()
         for r, h in enumerate(layer.segments[-1].heads):
-            pos[id(h.w_tok)] = positions[order_of(v_bits[r])][: h.n]
+            pos[id(h.w_tok)] = positions[pack_order(v_bits[r])][: h.n]
 
     def traced_part_init(part, members, rows):
         part_init(part, members, rows)
@@ -349,10 +348,8 @@ def recall_trace(args) -> None:
 
     def traced_repack(part, vw, kw, row_of, *rest):
         seg = repack_fn(part, vw, kw, row_of, *rest)
-        if seg is not None:
-            for r, h in enumerate(seg.heads):
-                u = row_of[r]
-                pos[id(h.w_tok)] = part.pos[u][order_of(vw[u])][: h.n]
+        for r, h in enumerate(seg.heads):
+            pos[id(h.w_tok)] = part.pos[row_of[r]][pack_order(vw[row_of[r]])][: h.n]
         return seg
 
     RDKVLayer.compress_tail, cache_cap._v_widths = traced_compress_tail, traced_v_widths

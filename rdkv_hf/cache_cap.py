@@ -18,7 +18,8 @@ block ("the old part") to fit, less ``HEADROOM`` of its share so that it runs ev
   each segment's K channels; no unit gains bits. Eviction modes keep the highest-weight tokens at 16
   bits (StreamingLLM's weights are recency, the random mode's random);
 * the decoded blocks of the old part are merged into one segment, the forward segments (prompt,
-  follow-ups) re-packed each on its own, and left as they were when nothing in them changed.
+  follow-ups) re-packed each on its own, left as they were when nothing in them changed, dropped
+  when no row keeps a token.
 
 Re-packing reads the packed data back (``PackedHead.dequantize``) and packs it again: a V token or
 a K channel that keeps its width and its tokens comes back bit for bit (its values lie on the grid
@@ -37,7 +38,7 @@ import torch
 
 from .allocate import channel_widths, lagrangian_widths, unit_costs
 from .compat import layer_types
-from .storage import Segment, pack_segment
+from .storage import Segment, pack_order, pack_segment
 from .weights import head_shape
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def attach_weights(heads, v_bits: torch.Tensor, w_tok: torch.Tensor, w_ch: torch
             to keep; w_ch: ``[R, D]`` channel weights.
     """
     R, T = v_bits.shape
-    order = torch.sort(-v_bits.long(), dim=1, stable=True).indices  # pack_segment's token order
+    order = pack_order(v_bits)
     w = w_tok.reshape(R, T).float().gather(1, order).to(WEIGHT_DTYPE)
     wc = w_ch.float().to(WEIGHT_DTYPE)
     for r, h in enumerate(heads):
@@ -292,15 +293,13 @@ def reallocate(layer, target: int) -> None:
     keep = planner.keep_dtype(layer.dtype)
     segments = []
     for p, vw in zip(parts, v_new):
-        kw = _k_widths(planner, layer.layer_idx, p, vw, f * k_rate[heads_of] * D * tokens[parts.index(p)])
         if all(int((v > 0).sum()) == 0 for v in vw):
             continue  # no row keeps a token: its tables would be all it holds
+        kw = _k_widths(planner, layer.layer_idx, p, vw, f * k_rate[heads_of] * D * tokens[parts.index(p)])
         if not p.decoded and all(torch.equal(a, b) for a, b in zip(vw, p.vw)) and all(torch.equal(a, b) for a, b in zip(kw, p.kw)):
             segments.append(p.members[0])  # nothing changed: keep it as it is
             continue
-        seg = _repack(p, vw, kw, row_of, B, H, keep, layer.keys.device)
-        if seg is not None:
-            segments.append(seg)
+        segments.append(_repack(p, vw, kw, row_of, B, H, keep, layer.keys.device))
     layer.segments = segments + ([newest] if newest is not None else [])
     layer.block_stack, layer.block_stack_key = None, ()  # the old stack would keep the old bytes alive
 
@@ -352,11 +351,9 @@ def _k_widths(planner, layer_idx, part, vw, k_budget) -> list[torch.Tensor]:
     return [torch.minimum(a, b) for a, b in zip(new, part.kw)]
 
 
-def _repack(part: _Part, vw, kw, row_of, B, H, keep_dtype, device) -> Segment | None:
-    """A segment of the part's rows at the new widths (None when no row keeps a token)."""
+def _repack(part: _Part, vw, kw, row_of, B, H, keep_dtype, device) -> Segment:
+    """A segment of the part's rows at the new widths (some row keeps a token)."""
     U = len(vw)
-    if all(int((v > 0).sum()) == 0 for v in vw):
-        return None
     T = max(1, max(len(v) for v in vw))
     D, Dv = part.k[0].shape[-1], part.v[0].shape[-1]
     k = torch.zeros(U, T, D)

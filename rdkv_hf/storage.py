@@ -235,6 +235,12 @@ class _Builder:
         )
 
 
+def pack_order(v_bits: torch.Tensor) -> torch.Tensor:
+    """``[..., T]`` long: the order :func:`pack_segment` keeps a head's tokens in, by decreasing width
+    (stable: ties keep their order; evicted tokens last), for ``v_bits [..., T]``."""
+    return torch.sort(-v_bits.long(), dim=-1, stable=True).indices
+
+
 def pack_segment(
     k: torch.Tensor, v: torch.Tensor, v_bits: torch.Tensor, k_bits: torch.Tensor, keep_dtype: torch.dtype
 ) -> tuple[list[PackedHead], SegmentBuffers]:
@@ -257,8 +263,7 @@ def pack_segment(
     if v.shape[:2] != (R, T):
         raise ValueError(f"`k` is [{R}, {T}, {D}] but `v` is {list(v.shape)}: they must share rows and tokens")
     b = _Builder(D, keep_dtype, k.device, Dv)
-    # Tokens of each head sorted by decreasing width (stable: ties keep their order); evicted last.
-    order = torch.sort(-v_bits.long(), dim=1, stable=True).indices  # [R, T]
+    order = pack_order(v_bits)  # [R, T]
     vb = v_bits.long().gather(1, order)
     n_kept = (vb > 0).sum(1).tolist()
     # Rows of [R * T, D] in sorted order; rows are gathered per width (V) and per head (K) rather
