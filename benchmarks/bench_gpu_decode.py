@@ -16,6 +16,9 @@ channel orders, raw zones), ``ratio`` the DynamicCache's bytes over the method's
 DynamicCache's ms/token over the method's, ``peak MiB`` the CUDA memory peak during the decode steps.
 
 Prints a markdown table and writes a CSV (``--out-dir``, default ``benchmarks/results/gpu/``).
+``--profile`` also runs three decode steps of each method at the first context under
+``torch.profiler`` and writes the operators' table (sorted by their own device time, then CPU time)
+beside the CSV, to see where a step's time goes.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
+    p.add_argument("--profile", action="store_true", help="profile 3 decode steps per method at the first context")
     return p.parse_args(argv)
 
 
@@ -109,13 +113,41 @@ def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
 
+def device_slug(name: str, device: torch.device) -> str:
+    """File-name part for a device: the GPU's name (nvidia-h200), or cpu."""
+    return re.sub(r"[^a-z0-9]+", "-", (name if device.type == "cuda" else "cpu").lower()).strip("-")
+
+
+def profile_path(args, slug: str, method: str, ctx: int, wanted: bool) -> Path | None:
+    return args.out_dir / f"profile-{slug}-{method}-{ctx}.txt" if wanted else None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def run_one(model, ids: torch.Tensor, cache, args, device: torch.device) -> dict:
-    """Prefill `ids` into `cache`, then time greedy decode steps; bytes, times and memory."""
+def profile_steps(model, tok: torch.Tensor, cache, device: torch.device, path: Path, steps: int = 3) -> None:
+    """Three more decode steps under torch.profiler; the operators' table (own device time first,
+    then own CPU time) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            out = model(tok, **cache_kwargs(cache))
+            tok = out.logits[:, -1:].argmax(-1)
+        sync(device)
+    table = prof.key_averages()
+    sorts = (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"# {steps} decode steps, sorted by {key}\n{table.table(sort_by=key, row_limit=25)}\n" for key in sorts))
+    print(f"wrote {path}")
+
+
+def run_one(model, ids: torch.Tensor, cache, args, device: torch.device, profile_to: Path | None = None) -> dict:
+    """Prefill `ids` into `cache`, then time greedy decode steps; bytes, times and memory (and the
+    profile of three more steps to `profile_to`)."""
     sync(device)
     t0 = time.perf_counter()
     out = model(ids, logits_to_keep=1, **cache_kwargs(cache))
@@ -136,6 +168,8 @@ def run_one(model, ids: torch.Tensor, cache, args, device: torch.device) -> dict
         times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times[args.warmup :])
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    if profile_to is not None:
+        profile_steps(model, tok, cache, device, profile_to)
     return dict(kv_bytes=nbytes, ms_per_token=ms, prefill_s=prefill_s, peak_mib=peak)
 
 
@@ -162,14 +196,16 @@ def main(argv=None) -> list[dict]:
         run_one(model, warm, DynamicCache(config=model.config), quick, device)
         with rdkv_hf.patched(model, budget=args.budget, backend=backend):
             run_one(model, warm, rdkv_hf.RDKVCache(model), quick, device)
-        for ctx in args.contexts:
+        slug = device_slug(env["device"], device)
+        for i, ctx in enumerate(args.contexts):
+            profile = args.profile and i == 0
             ids = torch.randint(args.vocab, (1, ctx), generator=torch.Generator().manual_seed(args.seed + ctx)).to(device)
             rdkv_hf.unpatch(model)
-            dyn = run_one(model, ids, DynamicCache(config=model.config), args, device)
+            dyn = run_one(model, ids, DynamicCache(config=model.config), args, device, profile_path(args, slug, "dynamic", ctx, profile))
             rows.append(dict(method="DynamicCache", context=ctx, prompt_bits=8.0 * model.dtype.itemsize, **dyn))
             rdkv_hf.patch(model, budget=args.budget, backend=backend)
             cache = rdkv_hf.RDKVCache(model)
-            res = run_one(model, ids, cache, args, device)
+            res = run_one(model, ids, cache, args, device, profile_path(args, slug, "rdkv", ctx, profile))
             res["prompt_bits"] = cache.summary().prompt_bits_per_element
             rows.append(dict(method=rdkv_name, context=ctx, **res))
             rdkv_hf.unpatch(model)
@@ -192,7 +228,6 @@ def main(argv=None) -> list[dict]:
               f"{r['ratio']:.2f}x | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['prefill_s']:.2f} | {peak} |")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", (env["device"] if device.type == "cuda" else "cpu").lower()).strip("-")
     path = args.out_dir / f"decode-{slug}.csv"
     fields = ["method", "context", "kv_bytes", "kv_bytes_per_token", "ratio", "prompt_bits", "ms_per_token", "tokens_per_s",
               "speedup", "prefill_s", "peak_mib", "torch", "transformers", "triton", "device", "git"]

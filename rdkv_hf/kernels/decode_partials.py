@@ -8,6 +8,11 @@ one ``[G, D]`` block. The launcher merges the chunk partials of each head by log
 ``D`` channels and V rows ``DV`` elements (DeepSeek's latent attention); with ``SOFTCAP`` the
 logits are capped at ``softcap * tanh(x / softcap)`` (Gemma 2) before the softmax.
 
+Every product over channels or tokens goes through :func:`rowdot`, in IEEE float32: Triton up to
+3.6 rewrites ``tl.sum(a[:, :, None] * b[None, :, :], 1)`` into a TF32 ``tl.dot`` once ``a`` has 16
+rows and ``b`` 16 columns (a GQA group of 4 heads times 4 new tokens), which put 1e-3 relative
+errors into the logits (seen on an H200, Triton 3.6).
+
 Reference: ``rdkv_hf.attention.head_partials_reference`` (the layout is in ``rdkv_hf/storage.py``).
 """
 
@@ -22,12 +27,29 @@ from . import check_decode_inputs, check_softcap, launch_context, merge_chunk_pa
 
 
 @triton.jit
+def rowdot(a, b, DOT: tl.constexpr):
+    """``a [M, K] @ b [K, N]`` in IEEE float32. ``DOT`` (M >= 16 and N >= 16, where Triton would
+    rewrite the broadcast sum into a TF32 dot; the launchers keep K >= 16): an explicit IEEE dot;
+    else the broadcast sum."""
+    if DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+def dot_ok(rows: int, cols: int) -> bool:
+    """``DOT`` of :func:`rowdot` for padded block sizes ``rows x cols``."""
+    return rows >= 16 and cols >= 16
+
+
+@triton.jit
 def _decode_partials_kernel(
     q_ptr, heads_ptr, groups_ptr, words_ptr, meta_ptr, raw_ptr, perm_ptr,
     m_ptr, l_ptr, acc_ptr,
     G, D, DV, n_chunks, softcap,
     HC: tl.constexpr, GC: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_K: tl.constexpr, DOT_V: tl.constexpr,
 ):
     r = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -67,7 +89,7 @@ def _decode_partials_kernel(
             ok = c_ok[:, None] & t_ok[None, :]
             if bits == 16:
                 kv = tl.load(raw_ptr + data + cs[:, None] * length + ts[None, :], mask=ok, other=0.0).to(tl.float32)
-                logits += tl.sum(qg[:, :, None] * kv[None, :, :], axis=1)
+                logits += rowdot(qg, kv, DOT_K)
             else:
                 k = 32 // bits
                 word = tl.load(words_ptr + data + cs[:, None] * row_words + ts[None, :] // k, mask=ok, other=0)
@@ -75,7 +97,7 @@ def _decode_partials_kernel(
                 sc = tl.load(meta_ptr + meta + cs, mask=c_ok, other=0.0).to(tl.float32)
                 mn = tl.load(meta_ptr + meta + count + cs, mask=c_ok, other=0.0).to(tl.float32)
                 bias += tl.sum(qg * mn[None, :], axis=1)
-                logits += tl.sum((qg * sc[None, :])[:, :, None] * code[None, :, :], axis=1)
+                logits += rowdot(qg * sc[None, :], code, DOT_K)
 
     logits = logits + bias[:, None]
     if SOFTCAP:  # tanh(x) = 2 sigmoid(2x) - 1
@@ -101,14 +123,14 @@ def _decode_partials_kernel(
         pg = tl.where(in_grp[None, :], p, 0.0)
         if bits == 16:
             val = tl.load(raw_ptr + data + rows[:, None] * DV + ds[None, :], mask=ok, other=0.0).to(tl.float32)
-            acc += tl.sum(pg[:, :, None] * val[None, :, :], axis=1)
+            acc += rowdot(pg, val, DOT_V)
         else:
             k = 32 // bits
             word = tl.load(words_ptr + data + rows[:, None] * row_words + ds[None, :] // k, mask=ok, other=0)
             code = ((word >> ((ds[None, :] % k) * bits)) & ((1 << bits) - 1)).to(tl.float32)
             sc = tl.load(meta_ptr + meta + rows, mask=in_grp, other=0.0).to(tl.float32)
             mn = tl.load(meta_ptr + meta + count + rows, mask=in_grp, other=0.0).to(tl.float32)
-            acc += tl.sum((pg * sc[None, :])[:, :, None] * code[None, :, :], axis=1)
+            acc += rowdot(pg * sc[None, :], code, DOT_V)
             acc += tl.sum(pg * mn[None, :], axis=1)[:, None]
 
     out = r * n_chunks + chunk
@@ -139,13 +161,15 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, soft
     cm = torch.empty(R, n_chunks, G, dtype=torch.float32, device=q.device)
     cl = torch.empty_like(cm)
     cacc = torch.empty(R, n_chunks, G, Dv, dtype=torch.float32, device=q.device)
+    BLOCK_G, BLOCK_DV = triton.next_power_of_2(G), triton.next_power_of_2(Dv)
     if R:
         with launch_context(q):
             _decode_partials_kernel[(R, n_chunks)](
                 q, buffers.heads, buffers.groups, buffers.words, buffers.meta, buffers.raw, buffers.perm,
                 cm, cl, cacc, G, D, Dv, n_chunks, cap,
-                HC=H_COLS_COUNT, GC=G_COLS_COUNT, SOFTCAP=cap > 0, BLOCK_G=triton.next_power_of_2(G),
-                BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_T=block_t, BLOCK_C=16,
+                HC=H_COLS_COUNT, GC=G_COLS_COUNT, SOFTCAP=cap > 0, BLOCK_G=BLOCK_G,
+                BLOCK_DV=BLOCK_DV, BLOCK_T=block_t, BLOCK_C=16,
+                DOT_K=dot_ok(BLOCK_G, block_t), DOT_V=dot_ok(BLOCK_G, BLOCK_DV),
             )
     return merge_chunk_partials(cm, cl, cacc, out)  # chunks without tokens have m = -inf
 

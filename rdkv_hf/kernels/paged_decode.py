@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ..paged import HEADER_WORDS
 from . import check_decode_inputs, launch_context, merge_chunk_partials
+from .decode_partials import dot_ok, rowdot
 
 
 @triton.jit
@@ -28,6 +29,7 @@ def _paged_partials_kernel(
     G, D, max_pages, page_words,
     RC: tl.constexpr, KC: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_K: tl.constexpr, DOT_V: tl.constexpr,
 ):
     r = tl.program_id(0)
     p = tl.program_id(1)
@@ -82,7 +84,7 @@ def _paged_partials_kernel(
                     ok = c_ok[:, None] & t_ok[None, :]
                     if bits == 16:
                         kv = tl.load(raw_ptr + 2 * (rec_base[None, :] + word) + cs[:, None], mask=ok, other=0.0).to(tl.float32)
-                        logits += tl.sum(qg[:, :, None] * kv[None, :, :], axis=1)
+                        logits += rowdot(qg, kv, DOT_K)
                     else:
                         per = 32 // bits
                         w = tl.load(pages_ptr + rec_base[None, :] + word + cs[:, None] // per, mask=ok, other=0)
@@ -90,7 +92,7 @@ def _paged_partials_kernel(
                         sc = tl.load(kmeta_ptr + meta + cs, mask=c_ok, other=0.0).to(tl.float32)
                         mn = tl.load(kmeta_ptr + meta + cnt + cs, mask=c_ok, other=0.0).to(tl.float32)
                         bias += tl.sum(qg * mn[None, :], axis=1)
-                        logits += tl.sum((qg * sc[None, :])[:, :, None] * code[None, :, :], axis=1)
+                        logits += rowdot(qg * sc[None, :], code, DOT_K)
             logits = tl.where(t_ok[None, :], logits + bias[:, None], float("-inf"))
 
             ok = t_ok[:, None] & d_ok[None, :]
@@ -108,7 +110,7 @@ def _paged_partials_kernel(
             alpha = tl.exp(m_i - m_safe)  # 0 while nothing was seen
             pexp = tl.exp(logits - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(pexp, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(pexp[:, :, None] * val[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + rowdot(pexp, val, DOT_V)
             m_i = m_new
 
     out = r * max_pages + p
@@ -134,14 +136,16 @@ def paged_partials(paged, q: torch.Tensor, block_t: int = 16, out=None):
     cm = torch.empty(R, max_pages, G, dtype=torch.float32, device=q.device)
     cl = torch.empty_like(cm)
     cacc = torch.empty(R, max_pages, G, D, dtype=torch.float32, device=q.device)
+    BLOCK_G, BLOCK_D = triton.next_power_of_2(G), triton.next_power_of_2(D)
     if R:
         pages = paged.pages if paged.pages.numel() else torch.zeros(1, paged.page_words, dtype=torch.int32, device=q.device)
         with launch_context(q):
             _paged_partials_kernel[(R, max_pages)](
                 q, pages, pages.view(torch.float16), pages.view(paged.raw_dtype), paged.k_meta, paged.perm, paged.rows,
                 paged.k_groups, paged.block_table, cm, cl, cacc, G, D, max_pages, paged.page_words,
-                RC=paged.rows.shape[1], KC=paged.k_groups.shape[1], BLOCK_G=triton.next_power_of_2(G),
-                BLOCK_D=triton.next_power_of_2(D), BLOCK_T=block_t, BLOCK_C=16,
+                RC=paged.rows.shape[1], KC=paged.k_groups.shape[1], BLOCK_G=BLOCK_G,
+                BLOCK_D=BLOCK_D, BLOCK_T=block_t, BLOCK_C=16,
+                DOT_K=dot_ok(BLOCK_G, block_t), DOT_V=dot_ok(BLOCK_G, BLOCK_D),
             )
     return merge_chunk_partials(cm, cl, cacc, out)
 

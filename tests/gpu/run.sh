@@ -11,10 +11,12 @@
 #   PY=python3.12 tests/gpu/run.sh             # another interpreter (default: python)
 #   RDKV_GPU_TESTS_DEVICE=cpu tests/gpu/run.sh # dry run on the CPU: Triton under its interpreter,
 #                                              # small shapes, a small benchmark written to $TMPDIR
+#                                              # (Triton 3.6's interpreter needs numpy < 2.4)
 #   RDKV_GPU_NO_INSTALL=1 tests/gpu/run.sh     # test this tree through PYTHONPATH, install nothing
 #   RDKV_GPU_BENCH_ARGS="--contexts 8192" tests/gpu/run.sh   # other benchmark arguments
+#   RDKV_GPU_BENCH_ARGS="--profile" tests/gpu/run.sh         # and torch.profiler tables of decode steps
 #   RDKV_GPU_PYTEST_ARGS="-x -k kernels" tests/gpu/run.sh      # extra pytest arguments
-# When $OUT is set (the device machine's output folder), the benchmark CSVs are copied there.
+# When $OUT is set (the device machine's output folder), the benchmark's CSVs and profiles are copied there.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 PY=${PY:-python}
@@ -82,7 +84,7 @@ echo "== benchmarks/bench_gpu_decode.py $BENCH_ARGS"
 timeout $BENCH_LIMIT "$PY" benchmarks/bench_gpu_decode.py $BENCH_ARGS || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
 
 if [ -n "${OUT:-}" ] && [ -d benchmarks/results/gpu ]; then
-    mkdir -p "$OUT/gpu-results" && cp benchmarks/results/gpu/*.csv "$OUT/gpu-results/" 2>/dev/null
+    mkdir -p "$OUT/gpu-results" && cp benchmarks/results/gpu/*.csv benchmarks/results/gpu/profile-*.txt "$OUT/gpu-results/" 2>/dev/null
 fi
 [ "$status" -eq 0 ] && echo "== tests/gpu/run.sh: all passed" || echo "== tests/gpu/run.sh: FAILED (exit $status)"
 exit "$status"

@@ -1,5 +1,6 @@
 """Compressed generation on the device: budget 2.5, every packed tensor on the model's device, the
-Triton decode path giving the torch reference's tokens, and a model split across two GPUs."""
+Triton decode path giving the torch reference's tokens (also with decoded blocks under a byte cap),
+and a model split across two GPUs."""
 
 import copy
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 import rdkv_hf
-from rdkv_hf import RDKVCache
-from rdkv_hf.compat import output_cache
+from rdkv_hf import RDKVCache, cache_cap
+from rdkv_hf.compat import cache_kwargs, output_cache
 
 from .conftest import BACKEND, DRY_RUN, assert_cache_on, needs_triton, tiny_model
 
@@ -58,6 +59,36 @@ def test_triton_decode_generates_the_torch_reference_tokens(arch, device):
         rdkv_hf.patch(model, budget=BUDGET, backend=backend)
         seqs[backend] = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, pad_token_id=0)
     assert torch.equal(seqs["triton"], seqs["torch"])
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["blocks", "cap"])
+def test_decoded_blocks_and_the_cap_on_the_device(arch, device, capped, monkeypatch):
+    """Generated tokens packed in blocks of 16 (under a byte cap, re-allocated to fit) on the device:
+    the decode path's tokens are the torch reference's, every segment is on the device, the cap holds."""
+    reallocations = []
+    reallocate = cache_cap.reallocate
+    monkeypatch.setattr(cache_cap, "reallocate", lambda layer, target: reallocations.append(target) or reallocate(layer, target))
+    model = tiny_model(arch).to(device)
+    ids, mask = _prompt(device, seed=8)
+    settings = dict(budget=BUDGET, decode_block=16)
+    if capped:
+        rdkv_hf.patch(model, **settings, max_cache_bytes=10**9)
+        probe = RDKVCache(model)
+        model(ids, attention_mask=mask, **cache_kwargs(probe))
+        settings["max_cache_bytes"] = int(1.1 * cache_cap.minimum_bytes(probe.layers[probe.rdkv_layers[0]]))
+    seqs, caches = {}, {}
+    for backend in dict.fromkeys(("torch", BACKEND)):
+        rdkv_hf.patch(model, **settings, backend=backend)
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=120, pad_token_id=0,
+                             return_dict_in_generate=True)
+        seqs[backend], caches[backend] = out.sequences, output_cache(out)
+    assert torch.equal(seqs[BACKEND], seqs["torch"])
+    cache = caches[BACKEND]
+    decoded = [s for i in cache.rdkv_layers for s in cache.layers[i].segments if s.decoded]
+    assert decoded, "no decoded block was packed"
+    assert assert_cache_on(cache, ids.device) >= len(decoded)
+    if capped:
+        assert cache.nbytes <= settings["max_cache_bytes"] and reallocations, "the cap never re-allocated"
 
 
 def _two_devices():
