@@ -356,17 +356,15 @@ def _repack(part: _Part, vw, kw, row_of, B, H, keep_dtype, device) -> Segment:
     U = len(vw)
     T = max(1, max(len(v) for v in vw))
     D, Dv = part.k[0].shape[-1], part.v[0].shape[-1]
-    k = torch.zeros(U, T, D)
-    v = torch.zeros(U, T, Dv)
-    bits = torch.zeros(U, T, dtype=torch.long)
+    k = torch.zeros(U, T, D, device=device)
+    v = torch.zeros(U, T, Dv, device=device)
+    bits = torch.zeros(U, T, dtype=torch.long, device=device)
+    weights = torch.zeros(U, T, device=device)
     for u in range(U):
         n = len(vw[u])
         k[u, :n], v[u, :n], bits[u, :n] = part.k[u], part.v[u], vw[u]
-    kb = torch.stack(kw)
-    heads, buffers = pack_segment(k.to(device), v.to(device), bits.to(device), kb.to(device), keep_dtype)
-    weights = torch.zeros(U, T)
-    for u in range(U):
         weights[u, : len(part.wt[u])] = part.wt[u]
-    attach_weights(heads, bits, weights.reshape(U, 1, T).to(device), torch.stack(part.wch).to(device))
+    heads, buffers = pack_segment(k, v, bits, torch.stack(kw).to(device), keep_dtype)
+    attach_weights(heads, bits, weights.reshape(U, 1, T), torch.stack(part.wch).to(device))
     select = torch.tensor(row_of, dtype=torch.long, device=buffers.heads.device)
     return Segment([heads[u] for u in row_of], B, H, part.real.clone(), buffers.select(select), decoded=part.decoded)
