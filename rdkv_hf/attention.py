@@ -29,6 +29,7 @@ from . import decode_blocks, quant
 from .allocate import cap_logits, channel_weights, token_weights
 from .cache import ATTN_NAME, PackedHead, Segment, take_layer
 from .overrides import AttentionOverride
+from .stacked import stacked_partials
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ def head_partials_reference(head: PackedHead, q: torch.Tensor, softcap: float | 
 
 
 def segment_partials(seg: Segment, qf: torch.Tensor, backend: str = "torch", softcap: float | None = None):
-    """Partials of ``qf [B, Hkv, G, D]`` (float32, scaled) over a segment.
+    """Partials of ``qf [B, Hkv, G, D]`` (float32, scaled) over a segment, or over a stack of
+    segments (:class:`~rdkv_hf.stacked.StackedSegment`) merged per row.
 
     Args:
         backend: ``"torch"`` (the reference, head by head), ``"cpu"`` (the C++ kernel) or
@@ -222,6 +224,13 @@ def segment_partials(seg: Segment, qf: torch.Tensor, backend: str = "torch", sof
     Returns:
         ``(max [B, Hkv, G], sum [B, Hkv, G], acc [B, Hkv, G, Dv])``.
     """
+    if getattr(seg, "stacked", 1) > 1 and backend != "cpu":  # the C++ kernel merges a stack's members itself
+        return stacked_partials(seg, qf, lambda s, q: _partials(s, q, backend, softcap))
+    return _partials(seg, qf, backend, softcap)
+
+
+def _partials(seg: Segment, qf: torch.Tensor, backend: str, softcap: float | None):
+    """:func:`segment_partials` of one segment (or of a stack, with ``"cpu"``)."""
     B, H, G, D = qf.shape
     Dv = seg.buffers.v_dim
     if backend == "torch":
@@ -310,8 +319,7 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", soft
     g = Hq // Hkv
     qf = (query.float() * scaling).reshape(B, Hkv, g * q, D)
     backend = resolve_backend(backend, query.device)
-    parts = [decode_blocks.stack_partials(s, qf, lambda seg, q: segment_partials(seg, q, backend, softcap)) if decode_blocks.is_stack(s)
-             else segment_partials(s, qf, backend, softcap) for s in segments]
+    parts = [segment_partials(s, qf, backend, softcap) for s in segments]
     if sinks is not None:  # one more logit per query row, with no value: mass (1 at max s) and no output
         s = sink_logits(sinks, Hkv, q).to(query.device).expand(B, Hkv, g * q)
         parts.append((s, torch.ones_like(s), qf.new_zeros(B, Hkv, g * q, Dv)))

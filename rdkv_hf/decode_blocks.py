@@ -32,7 +32,7 @@ import torch
 
 from . import cache_cap
 from .allocate import cap_logits, pool_weights
-from .stacked import StackedSegment, stack_segments, stacked_partials
+from .stacked import StackedSegment, stack_segments
 
 STATE = ("block_mass", "block_seen", "block_qsq", "block_nq")
 
@@ -201,15 +201,6 @@ def attended(layer) -> list:
         layer.block_stack = stack_segments(decoded)
         layer.block_stack_key = key
     return [s for s in layer.segments if not s.decoded] + [layer.block_stack]
-
-
-def is_stack(segment) -> bool:
-    return isinstance(segment, StackedSegment)
-
-
-def stack_partials(stack, qf, partials):
-    """Partials over a stack of decoded segments (see :func:`rdkv_hf.stacked.stacked_partials`)."""
-    return stacked_partials(stack, qf, partials)
 
 
 def current_stack(layer) -> StackedSegment | None:

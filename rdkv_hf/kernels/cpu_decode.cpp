@@ -308,13 +308,12 @@ const KFn K_FNS[9][4] = {{}, ROW4(k_packed, 1), ROW4(k_packed, 2), ROW4(k_packed
 const VFn V_FNS[9][4] = {{}, ROW4(v_stream, 1), ROW4(v_stream, 2), {}, ROW4(v_stream, 4), {}, {}, {}, ROW4(v_stream, 8)};
 const VRowFn V_ROWS[9] = {nullptr, v_rows<1>, v_rows<2>, v_rows<3>, v_rows<4>, v_rows<5>, v_rows<6>, v_rows<7>, v_rows<8>};
 
-// Partials of one task: head r, kept tokens [t0, t1). Writes m [G], l [G], acc [G, Dv].
-void run_task(const Buffers& b, const float* q, int64_t G, int64_t r, int64_t t0, int64_t t1,
+// Partials of one task: head r, kept tokens [t0, t1), queries qr [G, D]. Writes m [G], l [G], acc [G, Dv].
+void run_task(const Buffers& b, const float* qr, int64_t G, int64_t r, int64_t t0, int64_t t1,
               float* m_out, float* l_out, float* acc, std::vector<float>& scratch) {
     const int64_t D = b.D, Dv = b.Dv;
     const int64_t* h = b.heads + r * H_COLS;
     const int64_t tn = t1 - t0;
-    const float* qr = q + r * G * D;
     // scratch: logits [G, tn], ps [G, tn + L] (zero padded), qs [G, D], scales and minima
     // [max(D, Dv, tn)], bias [G], then the width kernels' scratch (see k_packed and v_stream).
     const int64_t big = std::max(std::max(D, Dv), tn), ldp = tn + L;
@@ -515,7 +514,7 @@ Pool& pool() {
 struct SegmentJob {
     const Buffers* b;
     const float* q;
-    int64_t G, chunk;
+    int64_t G, chunk, Rq;
     const int64_t *task_r, *task_t0;
     float *tm, *tl, *tacc;
 };
@@ -524,7 +523,7 @@ void segment_task(void* ctx, int64_t i, std::vector<float>& scratch) {
     const SegmentJob& s = *(const SegmentJob*)ctx;
     const int64_t r = s.task_r[i], t0 = s.task_t0[i];
     const int64_t t1 = std::min(t0 + s.chunk, s.b->heads[r * H_COLS + H_N]);
-    run_task(*s.b, s.q, s.G, r, t0, t1, &s.tm[i * s.G], &s.tl[i * s.G], &s.tacc[i * s.G * s.b->Dv], scratch);
+    run_task(*s.b, s.q + (r % s.Rq) * s.G * s.b->D, s.G, r, t0, t1, &s.tm[i * s.G], &s.tl[i * s.G], &s.tacc[i * s.G * s.b->Dv], scratch);
 }
 
 }  // namespace
@@ -533,16 +532,18 @@ extern "C" {
 
 int rdkv_chunk_align() { return (int)CHUNK_ALIGN; }
 
-// Partials of q [R, G, D] (scaled) over every head of one segment: m, l [R, G], acc [R, G, Dv].
-// chunk: tokens per task (a multiple of CHUNK_ALIGN); threads: threads to use (the caller included);
-// softcap: the logit cap (0: none).
-int rdkv_segment_partials(const float* q, int64_t R, int64_t G, int64_t D, int64_t Dv,
+// Partials of q [Rq, G, D] (scaled) over the R head rows of one segment: m, l [Rq, G], acc [Rq, G, Dv].
+// R is a multiple of Rq: head row r reads query row r % Rq and is merged into that output row (a
+// stack of R / Rq segments, member-major, in one call). chunk: tokens per task (a multiple of
+// CHUNK_ALIGN); threads: threads to use (the caller included); softcap: the logit cap (0: none).
+int rdkv_segment_partials(const float* q, int64_t R, int64_t Rq, int64_t G, int64_t D, int64_t Dv,
                           const int64_t* heads, const int64_t* groups, const int32_t* words,
                           const uint16_t* meta, const void* raw, int raw_kind, const void* perm,
                           int perm_kind, float softcap, int64_t chunk, int threads,
                           float* m_out, float* l_out, float* acc_out) {
     if (chunk <= 0 || chunk % CHUNK_ALIGN) return 1;
     if (softcap < 0.0f) return 2;
+    if (Rq < 0 || (Rq ? R % Rq : R)) return 3;
     Buffers b{heads, groups, words, meta, raw, raw_kind, perm, perm_kind, D, Dv, softcap};
     std::vector<int64_t> task_r, task_t0, first(R + 1, 0);
     for (int64_t r = 0; r < R; ++r) {
@@ -555,27 +556,31 @@ int rdkv_segment_partials(const float* q, int64_t R, int64_t G, int64_t D, int64
     first[R] = (int64_t)task_r.size();
     const int64_t NT = first[R];
     std::vector<float> tm(NT * G), tl(NT * G), tacc(NT * G * Dv);
-    SegmentJob ctx{&b, q, G, chunk, task_r.data(), task_t0.data(), tm.data(), tl.data(), tacc.data()};
+    SegmentJob ctx{&b, q, G, chunk, Rq, task_r.data(), task_t0.data(), tm.data(), tl.data(), tacc.data()};
     Job job;
     job.n = NT;
     job.run = segment_task;
     job.ctx = &ctx;
     pool().run(job, std::max(1, threads));
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t o = 0; o < Rq; ++o) {  // output row o: the tasks of head rows o, o + Rq, ...
         for (int64_t g = 0; g < G; ++g) {
             float M = -INFINITY;
-            for (int64_t i = first[r]; i < first[r + 1]; ++i) M = std::max(M, tm[i * G + g]);
+            for (int64_t r = o; r < R; r += Rq)
+                for (int64_t i = first[r]; i < first[r + 1]; ++i) M = std::max(M, tm[i * G + g]);
             float Lsum = 0.0f;
-            float* a = acc_out + (r * G + g) * Dv;
+            float* a = acc_out + (o * G + g) * Dv;
             std::fill(a, a + Dv, 0.0f);
-            for (int64_t i = first[r]; i < first[r + 1]; ++i) {
-                const float f = std::exp(tm[i * G + g] - M);
-                Lsum += tl[i * G + g] * f;
-                const float* ta = &tacc[(i * G + g) * Dv];
-                for (int64_t d = 0; d < Dv; ++d) a[d] += ta[d] * f;
+            if (M > -INFINITY) {  // else no task has a token: (-inf, 0, 0)
+                for (int64_t r = o; r < R; r += Rq)
+                    for (int64_t i = first[r]; i < first[r + 1]; ++i) {
+                        const float f = std::exp(tm[i * G + g] - M);
+                        Lsum += tl[i * G + g] * f;
+                        const float* ta = &tacc[(i * G + g) * Dv];
+                        for (int64_t d = 0; d < Dv; ++d) a[d] += ta[d] * f;
+                    }
             }
-            m_out[r * G + g] = M;
-            l_out[r * G + g] = Lsum;
+            m_out[o * G + g] = M;
+            l_out[o * G + g] = Lsum;
         }
     }
     return 0;

@@ -89,7 +89,7 @@ def load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         fn = lib.rdkv_segment_partials
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        fn.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32, p, i32, ctypes.c_float, i64, i32, p, p, p]
+        fn.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, p, i32, p, i32, ctypes.c_float, i64, i32, p, p, p]
         fn.restype = i32
         _lib = lib
     except Exception as err:  # noqa: BLE001 (any failure means: use another backend)
@@ -116,9 +116,10 @@ def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threa
     """Split-K partials of ``q [R, G, D]`` (float32, already scaled) over every head of a segment.
 
     Args:
-        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``R`` head rows (K of ``D``
-            channels, V of ``Dv = buffers.v_dim`` elements).
-        q: ``[R, G, D]`` float32 queries, row ``r`` attending head ``r``.
+        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``k * R`` head rows (K of ``D``
+            channels, V of ``Dv = buffers.v_dim`` elements): ``k > 1`` for a stack of ``k``
+            segments (:mod:`rdkv_hf.stacked`), whose head rows ``r, r + R, ...`` are merged into row ``r``.
+        q: ``[R, G, D]`` float32 queries, row ``r`` attending head rows ``r (mod R)``.
         chunk: tokens per task (a multiple of 480).
         threads: threads, the caller's included (default ``torch.get_num_threads()``).
         out: optional ``(m [R, G], l [R, G], acc [R, G, Dv])`` contiguous float32 tensors to write.
@@ -130,6 +131,7 @@ def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threa
     if lib is None:
         raise RuntimeError(f"the RDKV CPU decode kernel is unavailable: {_error}")
     R, G, D = _check(buffers, q, chunk)
+    rows = buffers.heads.shape[0]
     Dv = buffers.v_dim
     cap = check_softcap(softcap)
     m, l, acc = out if out is not None else (torch.empty(R, G, device="cpu"), torch.empty(R, G, device="cpu"), torch.empty(R, G, Dv, device="cpu"))
@@ -137,7 +139,7 @@ def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threa
         if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"`out` {name} must be a contiguous float32 CPU tensor of shape {shape}, got {tuple(t.shape)} {t.dtype}")
     rc = lib.rdkv_segment_partials(
-        q.data_ptr(), R, G, D, Dv, buffers.heads.data_ptr(), buffers.groups.data_ptr(), buffers.words.data_ptr(),
+        q.data_ptr(), rows, R, G, D, Dv, buffers.heads.data_ptr(), buffers.groups.data_ptr(), buffers.words.data_ptr(),
         buffers.meta.data_ptr(), buffers.raw.data_ptr(), _RAW_KIND[buffers.raw.dtype], buffers.perm.data_ptr(),
         _PERM_KIND[buffers.perm.dtype], cap, chunk, threads or torch.get_num_threads(), m.data_ptr(), l.data_ptr(), acc.data_ptr(),
     )
@@ -152,8 +154,9 @@ def _check(buffers, q: torch.Tensor, chunk: int) -> tuple[int, int, int]:
     R, G, D = q.shape
     if q.dtype != torch.float32 or q.device.type != "cpu" or not q.is_contiguous():
         raise ValueError(f"`q` must be contiguous float32 on the CPU, got {q.dtype} on {q.device}, contiguous={q.is_contiguous()}")
-    if buffers.heads.shape[0] != R or buffers.head_dim != D:
-        raise ValueError(f"`q` is [{R}, {G}, {D}] but the segment has {buffers.heads.shape[0]} heads of dim {buffers.head_dim}")
+    rows = buffers.heads.shape[0]
+    if (rows % R if R else rows) or buffers.head_dim != D:
+        raise ValueError(f"`q` is [{R}, {G}, {D}] but the segment has {rows} heads of dim {buffers.head_dim} (R or a multiple of R)")
     if not isinstance(chunk, int) or chunk <= 0 or chunk % 480:
         raise ValueError(f"`chunk` must be a positive multiple of 480 tokens, got {chunk!r}")
     for name, t, dtype in (("heads", buffers.heads, torch.int64), ("groups", buffers.groups, torch.int64),
