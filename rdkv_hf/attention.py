@@ -224,13 +224,13 @@ def segment_partials(seg: Segment, qf: torch.Tensor, backend: str = "torch", sof
     Returns:
         ``(max [B, Hkv, G], sum [B, Hkv, G], acc [B, Hkv, G, Dv])``.
     """
-    if getattr(seg, "stacked", 1) > 1 and backend != "cpu":  # the C++ kernel merges a stack's members itself
+    if getattr(seg, "stacked", 1) > 1 and backend == "torch":  # the kernels merge a stack's members themselves
         return stacked_partials(seg, qf, lambda s, q: _partials(s, q, backend, softcap))
     return _partials(seg, qf, backend, softcap)
 
 
 def _partials(seg: Segment, qf: torch.Tensor, backend: str, softcap: float | None):
-    """:func:`segment_partials` of one segment (or of a stack, with ``"cpu"``)."""
+    """:func:`segment_partials` of one segment (or of a stack, with a kernel)."""
     B, H, G, D = qf.shape
     Dv = seg.buffers.v_dim
     if backend == "torch":

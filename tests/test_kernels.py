@@ -87,32 +87,39 @@ def test_cpu_partials_after_beam_select_share_buffers():
     _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(sel.heads)], sel.heads)
 
 
-@needs_cpu_kernel
-def test_cpu_kernel_merges_the_members_of_a_stack():
-    """A stack of segments in one call: head rows ``r, r + R, ...`` read query row ``r`` and their
-    partials merge into output row ``r``; a row no member keeps a token of is (-inf, 0, 0)."""
+def _stack_case():
+    """A stack of four segments (3 head rows each) and queries: a member with two split-K tasks per
+    head at chunk 480, a member that keeps nothing, and a row (2) no member keeps a token of. Returns
+    ``(stack, q, merged reference partials per row, the rows' first heads)``."""
     from rdkv_hf.kernels import merge_chunk_partials
     from rdkv_hf.stacked import stack_segments
 
     R, D, G = 3, 16, 2
     segments = []
-    for j, T in enumerate((10, 700, 1, 4)):  # 700: two split-K tasks per head at chunk 480
+    for j, T in enumerate((10, 700, 1, 4)):
         g = torch.Generator().manual_seed(40 + j)
         v_bits = torch.tensor([0, 2, 4, 8, 16])[torch.randint(1, 5, (R, T), generator=g)]
-        v_bits[2] = 0  # row 2 keeps nothing in any member
+        v_bits[2] = 0
         if j == 3:
-            v_bits[:] = 0  # a member that keeps nothing at all
+            v_bits[:] = 0
         k_bits = torch.tensor([2, 4, 8, 16])[torch.randint(0, 4, (R, D), generator=g)]
         heads, buffers = pack_segment(torch.randn(R, T, D, generator=g), torch.randn(R, T, D, generator=g), v_bits, k_bits,
                                       torch.float16)
         segments.append(Segment(heads, 1, R, torch.tensor([T]), buffers, decoded=True))
-    stack = stack_segments(segments)
     q = torch.randn(R, G, D, generator=torch.Generator().manual_seed(3)) * D**-0.5
-    got = cpu_decode.segment_partials(stack.buffers, q, chunk=480, out=_poisoned(R, G, D))
     ref = [[head_partials_reference(s.heads[r], q[r]) for s in segments] for r in range(R)]
     merged = merge_chunk_partials(*(torch.stack([torch.stack([p[i] for p in row]) for row in ref]) for i in range(3)))
     assert [segments[0].heads[r].n for r in range(R)] == [10, 10, 0]
-    _assert_partials_close(got, list(zip(*merged)), [segments[0].heads[r] for r in range(R)])
+    return stack_segments(segments), q, list(zip(*merged)), [segments[0].heads[r] for r in range(R)]
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_merges_the_members_of_a_stack():
+    """A stack of segments in one call: head rows ``r, r + R, ...`` read query row ``r`` and their
+    partials merge into output row ``r``; a row no member keeps a token of is (-inf, 0, 0)."""
+    stack, q, ref, heads = _stack_case()
+    got = cpu_decode.segment_partials(stack.buffers, q, chunk=480, out=_poisoned(*q.shape))
+    _assert_partials_close(got, ref, heads)
 
 
 @needs_cpu_kernel
@@ -353,6 +360,16 @@ def test_triton_decode_partials_match_reference(interpret, T, D, group, q_len, m
     got = segment_partials(buffers, q, block_t=32, out=out)
     assert all(a is b for a, b in zip(got, out))
     _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(heads)], heads)
+
+
+@needs_triton
+def test_triton_kernel_merges_the_members_of_a_stack(interpret):
+    """As the C++ kernel: a stack's head rows ``r, r + R, ...`` share query row ``r`` and merge."""
+    from rdkv_hf.kernels.decode_partials import segment_partials
+
+    stack, q, ref, heads = _stack_case()
+    got = segment_partials(stack.buffers, q, block_t=32, out=_poisoned(*q.shape))
+    _assert_partials_close(got, ref, heads)
 
 
 @needs_triton

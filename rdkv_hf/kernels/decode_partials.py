@@ -46,7 +46,7 @@ def dot_ok(rows: int, cols: int) -> bool:
 def _decode_partials_kernel(
     q_ptr, heads_ptr, groups_ptr, words_ptr, meta_ptr, raw_ptr, perm_ptr,
     m_ptr, l_ptr, acc_ptr,
-    G, D, DV, n_chunks, softcap,
+    G, D, DV, n_chunks, softcap, RQ,
     HC: tl.constexpr, GC: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_K: tl.constexpr, DOT_V: tl.constexpr,
@@ -65,7 +65,7 @@ def _decode_partials_kernel(
     ds = tl.arange(0, BLOCK_DV)
     ts = chunk * BLOCK_T + tl.arange(0, BLOCK_T)  # kept tokens of this program
     t_ok = ts < n
-    q_row = q_ptr + r * G * D
+    q_row = q_ptr + (r % RQ) * G * D  # head rows r, r + RQ, ... of a stack share a query row
 
     logits = tl.zeros((BLOCK_G, BLOCK_T), tl.float32)
     bias = tl.zeros((BLOCK_G,), tl.float32)
@@ -144,8 +144,10 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, soft
     """Split-K partials of ``q [R, G, D]`` (float32, already scaled) over every head of a segment.
 
     Args:
-        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``R`` head rows, on q's device
-            (K of ``D`` channels, V of ``Dv = buffers.v_dim`` elements).
+        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``k * R`` head rows, on q's device
+            (K of ``D`` channels, V of ``Dv = buffers.v_dim`` elements): ``k > 1`` for a stack of
+            ``k`` segments (:mod:`rdkv_hf.stacked`), whose head rows ``r, r + R, ...`` read query
+            row ``r`` and are merged into output row ``r``.
         q: ``[R, G, D]`` contiguous float32 on CUDA (or the CPU under ``TRITON_INTERPRET=1``).
         block_t: kept tokens per program (a power of two).
         out: optional ``(m [R, G], l [R, G], acc [R, G, Dv])`` float32 tensors to write.
@@ -154,29 +156,34 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, soft
         ``(max [R, G], sum [R, G], acc [R, G, Dv])`` as ``head_partials_reference``.
     """
     R, G, D = _check(buffers, q, block_t)
+    rows = buffers.heads.shape[0]
     Dv = buffers.v_dim
     cap = check_softcap(softcap)
-    n_max = buffers.max_tokens if R else 0
+    n_max = buffers.max_tokens if rows else 0
     n_chunks = max(1, triton.cdiv(n_max, block_t))
-    cm = torch.empty(R, n_chunks, G, dtype=torch.float32, device=q.device)
+    cm = torch.empty(rows, n_chunks, G, dtype=torch.float32, device=q.device)
     cl = torch.empty_like(cm)
-    cacc = torch.empty(R, n_chunks, G, Dv, dtype=torch.float32, device=q.device)
+    cacc = torch.empty(rows, n_chunks, G, Dv, dtype=torch.float32, device=q.device)
     BLOCK_G, BLOCK_DV = triton.next_power_of_2(G), triton.next_power_of_2(Dv)
-    if R:
+    if rows:
         with launch_context(q):
-            _decode_partials_kernel[(R, n_chunks)](
+            _decode_partials_kernel[(rows, n_chunks)](
                 q, buffers.heads, buffers.groups, buffers.words, buffers.meta, buffers.raw, buffers.perm,
-                cm, cl, cacc, G, D, Dv, n_chunks, cap,
+                cm, cl, cacc, G, D, Dv, n_chunks, cap, R,
                 HC=H_COLS_COUNT, GC=G_COLS_COUNT, SOFTCAP=cap > 0, BLOCK_G=BLOCK_G,
                 BLOCK_DV=BLOCK_DV, BLOCK_T=block_t, BLOCK_C=16,
                 DOT_K=dot_ok(BLOCK_G, block_t), DOT_V=dot_ok(BLOCK_G, BLOCK_DV),
             )
+    if rows > R:  # a stack: member j's chunks of row r are more chunks of row r
+        k = rows // R
+        cm, cl = (t.reshape(k, R, n_chunks, G).transpose(0, 1).reshape(R, k * n_chunks, G) for t in (cm, cl))
+        cacc = cacc.reshape(k, R, n_chunks, G, Dv).transpose(0, 1).reshape(R, k * n_chunks, G, Dv)
     return merge_chunk_partials(cm, cl, cacc, out)  # chunks without tokens have m = -inf
 
 
 def _check(buffers, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
     tensors = {name: getattr(buffers, name) for name in ("heads", "groups", "words", "meta", "raw", "perm")}
-    return check_decode_inputs(q, block_t, buffers.heads.shape[0], buffers.head_dim, tensors, "segment buffer")
+    return check_decode_inputs(q, block_t, buffers.heads.shape[0], buffers.head_dim, tensors, "segment buffer", stacked=True)
 
 
 def available() -> bool:
