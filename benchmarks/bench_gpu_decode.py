@@ -221,7 +221,8 @@ def main(argv=None) -> list[dict]:
             rdkv_hf.patch(model, budget=args.budget, backend=backend)
             cache = rdkv_hf.RDKVCache(model)
             res = run_one(model, ids, cache, args, device, profile_path(args, slug, "rdkv", ctx, profile))
-            res["prompt_bits"] = cache.summary().prompt_bits_per_element
+            # a prompt shorter than `min_tokens` stays whole, in the model's dtype (the summary says 0 bits)
+            res["prompt_bits"] = cache.summary().prompt_bits_per_element or 8.0 * model.dtype.itemsize
             rows.append(dict(method=rdkv_name, context=ctx, **res))
             rdkv_hf.unpatch(model)
             del cache
