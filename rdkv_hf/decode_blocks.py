@@ -136,27 +136,36 @@ def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: 
     g = Hq // Hkv
     block = layer.config.decode_block
     for k, js in _window_blocks(layer.config, n, q).items():
-        rows = torch.tensor(js, dtype=torch.long)
-        qw = query[:, :, js].float().reshape(B, Hkv, g, len(js), D)  # [B, Hkv, g, W, D]
-        vis = visible_rows(mask, B, q, n, rows, query.device)  # [B, W, n]
+        W = len(js)
+        qw = query[:, :, js].float().reshape(B, Hkv, g, W, D)  # [B, Hkv, g, W, D]
         lo, hi = k * block, (k + 1) * block
         logits = cap_logits((qw * scaling) @ keys[:, :, lo:hi].float()[:, :, None].transpose(-1, -2), softcap)  # [B, Hkv, g, W, block]
-        if lse is not None:
-            norm = lse[:, :, js].float().reshape(B, Hkv, g, len(js), 1)
-        else:  # no packed tokens: the softmax runs over the tail alone
-            full = cap_logits((qw * scaling) @ keys.float()[:, :, None].transpose(-1, -2), softcap)
-            norm = torch.logsumexp(full.masked_fill(~vis[:, None, None], -math.inf), -1, keepdim=True)
-        seen = vis[:, :, lo:hi]  # [B, W, block]
-        probs = torch.exp(logits - norm).nan_to_num_(0.0) * seen[:, None, None]
-        layer.block_mass = _add_at(layer.block_mass, lo, probs.sum((2, 3)))
-        layer.block_seen = _add_at(layer.block_seen, lo, seen.sum(1).float())
-        q_real = vis.any(-1).float()  # [B, W]
-        qsq = (qw.square() * q_real[:, None, None, :, None]).sum((2, 3))  # [B, Hkv, D]
+        if mask is None and lse is not None:
+            # Causal, the common decode step: a window's queries come after its block (the tail keeps
+            # at least `block_window` tokens), so each sees the whole block and is a real query.
+            mass = torch.exp(logits - lse[:, :, js].float().reshape(B, Hkv, g, W, 1)).sum((2, 3))
+            seen = torch.full((B, block), float(W), device=query.device)
+            qsq, nq = qw.square().sum((2, 3)), torch.full((B, 1), float(W), device=query.device)
+        else:
+            vis = visible_rows(mask, B, q, n, torch.tensor(js, dtype=torch.long), query.device)  # [B, W, n]
+            if lse is not None:
+                norm = lse[:, :, js].float().reshape(B, Hkv, g, W, 1)
+            else:  # no packed tokens: the softmax runs over the tail alone
+                full = cap_logits((qw * scaling) @ keys.float()[:, :, None].transpose(-1, -2), softcap)
+                norm = torch.logsumexp(full.masked_fill(~vis[:, None, None], -math.inf), -1, keepdim=True)
+            visible = vis[:, :, lo:hi]  # [B, W, block]
+            mass = (torch.exp(logits - norm).nan_to_num_(0.0) * visible[:, None, None]).sum((2, 3))
+            seen = visible.sum(1).float()
+            q_real = vis.any(-1).float()  # [B, W]
+            qsq, nq = (qw.square() * q_real[:, None, None, :, None]).sum((2, 3)), q_real.sum(1, keepdim=True)  # [B, Hkv, D]
+        layer.block_mass = _add_at(layer.block_mass, lo, mass)
+        layer.block_seen = _add_at(layer.block_seen, lo, seen)
         while layer.block_qsq.shape[2] <= k:
             layer.block_qsq = torch.cat([layer.block_qsq, layer.block_qsq.new_zeros(B, Hkv, 1, D)], 2)
             layer.block_nq = torch.cat([layer.block_nq, layer.block_nq.new_zeros(B, 1)], 1)
-        layer.block_qsq = layer.block_qsq.index_add(2, torch.tensor([k], device=qsq.device), qsq[:, :, None])
-        layer.block_nq = layer.block_nq.index_add(1, torch.tensor([k], device=qsq.device), q_real.sum(1, keepdim=True))
+        at = torch.tensor([k], device=qsq.device)
+        layer.block_qsq = layer.block_qsq.index_add(2, at, qsq[:, :, None])
+        layer.block_nq = layer.block_nq.index_add(1, at, nq)
 
 
 def _add_at(t: torch.Tensor, lo: int, x: torch.Tensor) -> torch.Tensor:

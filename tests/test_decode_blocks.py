@@ -37,6 +37,31 @@ def _gen(model, ids, n=60, **kw):
     return model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=0, **kw)
 
 
+@pytest.mark.parametrize("q", [1, 6])
+def test_window_sums_without_a_mask_equal_those_with_the_causal_mask(q):
+    """The causal fast path of the window sums (no mask: every window query sees its whole block)
+    gives the state the masked path gives with the causal mask written out."""
+    import types
+
+    from rdkv_hf import decode_blocks
+
+    cfg = RDKVConfig(budget=2.5, decode_block=16, decode_window=4)
+    g = torch.Generator().manual_seed(q)
+    keys, query = torch.randn(2, 3, 35, 8, generator=g), torch.randn(2, 6, q, 8, generator=g)
+    lse = torch.randn(2, 6, q, generator=g) + 4
+    pos = torch.arange(35 - q, 35)[:, None]
+    causal = (torch.arange(35)[None, :] <= pos).expand(2, 1, q, 35)
+    states = []
+    for mask in (None, causal):
+        layer = types.SimpleNamespace(config=cfg, keys=keys)
+        decode_blocks._reset(layer)
+        decode_blocks._accumulate(layer, query, mask, 0.3, lse, None)
+        states.append([getattr(layer, name) for name in decode_blocks.STATE])
+    assert states[0][0].abs().sum() > 0  # some window query was summed
+    for a, b in zip(*states):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("residual,window", [(0, None), (5, 3)])
 def test_budget_16_with_decode_blocks_is_token_for_token(one_thread, arch, residual, window):
     model = _model(arch)
