@@ -243,11 +243,11 @@ def _partials(seg: Segment, qf: torch.Tensor, backend: str, softcap: float | Non
     if backend == "cpu":
         from .kernels import cpu_decode
 
-        m, l, acc = cpu_decode.segment_partials(seg.buffers, q, softcap=softcap)
+        m, l, acc = cpu_decode.segment_partials(seg.buffers, q, softcap=softcap, members=getattr(seg, "stacked", 1))
     elif backend == "triton":
         from .kernels import decode_partials
 
-        m, l, acc = decode_partials.segment_partials(seg.buffers, q, softcap=softcap)
+        m, l, acc = decode_partials.segment_partials(seg.buffers, q, softcap=softcap, members=getattr(seg, "stacked", 1))
     else:
         raise ValueError(f"`backend` must be 'torch', 'cpu' or 'triton' here, got {backend!r}")
     return m.reshape(B, H, G), l.reshape(B, H, G), acc.reshape(B, H, G, Dv)

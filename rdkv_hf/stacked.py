@@ -3,9 +3,12 @@
 Compressed decoding (``RDKVConfig.decode_block``) adds a segment every block, hundreds over a long
 generation; a kernel call per segment costs more than its work. :func:`stack_segments` lays the
 segments out as one set of flat buffers whose head table has a row per (segment, batch row, KV
-head), so the C++ and Triton kernels walk them all at once with their contract unchanged (a
-segment with more head rows). The members then view the stack's buffers and tables (nothing is held
-twice), and :func:`stacked_partials` merges the partials of each (batch row, KV head) by log-sum-exp.
+head), so the C++ and Triton kernels walk them all at once, as a segment with more head rows. The
+members then view the stack's buffers and tables (nothing is held twice). The kernels take the
+queries of one member: head row ``r`` reads query row ``r mod (batch * kv_heads)`` and is merged
+into that output row. The torch
+reference runs :func:`stacked_partials`, which repeats the queries and merges the members' partials
+of each (batch row, KV head) by log-sum-exp.
 """
 
 from __future__ import annotations

@@ -87,39 +87,55 @@ def test_cpu_partials_after_beam_select_share_buffers():
     _assert_partials_close(got, [head_partials_reference(h, q[r]) for r, h in enumerate(sel.heads)], sel.heads)
 
 
-def _stack_case():
-    """A stack of four segments (3 head rows each) and queries: a member with two split-K tasks per
-    head at chunk 480, a member that keeps nothing, and a row (2) no member keeps a token of. Returns
-    ``(stack, q, merged reference partials per row, the rows' first heads)``."""
+def _stack_case(G: int, select=None):
+    """Four segments of batch 2 x 2 KV heads stacked, and queries: a member with two split-K tasks
+    per head at chunk 480, a member that keeps nothing, and a row (batch 1, head 0) no member keeps a
+    token of. `select`: the stack's rows after ``select(select)`` (beam search). Returns ``(stack,
+    members, q, the merged reference partials per row, each row's head in the first member)``."""
     from rdkv_hf.kernels import merge_chunk_partials
     from rdkv_hf.stacked import stack_segments
 
-    R, D, G = 3, 16, 2
+    B, H, D = 2, 2, 16
     segments = []
     for j, T in enumerate((10, 700, 1, 4)):
         g = torch.Generator().manual_seed(40 + j)
-        v_bits = torch.tensor([0, 2, 4, 8, 16])[torch.randint(1, 5, (R, T), generator=g)]
+        v_bits = torch.tensor([0, 2, 4, 8, 16])[torch.randint(1, 5, (B * H, T), generator=g)]
         v_bits[2] = 0
         if j == 3:
             v_bits[:] = 0
-        k_bits = torch.tensor([2, 4, 8, 16])[torch.randint(0, 4, (R, D), generator=g)]
-        heads, buffers = pack_segment(torch.randn(R, T, D, generator=g), torch.randn(R, T, D, generator=g), v_bits, k_bits,
-                                      torch.float16)
-        segments.append(Segment(heads, 1, R, torch.tensor([T]), buffers, decoded=True))
+        k_bits = torch.tensor([2, 4, 8, 16])[torch.randint(0, 4, (B * H, D), generator=g)]
+        heads, buffers = pack_segment(torch.randn(B * H, T, D, generator=g), torch.randn(B * H, T, D, generator=g), v_bits,
+                                      k_bits, torch.float16)
+        segments.append(Segment(heads, B, H, torch.tensor([T, T]), buffers, decoded=True))
+    stack = stack_segments(segments)
+    if select is not None:
+        index = torch.tensor(select)
+        stack, segments = stack.select(index), [s.select(index) for s in segments]
+    R = len(segments[0].heads)
     q = torch.randn(R, G, D, generator=torch.Generator().manual_seed(3)) * D**-0.5
     ref = [[head_partials_reference(s.heads[r], q[r]) for s in segments] for r in range(R)]
     merged = merge_chunk_partials(*(torch.stack([torch.stack([p[i] for p in row]) for row in ref]) for i in range(3)))
-    assert [segments[0].heads[r].n for r in range(R)] == [10, 10, 0]
-    return stack_segments(segments), q, list(zip(*merged)), [segments[0].heads[r] for r in range(R)]
+    heads = [segments[0].heads[r] for r in range(R)]
+    assert any(h.n == 0 for h in heads) and any(h.n > 0 for h in heads)
+    return stack, q, list(zip(*merged)), heads
+
+
+STACK_CASES = [(2, None), (5, None), (3, [1, 1, 0])]
 
 
 @needs_cpu_kernel
-def test_cpu_kernel_merges_the_members_of_a_stack():
+@pytest.mark.parametrize("G,select", STACK_CASES)
+def test_cpu_kernel_merges_the_members_of_a_stack(G, select):
     """A stack of segments in one call: head rows ``r, r + R, ...`` read query row ``r`` and their
-    partials merge into output row ``r``; a row no member keeps a token of is (-inf, 0, 0)."""
-    stack, q, ref, heads = _stack_case()
-    got = cpu_decode.segment_partials(stack.buffers, q, chunk=480, out=_poisoned(*q.shape))
+    partials merge into output row ``r``, also after a beam-search select; a row no member keeps a
+    token of is (-inf, 0, 0). The row count must be the members' times the queries'."""
+    stack, q, ref, heads = _stack_case(G, select)
+    got = cpu_decode.segment_partials(stack.buffers, q, chunk=480, out=_poisoned(*q.shape), members=4)
     _assert_partials_close(got, ref, heads)
+    with pytest.raises(ValueError, match="4 members"):
+        cpu_decode.segment_partials(stack.buffers, q[:2].contiguous(), members=4)
+    with pytest.raises(ValueError, match="heads"):
+        cpu_decode.segment_partials(stack.buffers, q)  # a stack read as one segment
 
 
 @needs_cpu_kernel
@@ -363,12 +379,13 @@ def test_triton_decode_partials_match_reference(interpret, T, D, group, q_len, m
 
 
 @needs_triton
-def test_triton_kernel_merges_the_members_of_a_stack(interpret):
+@pytest.mark.parametrize("G,select", STACK_CASES + [(16, None)])  # 16 rows: the explicit IEEE dot
+def test_triton_kernel_merges_the_members_of_a_stack(interpret, G, select):
     """As the C++ kernel: a stack's head rows ``r, r + R, ...`` share query row ``r`` and merge."""
     from rdkv_hf.kernels.decode_partials import segment_partials
 
-    stack, q, ref, heads = _stack_case()
-    got = segment_partials(stack.buffers, q, block_t=32, out=_poisoned(*q.shape))
+    stack, q, ref, heads = _stack_case(G, select)
+    got = segment_partials(stack.buffers, q, block_t=32, out=_poisoned(*q.shape), members=4)
     _assert_partials_close(got, ref, heads)
 
 

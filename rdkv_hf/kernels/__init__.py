@@ -51,11 +51,11 @@ def merge_chunk_partials(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor,
 
 
 def check_decode_inputs(q, block_t: int, rows: int, head_dim: int, tensors: dict, what: str,
-                        stacked: bool = False) -> tuple[int, int, int]:
-    """Validate a decode launch: ``q [R, G, D]`` contiguous float32 on a Triton device, with `rows`
-    head rows of `head_dim` (``stacked``: `rows` may be a multiple of ``R``, a stack of segments);
-    `block_t` a power of two >= 16; every tensor of `tensors` (``{name: tensor}`` of `what`, the
-    storage) contiguous on q's device. Returns ``(R, G, D)``."""
+                        members: int = 1) -> tuple[int, int, int]:
+    """Validate a decode launch: ``q [R, G, D]`` contiguous float32 on a Triton device, with
+    ``rows = members * R`` head rows of `head_dim` (``members > 1``: a stack of segments); `block_t`
+    a power of two >= 16; every tensor of `tensors` (``{name: tensor}`` of `what`, the storage)
+    contiguous on q's device. Returns ``(R, G, D)``."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"`q` must be a [R, G, D] tensor, got {getattr(q, 'shape', type(q))}")
     R, G, D = q.shape
@@ -63,8 +63,9 @@ def check_decode_inputs(q, block_t: int, rows: int, head_dim: int, tensors: dict
         raise ValueError(f"`q` must be contiguous float32, got {q.dtype}, contiguous={q.is_contiguous()}")
     if not triton_device_ok(q):
         raise ValueError(f"`q` must be on a CUDA device (or the CPU with TRITON_INTERPRET=1), got {q.device}")
-    if (rows % R if stacked and R else rows != R) or head_dim != D:
-        raise ValueError(f"`q` is [{R}, {G}, {D}] but the {what} has {rows} heads of dim {head_dim}")
+    if rows != members * R or head_dim != D:
+        raise ValueError(f"`q` is [{R}, {G}, {D}] but the {what} has {rows} heads of dim {head_dim}"
+                         + (f" ({members} members of {R} expected)" if members > 1 else ""))
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"`block_t` must be a power of two >= 16, got {block_t}")
     for name, t in tensors.items():

@@ -112,25 +112,26 @@ _PERM_KIND = {torch.uint8: 0, torch.int16: 1}
 
 
 def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threads: int | None = None, out=None,
-                     softcap: float | None = None):
+                     softcap: float | None = None, members: int = 1):
     """Split-K partials of ``q [R, G, D]`` (float32, already scaled) over every head of a segment.
 
     Args:
-        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``k * R`` head rows (K of ``D``
-            channels, V of ``Dv = buffers.v_dim`` elements): ``k > 1`` for a stack of ``k``
-            segments (:mod:`rdkv_hf.stacked`), whose head rows ``r, r + R, ...`` are merged into row ``r``.
+        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``members * R`` head rows (K of
+            ``D`` channels, V of ``Dv = buffers.v_dim`` elements).
         q: ``[R, G, D]`` float32 queries, row ``r`` attending head rows ``r (mod R)``.
         chunk: tokens per task (a multiple of 480).
         threads: threads, the caller's included (default ``torch.get_num_threads()``).
         out: optional ``(m [R, G], l [R, G], acc [R, G, Dv])`` contiguous float32 tensors to write.
         softcap: caps each logit at ``softcap * tanh(logit / softcap)`` (None: no cap).
+        members: ``> 1`` for a stack of that many segments (:mod:`rdkv_hf.stacked`): head rows
+            ``r, r + R, ...`` are merged into output row ``r``.
     Returns:
         ``(max [R, G], sum [R, G], acc [R, G, Dv])`` float32, as ``head_partials_reference``.
     """
     lib = load()
     if lib is None:
         raise RuntimeError(f"the RDKV CPU decode kernel is unavailable: {_error}")
-    R, G, D = _check(buffers, q, chunk)
+    R, G, D = _check(buffers, q, chunk, members)
     rows = buffers.heads.shape[0]
     Dv = buffers.v_dim
     cap = check_softcap(softcap)
@@ -148,15 +149,16 @@ def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threa
     return m, l, acc
 
 
-def _check(buffers, q: torch.Tensor, chunk: int) -> tuple[int, int, int]:
+def _check(buffers, q: torch.Tensor, chunk: int, members: int = 1) -> tuple[int, int, int]:
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"`q` must be a [R, G, D] tensor, got {getattr(q, 'shape', type(q))}")
     R, G, D = q.shape
     if q.dtype != torch.float32 or q.device.type != "cpu" or not q.is_contiguous():
         raise ValueError(f"`q` must be contiguous float32 on the CPU, got {q.dtype} on {q.device}, contiguous={q.is_contiguous()}")
     rows = buffers.heads.shape[0]
-    if (rows % R if R else rows) or buffers.head_dim != D:
-        raise ValueError(f"`q` is [{R}, {G}, {D}] but the segment has {rows} heads of dim {buffers.head_dim} (R or a multiple of R)")
+    if rows != members * R or buffers.head_dim != D:
+        raise ValueError(f"`q` is [{R}, {G}, {D}] but the segment has {rows} heads of dim {buffers.head_dim}"
+                         + (f" ({members} members of {R} expected)" if members > 1 else ""))
     if not isinstance(chunk, int) or chunk <= 0 or chunk % 480:
         raise ValueError(f"`chunk` must be a positive multiple of 480 tokens, got {chunk!r}")
     for name, t, dtype in (("heads", buffers.heads, torch.int64), ("groups", buffers.groups, torch.int64),

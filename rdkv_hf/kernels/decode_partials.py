@@ -140,22 +140,22 @@ def _decode_partials_kernel(
     tl.store(acc_ptr + (out * G + gs[:, None]) * DV + ds[None, :], acc, mask=g_ok[:, None] & (ds[None, :] < DV))
 
 
-def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, softcap: float | None = None):
+def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, softcap: float | None = None, members: int = 1):
     """Split-K partials of ``q [R, G, D]`` (float32, already scaled) over every head of a segment.
 
     Args:
-        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``k * R`` head rows, on q's device
-            (K of ``D`` channels, V of ``Dv = buffers.v_dim`` elements): ``k > 1`` for a stack of
-            ``k`` segments (:mod:`rdkv_hf.stacked`), whose head rows ``r, r + R, ...`` read query
-            row ``r`` and are merged into output row ``r``.
+        buffers: a :class:`~rdkv_hf.storage.SegmentBuffers` with ``members * R`` head rows, on q's
+            device (K of ``D`` channels, V of ``Dv = buffers.v_dim`` elements).
         q: ``[R, G, D]`` contiguous float32 on CUDA (or the CPU under ``TRITON_INTERPRET=1``).
         block_t: kept tokens per program (a power of two).
         out: optional ``(m [R, G], l [R, G], acc [R, G, Dv])`` float32 tensors to write.
         softcap: caps each logit at ``softcap * tanh(logit / softcap)`` (None: no cap).
+        members: ``> 1`` for a stack of that many segments (:mod:`rdkv_hf.stacked`): head rows
+            ``r, r + R, ...`` read query row ``r`` and are merged into output row ``r``.
     Returns:
         ``(max [R, G], sum [R, G], acc [R, G, Dv])`` as ``head_partials_reference``.
     """
-    R, G, D = _check(buffers, q, block_t)
+    R, G, D = _check(buffers, q, block_t, members)
     rows = buffers.heads.shape[0]
     Dv = buffers.v_dim
     cap = check_softcap(softcap)
@@ -174,16 +174,16 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, soft
                 BLOCK_DV=BLOCK_DV, BLOCK_T=block_t, BLOCK_C=16,
                 DOT_K=dot_ok(BLOCK_G, block_t), DOT_V=dot_ok(BLOCK_G, BLOCK_DV),
             )
-    if rows > R:  # a stack: member j's chunks of row r are more chunks of row r
-        k = rows // R
+    if members > 1:  # a stack: member j's chunks of row r are more chunks of row r
+        k = members
         cm, cl = (t.reshape(k, R, n_chunks, G).transpose(0, 1).reshape(R, k * n_chunks, G) for t in (cm, cl))
         cacc = cacc.reshape(k, R, n_chunks, G, Dv).transpose(0, 1).reshape(R, k * n_chunks, G, Dv)
     return merge_chunk_partials(cm, cl, cacc, out)  # chunks without tokens have m = -inf
 
 
-def _check(buffers, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
+def _check(buffers, q: torch.Tensor, block_t: int, members: int) -> tuple[int, int, int]:
     tensors = {name: getattr(buffers, name) for name in ("heads", "groups", "words", "meta", "raw", "perm")}
-    return check_decode_inputs(q, block_t, buffers.heads.shape[0], buffers.head_dim, tensors, "segment buffer", stacked=True)
+    return check_decode_inputs(q, block_t, buffers.heads.shape[0], buffers.head_dim, tensors, "segment buffer", members)
 
 
 def available() -> bool:

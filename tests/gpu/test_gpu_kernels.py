@@ -13,6 +13,7 @@ float32 with the suite's tolerance table.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,13 +66,15 @@ def _query(shape, seed, device, dtype=torch.float32):
 
 
 def _check_partials(seg, qf):
-    """Triton against torch partials of ``qf [B, H, G, D]`` over `seg`, both through attention."""
+    """Triton against torch partials of ``qf [B, H, G, D]`` over `seg` (a stack: its members merged
+    per row), both through attention."""
     Bq, H, G, D = qf.shape
     R = Bq * H
     ref = _rows(segment_partials(seg, qf, "torch"), R, G, D)
     got = _rows(segment_partials(seg, qf, "triton"), R, G, D)
     assert all(t.device == qf.device for t in got)
-    _assert_partials_close(got, list(zip(*ref)), seg.heads)
+    kept = [SimpleNamespace(n=sum(seg.heads[j * R + r].n for j in range(len(seg.heads) // R))) for r in range(R)]
+    _assert_partials_close(got, list(zip(*ref)), kept)
 
 
 def _interpreter_size(T, D):
@@ -137,6 +140,19 @@ def test_triton_partials_after_beam_select(device):
     sel = seg.select(torch.tensor([1, 1, 0]))
     assert sel.buffers.words is seg.buffers.words and sel.buffers.heads.device == seg.buffers.words.device
     _check_partials(sel, _query((3, HKV, 2, 64), 8, device))
+
+
+@pytest.mark.parametrize("group", [4, 16])  # 16 query rows per KV head: the explicit IEEE dot
+def test_triton_partials_of_a_stack_of_segments(device, group):
+    """Decoded segments stacked and decoded in one launch (head rows ``r, r + R, ...`` share query
+    row ``r``), also after a beam select, against the torch reference (queries repeated, merged)."""
+    from rdkv_hf.stacked import stack_segments
+
+    segs = [make_segment(T, 64, torch.bfloat16, device, seed=T + group) for T in ((1, 63, 127) if DRY_RUN else (1, 300, 1000))]
+    stack = stack_segments(segs)
+    assert stack.stacked == 3
+    _check_partials(stack, _query((B, HKV, group, 64), group, device))
+    _check_partials(stack.select(torch.tensor([1, 1, 0])), _query((3, HKV, group, 64), group + 1, device))
 
 
 # -- attend: several segments and a tail ----------------------------------------------------------
