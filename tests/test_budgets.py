@@ -36,14 +36,14 @@ def stored_bits(planner, layers, T, B, pad, seed):
     real = torch.ones(B, T, dtype=torch.bool)
     if B > 1:
         real[1, :pad] = False
-    stored = torch.zeros(B)
+    stored = torch.zeros(B, dtype=torch.float64)  # float32 would read 1.6 bits as 1.6000000238
     for layer in layers:
         w_tok = torch.rand(B, H, T, generator=g) ** 4
         w_ch = torch.rand(B, H, D, generator=g)
         v_bits, k_bits = planner.widths(layer, w_tok, w_ch, real)
         k, v = torch.randn(B * H, T, D, generator=g), torch.randn(B * H, T, D, generator=g)
         heads, _ = pack_segment(k, v, v_bits.reshape(B * H, T), k_bits.reshape(B * H, D), torch.float16)
-        stored += torch.tensor([8.0 * h.nbytes for h in heads]).reshape(B, H).sum(1)
+        stored += torch.tensor([8.0 * h.nbytes for h in heads], dtype=torch.float64).reshape(B, H).sum(1)
     return (stored / (2 * real.sum(1) * D * H * len(layers))).tolist()
 
 
