@@ -113,9 +113,6 @@ def stacked_partials(stack: StackedSegment, qf: torch.Tensor, partials) -> tuple
     k = stack.stacked
     B, H, G, D = qf.shape
     m, l, acc = partials(stack, qf.repeat(k, 1, 1, 1))  # member j's rows see the same queries
-    rows = B * H
-    cm = m.reshape(k, rows, G).transpose(0, 1)
-    cl = l.reshape(k, rows, G).transpose(0, 1)
-    cacc = acc.reshape(k, rows, G, -1).transpose(0, 1)
-    m, l, acc = merge_chunk_partials(cm, cl, cacc)
+    rows = k * B * H  # each member's partials are one chunk of its row
+    m, l, acc = merge_chunk_partials(m.reshape(rows, 1, G), l.reshape(rows, 1, G), acc.reshape(rows, 1, G, -1), members=k)
     return m.reshape(B, H, G), l.reshape(B, H, G), acc.reshape(B, H, G, -1)

@@ -35,10 +35,16 @@ def triton_device_ok(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def merge_chunk_partials(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor, out=None):
+def merge_chunk_partials(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor, out=None, members: int = 1):
     """Merge split-K partials of chunks by log-sum-exp: ``cm, cl [R, C, G]``, ``cacc [R, C, G, D]``
     -> ``(max [R, G], sum [R, G], acc [R, G, D])``, written into `out` when given. Chunks without
-    tokens (``max = -inf``) count for nothing."""
+    tokens (``max = -inf``) count for nothing. ``members > 1``: the rows are a stack's, member-major
+    (``members * R`` rows, :mod:`rdkv_hf.stacked`), and member j's chunks of row r are more chunks of
+    row r."""
+    if members > 1:
+        R = cm.shape[0] // members
+        fold = lambda t: t.reshape(members, R, *t.shape[1:]).transpose(0, 1).flatten(1, 2)  # noqa: E731
+        cm, cl, cacc = fold(cm), fold(cl), fold(cacc)
     M = cm.amax(1)
     M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
     f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)

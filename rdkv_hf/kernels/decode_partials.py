@@ -174,11 +174,7 @@ def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, soft
                 BLOCK_DV=BLOCK_DV, BLOCK_T=block_t, BLOCK_C=16,
                 DOT_K=dot_ok(BLOCK_G, block_t), DOT_V=dot_ok(BLOCK_G, BLOCK_DV),
             )
-    if members > 1:  # a stack: member j's chunks of row r are more chunks of row r
-        k = members
-        cm, cl = (t.reshape(k, R, n_chunks, G).transpose(0, 1).reshape(R, k * n_chunks, G) for t in (cm, cl))
-        cacc = cacc.reshape(k, R, n_chunks, G, Dv).transpose(0, 1).reshape(R, k * n_chunks, G, Dv)
-    return merge_chunk_partials(cm, cl, cacc, out)  # chunks without tokens have m = -inf
+    return merge_chunk_partials(cm, cl, cacc, out, members)  # chunks without tokens have m = -inf
 
 
 def _check(buffers, q: torch.Tensor, block_t: int, members: int) -> tuple[int, int, int]:
