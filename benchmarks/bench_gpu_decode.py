@@ -210,6 +210,7 @@ def main(argv=None) -> list[dict]:
         slug = device_slug(env["device"], device)
         for i, ctx in enumerate(args.contexts):
             profile = args.profile and i == 0
+            first = len(rows)  # this context's rows start here
             ids = torch.randint(args.vocab, (1, ctx), generator=torch.Generator().manual_seed(args.seed + ctx)).to(device)
             rdkv_hf.unpatch(model)
             with best_sdpa():
@@ -228,7 +229,7 @@ def main(argv=None) -> list[dict]:
             del cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            for r in rows[-(3 if device.type == "cuda" else 2):]:
+            for r in rows[first:]:
                 r["kv_bytes_per_token"] = r["kv_bytes"] / ctx
                 r["ratio"] = dyn["kv_bytes"] / r["kv_bytes"]
                 r["tokens_per_s"] = 1000 / r["ms_per_token"]

@@ -101,6 +101,12 @@ def _cap(model) -> int:
 
 
 @torch.no_grad()
+def load_seed(args) -> dict:
+    """The K/V/Q statistics of a real SmolLM2 prefill that the speed states tile (built once, cached
+    under ``--workdir``)."""
+    return torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+
+
 def build_state(method: str, model, seed: dict, length: int, budget: float):
     """The cache of `method` after a 64-token prompt and `length` generated tokens (synthetic K/V)."""
     from transformers import DynamicCache
@@ -186,7 +192,7 @@ def speed(args) -> None:
 
     torch.set_num_threads(args.threads)
     args.csv = args.out / "speed.csv"
-    seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+    seed = load_seed(args)
     model, _ = load_model("smollm2-135m")
     model.config.max_position_embeddings = max(model.config.max_position_embeddings, PROMPT + max(args.lengths) + 1024)
     print(f"machine: {machine()}; threads {args.threads}; loadavg {loadavg()}; model float32")
@@ -227,7 +233,7 @@ def ratio(args) -> None:
     from rdkv_hf.eval.models import load_model
 
     torch.set_num_threads(args.threads)
-    seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+    seed = load_seed(args)
     cap_len, ref_len = max(args.lengths), 4096
     states = {}
     for method, length in (("rdkv-prompt", ref_len), ("rdkv-cap", cap_len)):
@@ -259,7 +265,7 @@ def repack(args) -> None:
     from rdkv_hf.storage import pack_order
 
     torch.set_num_threads(args.threads)
-    seed = torch.load(build_seed(argparse.Namespace(workdir=args.workdir, text_file=ROOT / "rdkv_hf" / "data" / "kjv_eval.txt")))
+    seed = load_seed(args)
     model, _ = load_model("smollm2-135m")
     rdkv_hf.patch(model, budget=args.budget, decode_block=128, max_cache_bytes=10**12)
     cache = rdkv_hf.RDKVCache(model)
