@@ -17,7 +17,9 @@ so that row measures that overhead more than the cache. Then ``--warmup`` greedy
 (Triton compiles on the first) and ``--steps`` timed ones, each between two ``torch.cuda.synchronize``;
 ``ms/token`` is their median. ``KV bytes`` is what the cache holds after the prompt (codes, scales,
 channel orders, raw zones), ``ratio`` the DynamicCache's bytes over the method's, ``speedup`` the
-DynamicCache's ms/token over the method's, ``peak MiB`` the CUDA memory peak during the decode steps.
+DynamicCache's ms/token over the method's, ``ops/step`` the operators one more decode step dispatches
+(views and allocations left out: on a GPU each is at least one kernel launch, what a small-batch step is
+bound by; counted the same way on the CPU), ``peak MiB`` the CUDA memory peak during the decode steps.
 
 Prints a markdown table and writes a CSV (``--out-dir``, default ``benchmarks/results/gpu/``).
 ``--profile`` also runs three decode steps of each method at the first context under
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import rdkv_hf
@@ -156,6 +159,29 @@ def profile_steps(model, tok: torch.Tensor, cache, device: torch.device, path: P
     print(f"wrote {path}")
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators a block dispatches, leaving out views and allocations: on a GPU each
+    one left is at least one kernel launch, what a decode step at small batch is bound by."""
+
+    FREE = {"empty", "empty_like", "empty_strided", "detach", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in self.FREE:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(model, tok: torch.Tensor, cache) -> int:
+    """Operators (:class:`OperatorCount`) of one more decode step."""
+    with OperatorCount() as counter:
+        model(tok, **cache_kwargs(cache))
+    return counter.count
+
+
 def run_one(model, ids: torch.Tensor, cache, args, device: torch.device, profile_to: Path | None = None) -> dict:
     """Prefill `ids` into `cache`, then time greedy decode steps; bytes, times and memory (and the
     profile of three more steps to `profile_to`)."""
@@ -179,9 +205,10 @@ def run_one(model, ids: torch.Tensor, cache, args, device: torch.device, profile
         times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times[args.warmup :])
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    ops = count_operators(model, tok, cache)
     if profile_to is not None:
         profile_steps(model, tok, cache, device, profile_to)
-    return dict(kv_bytes=nbytes, ms_per_token=ms, prefill_s=prefill_s, peak_mib=peak)
+    return dict(kv_bytes=nbytes, ms_per_token=ms, prefill_s=prefill_s, peak_mib=peak, ops_per_step=ops)
 
 
 def main(argv=None) -> list[dict]:
@@ -237,17 +264,18 @@ def main(argv=None) -> list[dict]:
                 r.update(env)
 
     print()
-    print("| method | context | KV bytes | KV bytes/token | bits/element | ratio | ms/token | tokens/s | speedup | prefill s | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | context | KV bytes | KV bytes/token | bits/element | ratio | ms/token | tokens/s | speedup | ops/step | prefill s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "-" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:,.0f}"  # nan off CUDA
         print(f"| {r['method']} | {r['context']:,} | {r['kv_bytes']:,} | {r['kv_bytes_per_token']:,.0f} | {r['prompt_bits']:.2f} | "
-              f"{r['ratio']:.2f}x | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['prefill_s']:.2f} | {peak} |")
+              f"{r['ratio']:.2f}x | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['ops_per_step']} | "
+              f"{r['prefill_s']:.2f} | {peak} |")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"decode-{slug}.csv"
     fields = ["method", "context", "kv_bytes", "kv_bytes_per_token", "ratio", "prompt_bits", "ms_per_token", "tokens_per_s",
-              "speedup", "prefill_s", "peak_mib", "torch", "transformers", "triton", "device", "git"]
+              "speedup", "ops_per_step", "prefill_s", "peak_mib", "torch", "transformers", "triton", "device", "git"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

@@ -322,25 +322,35 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", soft
     parts = [segment_partials(s, qf, backend, softcap) for s in segments]
     if sinks is not None:  # one more logit per query row, with no value: mass (1 at max s) and no output
         s = sink_logits(sinks, Hkv, q).to(query.device).expand(B, Hkv, g * q)
-        parts.append((s, torch.ones_like(s), qf.new_zeros(B, Hkv, g * q, Dv)))
+        parts.append((s, torch.ones_like(s), None))
+    # One log-sum-exp merge, in as few operators as the parts allow (on a GPU each is a launch):
+    # the tail's probabilities are taken against the global max directly, and a row that sees
+    # nothing (max -inf everywhere) gets max 0, so no exp below meets -inf - -inf.
+    M = logits = None
     if n_tail:
         logits = cap_logits(qf @ tail_k.float().transpose(-1, -2), softcap)  # [B, Hkv, g*q, n_tail]
-        vis = _tail_visibility(mask, B, q, n_tail, query.device)  # [B, q, n_tail]
-        vis = vis[:, None, None].expand(B, 1, g, q, n_tail).reshape(B, 1, g * q, n_tail)
-        logits = logits.masked_fill(~vis, -math.inf)
-        m = logits.amax(-1)
-        p = torch.exp(logits - m.unsqueeze(-1).clamp(min=torch.finfo(logits.dtype).min)).nan_to_num_(0.0)
-        parts.append((m, p.sum(-1), p @ tail_v.float()))
-    M = torch.stack([p[0] for p in parts]).amax(0)
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    L = torch.zeros_like(M)
-    acc = torch.zeros(B, Hkv, g * q, Dv, device=query.device)
+        if mask is not None or q > 1:  # one query without a mask sees the whole tail
+            vis = _tail_visibility(mask, B, q, n_tail, query.device)  # [B, q, n_tail]
+            vis = vis[:, None, None].expand(B, 1, g, q, n_tail).reshape(B, 1, g * q, n_tail)
+            logits = logits.masked_fill(~vis, -math.inf)
+        M = logits.amax(-1)
+    for m, _, _ in parts:
+        M = m if M is None else torch.maximum(M, m)
+    M = M.nan_to_num(neginf=0.0)
+    L = acc = None
+    if n_tail:
+        p = torch.exp(logits - M.unsqueeze(-1))
+        L, acc = p.sum(-1), p @ tail_v.float()
     for m, l, a in parts:
-        f = torch.exp(m - M_safe).nan_to_num_(0.0)
-        L += l * f
-        acc += a * f.unsqueeze(-1)
-    out = acc / L.clamp(min=1e-30).unsqueeze(-1)
-    lse = M_safe + torch.log(L.clamp(min=1e-30))
+        f = torch.exp(m - M)
+        L = l * f if L is None else torch.addcmul(L, l, f)
+        if a is not None:
+            acc = a * f.unsqueeze(-1) if acc is None else torch.addcmul(acc, a, f.unsqueeze(-1))
+    if acc is None:  # sinks alone
+        acc = qf.new_zeros(B, Hkv, g * q, Dv)
+    L = L.clamp(min=1e-30)
+    out = acc / L.unsqueeze(-1)
+    lse = M + torch.log(L)
     return out.reshape(B, Hq, q, Dv).to(query.dtype), lse.reshape(B, Hq, q)
 
 

@@ -81,6 +81,20 @@ def test_attend_over_segment_and_tail_is_one_softmax(q_len):
             torch.testing.assert_close(lse[b, h * g : (h + 1) * g], torch.logsumexp(logits, -1), **TOL[torch.float32])
 
 
+def test_a_query_that_sees_nothing_attends_to_nothing():
+    """A batch row whose queries see no token (every tail token masked, no segment): output 0 and a
+    finite log-sum-exp, not NaN (the merge must never take -inf - -inf); the other row as sdpa."""
+    B, H, q, n, D = 2, 2, 3, 5, 8
+    g = torch.Generator().manual_seed(0)
+    query, tail_k, tail_v = (torch.randn(B, H, x, D, generator=g) for x in (q, n, n))
+    mask = torch.ones(B, 1, q, n, dtype=torch.bool)
+    mask[0] = False
+    out, lse = attend(query, [], tail_k, tail_v, mask, 0.3)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(lse).all()
+    ref = torch.nn.functional.scaled_dot_product_attention(query[1:], tail_k[1:], tail_v[1:], scale=0.3)
+    torch.testing.assert_close(out[1:], ref, **TOL[torch.float32])  # attend lays out [B, Hq, q, Dv] as sdpa
+
+
 def test_layer_contract_and_nbytes():
     model = tiny_model("llama")
     rdkv_hf.patch(model, budget=3.0)

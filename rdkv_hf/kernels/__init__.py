@@ -46,14 +46,13 @@ def merge_chunk_partials(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor,
         fold = lambda t: t.reshape(members, R, *t.shape[1:]).transpose(0, 1).flatten(1, 2)  # noqa: E731
         cm, cl, cacc = fold(cm), fold(cl), fold(cacc)
     M = cm.amax(1)
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    f = torch.exp(cm - M_safe[:, None]).nan_to_num_(0.0)
-    R, _, G, D = cacc.shape
-    m_out, l_out, acc_out = out if out is not None else (torch.empty_like(M), torch.empty_like(M), torch.empty(R, G, D, device=cacc.device))
-    m_out.copy_(M)
-    l_out.copy_((cl * f).sum(1))
-    acc_out.copy_((cacc * f[..., None]).sum(1))
-    return m_out, l_out, acc_out
+    f = torch.exp(cm - M.nan_to_num(neginf=0.0)[:, None])  # a row without tokens: max 0, every f 0
+    l, acc = (cl * f).sum(1), (cacc * f[..., None]).sum(1)
+    if out is None:
+        return M, l, acc
+    for o, t in zip(out, (M, l, acc)):
+        o.copy_(t)
+    return tuple(out)
 
 
 def check_decode_inputs(q, block_t: int, rows: int, head_dim: int, tensors: dict, what: str,
