@@ -390,6 +390,31 @@ def test_triton_kernel_merges_the_members_of_a_stack(interpret, G, select):
 
 
 @needs_triton
+@pytest.mark.parametrize("members", [1, 3])
+def test_triton_merge_of_chunks_is_the_torch_merge(interpret, members):
+    """The one-launch merge equals :func:`merge_chunk_partials`, with chunks and whole rows that
+    hold no token (max -inf), G and Dv not powers of two, and a stack's members."""
+    from rdkv_hf.kernels import merge_chunk_partials
+    from rdkv_hf.kernels.decode_partials import merge_chunks
+
+    R, C, G, Dv = 4, 3, 5, 12
+    g = torch.Generator().manual_seed(members)
+    cm = torch.randn(members * R, C, G, generator=g) * 4
+    cl = torch.rand(members * R, C, G, generator=g) + 0.5
+    cacc = torch.randn(members * R, C, G, Dv, generator=g)
+    cm[0, 1] = -torch.inf  # an empty chunk
+    cm[torch.arange(members) * R + 2] = -torch.inf  # row 2 holds no token in any member
+    cl[torch.arange(members) * R + 2], cacc[torch.arange(members) * R + 2] = 0, 0
+    ref = merge_chunk_partials(cm, cl, cacc, members=members)
+    got = merge_chunks(cm, cl, cacc, out=_poisoned(R, G, Dv), members=members)
+    assert torch.equal(got[0][2], torch.full((G,), -torch.inf)) and not got[1][2].any() and not got[2][2].any()
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="`out`'s acc must be a contiguous float32"):
+        merge_chunks(cm, cl, cacc, out=_poisoned(R, G, Dv + 1), members=members)
+
+
+@needs_triton
 @pytest.mark.parametrize("T", [1, 63])
 @pytest.mark.parametrize("softcap,D,Dv", SOFTCAP_DV)
 def test_triton_partials_with_softcap_and_other_v_width(interpret, T, softcap, D, Dv):

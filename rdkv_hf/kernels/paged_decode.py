@@ -4,7 +4,7 @@ in fixed-size pages, block tables per head row; the layout is in ``rdkv_hf/paged
 One program per (head row, page): it reads the page's header, walks its runs of equal-width token
 records ``BLOCK_T`` at a time (K codes unpacked in registers against the query scaled per channel,
 ``q . (s*c + m) = (q*s) . c + q . m``; V codes dequantized per token) with an online softmax, and
-writes the page's ``(max, sum, acc)``. The launcher merges the pages of each head by log-sum-exp, as
+writes the page's ``(max, sum, acc)``. A second kernel merges the pages of each head by log-sum-exp, as
 a paged-attention "v2" reduction does. 16-bit values and float16 metadata are read through 16-bit
 views of the same page pool.
 
@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..paged import HEADER_WORDS
-from . import check_decode_inputs, launch_context, merge_chunk_partials
-from .decode_partials import dot_ok, rowdot
+from . import check_decode_inputs, launch_context
+from .decode_partials import dot_ok, merge_chunks, rowdot
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def paged_partials(paged, q: torch.Tensor, block_t: int = 16, out=None):
                 BLOCK_D=BLOCK_D, BLOCK_T=block_t, BLOCK_C=16,
                 DOT_K=dot_ok(BLOCK_G, block_t), DOT_V=dot_ok(BLOCK_G, BLOCK_D),
             )
-    return merge_chunk_partials(cm, cl, cacc, out)
+    return merge_chunks(cm, cl, cacc, out)
 
 
 def _check(paged, q: torch.Tensor, block_t: int) -> tuple[int, int, int]:
