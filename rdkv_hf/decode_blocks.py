@@ -144,8 +144,7 @@ def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: 
             # Causal, the common decode step: a window's queries come after its block (the tail keeps
             # at least `block_window` tokens), so each sees the whole block and is a real query.
             mass = torch.exp(logits - lse[:, :, js].float().reshape(B, Hkv, g, W, 1)).sum((2, 3))
-            seen = torch.full((B, block), float(W), device=query.device)
-            qsq, nq = qw.square().sum((2, 3)), torch.full((B, 1), float(W), device=query.device)
+            seen, qsq, nq = W, qw.square().sum((2, 3)), W
         else:
             vis = visible_rows(mask, B, q, n, torch.tensor(js, dtype=torch.long), query.device)  # [B, W, n]
             if lse is not None:
@@ -157,22 +156,15 @@ def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: 
             mass = (torch.exp(logits - norm).nan_to_num_(0.0) * visible[:, None, None]).sum((2, 3))
             seen = visible.sum(1).float()
             q_real = vis.any(-1).float()  # [B, W]
-            qsq, nq = (qw.square() * q_real[:, None, None, :, None]).sum((2, 3)), q_real.sum(1, keepdim=True)  # [B, Hkv, D]
-        layer.block_mass = _add_at(layer.block_mass, lo, mass)
-        layer.block_seen = _add_at(layer.block_seen, lo, seen)
+            qsq, nq = (qw.square() * q_real[:, None, None, :, None]).sum((2, 3)), q_real.sum(1)  # [B, Hkv, D], [B]
         while layer.block_qsq.shape[2] <= k:
             layer.block_qsq = torch.cat([layer.block_qsq, layer.block_qsq.new_zeros(B, Hkv, 1, D)], 2)
             layer.block_nq = torch.cat([layer.block_nq, layer.block_nq.new_zeros(B, 1)], 1)
-        at = torch.tensor([k], device=qsq.device)
-        layer.block_qsq = layer.block_qsq.index_add(2, at, qsq[:, :, None])
-        layer.block_nq = layer.block_nq.index_add(1, at, nq)
-
-
-def _add_at(t: torch.Tensor, lo: int, x: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``x`` added at ``t[..., lo : lo + x.shape[-1]]`` (out of place: forks of a
-    cache may share the tensor)."""
-    pad = [lo, t.shape[-1] - lo - x.shape[-1]]
-    return t + torch.nn.functional.pad(x, pad)
+        # In place: the state is this layer's own (a fork clones it, a batch reorder selects a copy).
+        layer.block_mass[:, :, lo:hi] += mass
+        layer.block_seen[:, lo:hi] += seen
+        layer.block_qsq[:, :, k] += qsq
+        layer.block_nq[:, k] += nq
 
 
 def _pack_due(layer, mask) -> bool:
