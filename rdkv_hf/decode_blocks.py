@@ -26,6 +26,7 @@ The state lives on the layer as plain tensors (``block_mass``, ``block_seen``, `
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -116,17 +117,21 @@ def visible_rows(mask, B: int, q: int, n: int, rows: torch.Tensor, device) -> to
     return m.expand(B, len(rows), n)
 
 
-def _window_blocks(cfg, n: int, q: int) -> dict[int, list[int]]:
-    """``{block k: [indices of the forward's queries in k's window]}`` for a forward whose `q`
-    queries are the last of `n` tail positions."""
-    block, window, keep = cfg.decode_block, cfg.block_window, keep_tokens(cfg)
+def _window_blocks(cfg, n: int, q: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """``((block k, indices of the forward's queries in k's window, consecutive), ...)`` for a
+    forward whose `q` queries are the last of `n` tail positions."""
+    return _windows(cfg.decode_block, cfg.block_window, keep_tokens(cfg), n, q)
+
+
+@functools.lru_cache(maxsize=256)  # every layer of a step asks the same
+def _windows(block: int, window: int, keep: int, n: int, q: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
     out: dict[int, list[int]] = {}
     for j in range(q):
         p = n - q + j
         k = math.ceil((p - keep + 1) / block) - 1
         if k >= 0 and keep + (k + 1) * block - 1 - p < window:
             out.setdefault(k, []).append(j)
-    return out
+    return tuple((k, tuple(js)) for k, js in out.items())
 
 
 def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: float | None) -> None:
@@ -135,20 +140,23 @@ def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: 
     Hkv, n = keys.shape[1], keys.shape[2]
     g = Hq // Hkv
     block = layer.config.decode_block
-    for k, js in _window_blocks(layer.config, n, q).items():
-        W = len(js)
-        qw = query[:, :, js].float().reshape(B, Hkv, g, W, D)  # [B, Hkv, g, W, D]
+    for k, js in _window_blocks(layer.config, n, q):
+        W, j0 = len(js), js[0]  # a window's queries are consecutive
+        # [B, Hkv, g * W, D] (4-d: a 5-d broadcast matmul costs more than twice as much per step)
+        qw = query[:, :, j0 : j0 + W].float().reshape(B, Hkv, g * W, D)
         lo, hi = k * block, (k + 1) * block
-        logits = cap_logits((qw * scaling) @ keys[:, :, lo:hi].float()[:, :, None].transpose(-1, -2), softcap)  # [B, Hkv, g, W, block]
+        logits = cap_logits((qw * scaling) @ keys[:, :, lo:hi].float().transpose(-1, -2), softcap)  # [B, Hkv, g * W, block]
         if mask is None and lse is not None:
             # Causal, the common decode step: a window's queries come after its block (the tail keeps
             # at least `block_window` tokens), so each sees the whole block and is a real query.
-            mass = torch.exp(logits - lse[:, :, js].float().reshape(B, Hkv, g, W, 1)).sum((2, 3))
-            seen, qsq, nq = W, qw.square().sum((2, 3)), W
+            mass = torch.exp(logits - lse[:, :, j0 : j0 + W].float().reshape(B, Hkv, g * W, 1)).sum(2)
+            seen, qsq, nq = W, qw.square().sum(2), W
         else:
+            logits = logits.reshape(B, Hkv, g, W, block)
+            qw = qw.reshape(B, Hkv, g, W, D)
             vis = visible_rows(mask, B, q, n, torch.tensor(js, dtype=torch.long), query.device)  # [B, W, n]
             if lse is not None:
-                norm = lse[:, :, js].float().reshape(B, Hkv, g, W, 1)
+                norm = lse[:, :, j0 : j0 + W].float().reshape(B, Hkv, g, W, 1)
             else:  # no packed tokens: the softmax runs over the tail alone
                 full = cap_logits((qw * scaling) @ keys.float()[:, :, None].transpose(-1, -2), softcap)
                 norm = torch.logsumexp(full.masked_fill(~vis[:, None, None], -math.inf), -1, keepdim=True)
