@@ -169,10 +169,22 @@ def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: 
             layer.block_qsq = torch.cat([layer.block_qsq, layer.block_qsq.new_zeros(B, Hkv, 1, D)], 2)
             layer.block_nq = torch.cat([layer.block_nq, layer.block_nq.new_zeros(B, 1)], 1)
         # In place: the state is this layer's own (a fork clones it, a batch reorder selects a copy).
+        _writable(layer)
         layer.block_mass[:, :, lo:hi] += mass
         layer.block_seen[:, lo:hi] += seen
         layer.block_qsq[:, :, k] += qsq
         layer.block_nq[:, k] += nq
+
+
+def _writable(layer) -> None:
+    """Clone the state tensors made under ``torch.inference_mode`` when this forward runs outside it
+    (a prompt under inference mode, then ``generate()`` under ``no_grad``): torch refuses to change
+    an inference tensor in place there."""
+    if not torch.is_inference_mode_enabled():
+        for name in STATE:
+            t = getattr(layer, name)
+            if t.is_inference():
+                setattr(layer, name, t.clone())
 
 
 def _pack_due(layer, mask) -> bool:

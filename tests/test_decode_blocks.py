@@ -315,3 +315,24 @@ def test_a_prompt_left_whole_by_min_tokens_is_packed_in_decode_blocks(one_thread
     cache = output_cache(out)
     assert _layer(cache).segments and all(s.decoded for s in _layer(cache).segments)
     assert keep_tokens(cache.rdkv_config) <= _layer(cache).keys.shape[-2] < keep_tokens(cache.rdkv_config) + 8
+
+
+def test_decode_blocks_go_on_outside_the_inference_mode_they_began_in(one_thread):
+    """A prompt and some steps under ``torch.inference_mode``, then steps under ``no_grad`` (as
+    ``generate()`` runs): the window sums made in inference mode still grow, and the tokens are
+    those of a run under ``no_grad`` alone."""
+    model = _model("llama")
+    rdkv_hf.patch(model, budget=2.5, min_tokens=16, decode_block=16)
+    ids = torch.randint(3, 99, (1, 40), generator=torch.Generator().manual_seed(3))
+
+    def run(first_steps_in_inference_mode: bool) -> list[int]:
+        cache, tok, out = RDKVCache(model), ids, []
+        for step in range(60):
+            mode = torch.inference_mode() if first_steps_in_inference_mode and step <= 20 else torch.no_grad()
+            with mode:
+                tok = model(tok, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+            out.append(int(tok))
+        assert _decoded(cache), "no decode block was packed"
+        return out
+
+    assert run(True) == run(False)
