@@ -64,7 +64,9 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
         k_at, v_at = latent.keys_values(layer)
     lse = None
     if layer.segments:
-        out, lse = attend(q_at, decode_blocks.attended(layer), k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks)
+        with_lse = q_len > 1 or cfg.decode_block is not None  # what compress_layer and the decode blocks read
+        out, lse = attend(q_at, decode_blocks.attended(layer), k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks,
+                          with_lse=with_lse)
         out = (out if latent is None else latent.output(module, out)).to(query.dtype).transpose(1, 2).contiguous()
     elif not plain:
         out, lse = dense_attention(query, key, value, attention_mask, scaling, softcap, sinks)
@@ -304,15 +306,16 @@ def dense_attention(query, key, value, mask, scaling, softcap=None, sinks=None):
     return torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
 
 
-def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", softcap=None, sinks=None):
+def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", softcap=None, sinks=None, with_lse=True):
     """One softmax over packed segments, the dense tail and the sinks.
 
     Args:
         query: ``[B, Hq, q, D]``; tail_k: ``[B, Hkv, n_tail, D]``; tail_v: ``[B, Hkv, n_tail, Dv]``;
             mask: ``[B, 1, q, n_tail]`` bool (or additive float) or None (causal within the new tokens).
         softcap: the logit cap (None: none); sinks: ``[Hq]`` sink logits (None: none).
+        with_lse: also return the log-sum-exp (a plain decode step has no use for it).
     Returns:
-        ``(out [B, Hq, q, Dv] in query's dtype, lse [B, Hq, q] float32)``.
+        ``(out [B, Hq, q, Dv] in query's dtype, lse [B, Hq, q] float32 or None)``.
     """
     B, Hq, q, D = query.shape
     Hkv, n_tail, Dv = tail_k.shape[1], tail_k.shape[2], tail_v.shape[-1]
@@ -349,9 +352,8 @@ def attend(query, segments, tail_k, tail_v, mask, scaling, backend="torch", soft
     if acc is None:  # sinks alone
         acc = qf.new_zeros(B, Hkv, g * q, Dv)
     L = L.clamp(min=1e-30)
-    out = acc / L.unsqueeze(-1)
-    lse = M + torch.log(L)
-    return out.reshape(B, Hq, q, Dv).to(query.dtype), lse.reshape(B, Hq, q)
+    out = (acc / L.unsqueeze(-1)).reshape(B, Hq, q, Dv).to(query.dtype)
+    return out, (M + torch.log(L)).reshape(B, Hq, q) if with_lse else None
 
 
 RDKV_ATTENTION = AttentionOverride(ATTN_NAME, rdkv_attention_forward)  # what rdkv_hf.patch switches a model to

@@ -68,6 +68,8 @@ def test_attend_over_segment_and_tail_is_one_softmax(q_len):
     tail_k, tail_v = torch.randn(B, Hkv, 9, D), torch.randn(B, Hkv, 9, D)
     query = torch.randn(B, Hkv * g, q_len, D)
     out, lse = attend(query, [seg], tail_k, tail_v, None, 0.25)
+    alone, none = attend(query, [seg], tail_k, tail_v, None, 0.25, with_lse=False)  # a plain decode step's call
+    assert none is None and torch.equal(alone, out)
     for b in range(B):
         for h in range(Hkv):
             kd, vd = dense[b * Hkv + h]
