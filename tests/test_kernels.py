@@ -177,6 +177,8 @@ def test_cpu_launcher_validates_inputs():
         cpu_decode.segment_partials(buffers, torch.randn(3, 16, 2).transpose(1, 2))
     with pytest.raises(ValueError, match="multiple of 480"):
         cpu_decode.segment_partials(buffers, torch.randn(3, 1, 16), chunk=500)
+    with pytest.raises(ValueError, match="`out`'s sum must be a contiguous float32 \\[3, 1\\] tensor on cpu"):
+        cpu_decode.segment_partials(buffers, torch.randn(3, 1, 16), out=(torch.empty(3, 1), torch.empty(3, 2), torch.empty(3, 1, 16)))
 
 
 def test_segment_words_equal_quant_pack_exactly():

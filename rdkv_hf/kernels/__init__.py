@@ -55,6 +55,19 @@ def merge_chunk_partials(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor,
     return tuple(out)
 
 
+def partials_out(out, R: int, G: int, Dv: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(max [R, G], sum [R, G], acc [R, G, Dv])`` tensors a kernel writes its partials into:
+    `out` when given, checked (contiguous float32 on `device`, those shapes), else new ones."""
+    if out is None:
+        return tuple(torch.empty(*shape, dtype=torch.float32, device=device) for shape in ((R, G), (R, G), (R, G, Dv)))
+    device = torch.device(device)
+    for name, t, shape in zip(("max", "sum", "acc"), out, ((R, G), (R, G), (R, G, Dv))):
+        if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+            raise ValueError(f"`out`'s {name} must be a contiguous float32 {list(shape)} tensor on {device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    return tuple(out)
+
+
 def check_decode_inputs(q, block_t: int, rows: int, head_dim: int, tensors: dict, what: str,
                         members: int = 1) -> tuple[int, int, int]:
     """Validate a decode launch: ``q [R, G, D]`` contiguous float32 on a Triton device, with

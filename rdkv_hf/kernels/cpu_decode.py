@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import check_softcap
+from . import check_softcap, partials_out
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +135,7 @@ def segment_partials(buffers, q: torch.Tensor, chunk: int = DEFAULT_CHUNK, threa
     rows = buffers.heads.shape[0]
     Dv = buffers.v_dim
     cap = check_softcap(softcap)
-    m, l, acc = out if out is not None else (torch.empty(R, G, device="cpu"), torch.empty(R, G, device="cpu"), torch.empty(R, G, Dv, device="cpu"))
-    for name, t, shape in (("m", m, (R, G)), ("l", l, (R, G)), ("acc", acc, (R, G, Dv))):
-        if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"`out` {name} must be a contiguous float32 CPU tensor of shape {shape}, got {tuple(t.shape)} {t.dtype}")
+    m, l, acc = partials_out(out, R, G, Dv, "cpu")
     rc = lib.rdkv_segment_partials(
         q.data_ptr(), rows, R, G, D, Dv, buffers.heads.data_ptr(), buffers.groups.data_ptr(), buffers.words.data_ptr(),
         buffers.meta.data_ptr(), buffers.raw.data_ptr(), _RAW_KIND[buffers.raw.dtype], buffers.perm.data_ptr(),

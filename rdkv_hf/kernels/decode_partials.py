@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..storage import G_COLS_COUNT, H_COLS_COUNT
-from . import check_decode_inputs, check_softcap, launch_context
+from . import check_decode_inputs, check_softcap, launch_context, partials_out
 
 
 @triton.jit
@@ -180,17 +180,12 @@ def merge_chunks(cm: torch.Tensor, cl: torch.Tensor, cacc: torch.Tensor, out=Non
     rows, n_chunks, G = cm.shape
     Dv = cacc.shape[-1]
     R = rows // members
-    if out is None:
-        out = (cm.new_empty(R, G), cm.new_empty(R, G), cm.new_empty(R, G, Dv))
-    for name, o, shape in zip(("max", "sum", "acc"), out, ((R, G), (R, G), (R, G, Dv))):
-        if tuple(o.shape) != shape or o.dtype != torch.float32 or not o.is_contiguous() or o.device != cm.device:
-            raise ValueError(f"`out`'s {name} must be a contiguous float32 {list(shape)} tensor on {cm.device}, "
-                             f"got {o.dtype} {list(o.shape)} on {o.device}")
+    out = partials_out(out, R, G, Dv, cm.device)
     if R:
         with launch_context(cm):
             _merge_chunks_kernel[(R,)](cm, cl, cacc, *out, R, n_chunks, members, G, Dv,
                                        BLOCK_G=triton.next_power_of_2(G), BLOCK_DV=triton.next_power_of_2(Dv))
-    return tuple(out)
+    return out
 
 
 def segment_partials(buffers, q: torch.Tensor, block_t: int = 64, out=None, softcap: float | None = None, members: int = 1):
