@@ -3,19 +3,23 @@
     python benchmarks/bench_short_prompts.py --residuals 0                  # the defaults (min_tokens 512)
     python benchmarks/bench_short_prompts.py --min-tokens 0 --out benchmarks/results/short-prompts-residual-sweep.md
     python benchmarks/bench_short_prompts.py --residuals 0 128 --budgets 2.5 4 --modes rdkv rdkv+profile
+    python benchmarks/bench_short_prompts.py --residuals 0 --observe 0 8 --only-long   # RDKVConfig.observe
 
 SmolLM2-135M-Instruct (float32, chat template) answers 56 short chat prompts (20-300 tokens: plain
 questions and instructions, and passages of held-out KJV text with a request) and 8 prompts of about
 800 tokens, greedily, 24 new tokens, with the full cache and with RDKV. For each setting the table
 gives, per length bucket, the share of answers identical to the full cache's and the mean KL divergence
 (nats per answer token) of RDKV's next-token distribution from the full cache's, teacher-forcing the
-full cache's answer; and the cost of the residual: the bytes of a 2,048-token prompt's cache as a share
-of bf16. Writes ``benchmarks/results/short-prompts.md`` (``--out``).
+full cache's answer, one token a forward as ``generate()`` feeds them (so that ``observe`` packs the prompt
+where it would); with ``observe`` > 0 also the KL of the answer tokens after the largest `observe` (with it, the first
+ones are computed over the prompt in full precision); and the cost of the residual: the bytes of a
+2,048-token prompt's cache, packed, as a share of bf16. Writes ``benchmarks/results/short-prompts.md`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import re
 import statistics
@@ -83,10 +87,13 @@ def answer(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def answer_logits(model, ids, ans, cache) -> torch.Tensor:
-    """``[len(ans), vocab]`` log-probs of each answer token's position, the answer teacher-forced."""
-    first = model(ids, **cache_kwargs(cache)).logits[0, -1:]
-    rest = model(ans[None, :-1], **cache_kwargs(cache)).logits[0] if len(ans) > 1 else first[:0]
-    return torch.cat([first, rest]).float().log_softmax(-1)
+    """``[len(ans), vocab]`` log-probs of each answer token's position, the answer teacher-forced one
+    token a forward (a multi-token forward would be a follow-up: it packs tokens waiting for decoded
+    queries after attending to them in full precision, and its own queries would weigh them)."""
+    logits = [model(ids, **cache_kwargs(cache)).logits[0, -1:]]
+    for tok in ans[:-1]:
+        logits.append(model(tok.reshape(1, 1), **cache_kwargs(cache)).logits[0, -1:])
+    return torch.cat(logits).float().log_softmax(-1)
 
 
 def bucket(label: str, T: int) -> str:
@@ -99,6 +106,9 @@ def main(argv=None) -> None:
     p.add_argument("--min-tokens", type=int, default=None, help="RDKVConfig.min_tokens (default: the library's, 512)")
     p.add_argument("--budgets", type=float, nargs="+", default=[2.5])
     p.add_argument("--modes", nargs="+", default=["rdkv"])
+    p.add_argument("--observe", type=int, nargs="+", default=[0], help="RDKVConfig.observe values (decoded queries before packing)")
+    p.add_argument("--window", type=int, default=None, help="RDKVConfig.window (default: the library's)")
+    p.add_argument("--only-long", action="store_true", help="only the ~800-token prompts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "short-prompts.md")
     args = p.parse_args(argv)
@@ -106,16 +116,19 @@ def main(argv=None) -> None:
     from rdkv_hf.eval.models import load_model, shipped_profile_name
 
     model, tok = load_model("smollm2-135m")
-    cases = prompts(tok)
+    cases = [c for c in prompts(tok) if c[0] == "long" or not args.only_long]
     start, load = time.perf_counter(), OtherLoad()
     load.start()
     full = [answer(model, ids) for _, ids in cases]
     rows = []
+    skip = max(args.observe)  # every row's "later tokens" KL is over the same answer tokens
     for mode in args.modes:
         profile = shipped_profile_name("smollm2-135m") if mode != "rdkv" else None
         for budget in args.budgets:
-            for r in args.residuals:
-                rdkv_hf.patch(model, budget=budget, mode=mode, profile=profile, residual=r, min_tokens=args.min_tokens)
+            for r, observe in itertools.product(args.residuals, args.observe):
+                extra = {} if args.window is None else {"window": args.window}
+                rdkv_hf.patch(model, budget=budget, mode=mode, profile=profile, residual=r, min_tokens=args.min_tokens,
+                              observe=observe, **extra)
                 min_tokens = rdkv_hf.state.patch_state(model).planner.config.min_tokens
                 per_bucket: dict[str, list] = {}
                 for (label, ids), (ans, ref) in zip(cases, full):
@@ -124,17 +137,20 @@ def main(argv=None) -> None:
                     # when fed the ones before: the argmax of every teacher-forced position.
                     same = bool((got.argmax(-1) == ans).all())
                     kl = F.kl_div(got, ref, log_target=True, reduction="batchmean").item()
-                    per_bucket.setdefault(bucket(label, ids.shape[1]), []).append((same, kl))
+                    after = F.kl_div(got[skip:], ref[skip:], log_target=True, reduction="batchmean").item()
+                    per_bucket.setdefault(bucket(label, ids.shape[1]), []).append((same, kl, after))
                 long_ids = torch.randint(100, 40000, (1, 2048), generator=torch.Generator().manual_seed(0))
                 cache = rdkv_hf.RDKVCache(model)
                 with torch.no_grad():
                     model(long_ids, **cache_kwargs(cache), logits_to_keep=1)
+                cache.flush()
                 share = cache.nbytes / cache.summary().bf16_bytes
                 rdkv_hf.unpatch(model)
                 for name, results in per_bucket.items():
-                    rows.append((mode, budget, r, min_tokens, name, len(results), 100 * sum(s for s, _ in results) / len(results),
-                                 statistics.mean(k for _, k in results), share))
-                    print(f"{mode} {budget:g} bits residual {r} min_tokens {min_tokens}: {name}: {rows[-1][6]:.0f}% identical, KL {rows[-1][7]:.4f}, "
+                    rows.append((mode, budget, r, min_tokens, observe, name, len(results), 100 * sum(s for s, _, _ in results) / len(results),
+                                 statistics.mean(k for _, k, _ in results), statistics.mean(a for _, _, a in results), share))
+                    print(f"{mode} {budget:g} bits residual {r} min_tokens {min_tokens} observe {observe}: {name}: "
+                          f"{rows[-1][7]:.0f}% identical, KL {rows[-1][8]:.4f} (tokens after the {skip}th {rows[-1][9]:.4f}), "
                           f"2K prompt at {100 * share:.1f}% of bf16", flush=True)
     other = load.stop()
     lines = [
@@ -144,17 +160,22 @@ def main(argv=None) -> None:
         f"other CPU load {other:.2f} cores (quality figures do not depend on it).",
         f"Command: `python benchmarks/bench_short_prompts.py --residuals {' '.join(map(str, args.residuals))} "
         f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --modes {' '.join(args.modes)}"
-        f"{'' if args.min_tokens is None else f' --min-tokens {args.min_tokens}'}`.",
+        f"{'' if args.min_tokens is None else f' --min-tokens {args.min_tokens}'} --observe {' '.join(map(str, args.observe))}"
+        f"{'' if args.window is None else f' --window {args.window}'}{' --only-long' if args.only_long else ''}`.",
         "",
         f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; {len(QUESTIONS)} questions and 26 passages with a request "
         "(20-300 tokens), 8 prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
-        "cache's answer teacher-forced. Cost: a 2,048-token prompt's whole cache (residual included) as a share of bf16.",
+        f"cache's answer teacher-forced one token a forward; \"later tokens\": the same over the answer tokens after the "
+        f"first {skip} (the largest `observe`: with it, those are computed over the prompt in full precision). Cost: a 2,048-token prompt's whole cache "
+        "(residual included), packed, as a share of bf16.",
         "",
-        "| mode | budget | residual | min_tokens | prompts | n | identical answers | answer-token KL | 2K cache, % of bf16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | budget | residual | min_tokens | observe | prompts | n | identical answers | answer-token KL | KL of later tokens | "
+        "2K cache, % of bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, budget, r, min_tokens, name, n, same, kl, share in rows:
-        lines.append(f"| {mode} | {budget:g} | {r} | {min_tokens} | {name} | {n} | {same:.0f}% | {kl:.4f} | {100 * share:.1f}% |")
+    for mode, budget, r, min_tokens, observe, name, n, same, kl, after, share in rows:
+        lines.append(f"| {mode} | {budget:g} | {r} | {min_tokens} | {observe} | {name} | {n} | {same:.0f}% | {kl:.4f} | {after:.4f} | "
+                     f"{100 * share:.1f}% |")
     write_report(lines, args.out)
 
 

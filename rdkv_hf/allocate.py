@@ -98,7 +98,13 @@ def channel_weights(q: torch.Tensor, q_real: torch.Tensor, k: torch.Tensor, k_re
         ``[B, kv_heads, D]``.
     """
     qm = q_real[:, None, None, :, None].to(q.dtype)
-    q2 = (q.square() * qm).sum((2, 3)) / (qm.sum((2, 3)) * q.shape[2]).clamp(min=1)
+    return channel_weights_of((q.square() * qm).sum((2, 3)), q_real.sum(1).to(q.dtype) * q.shape[2], k, k_real)
+
+
+def channel_weights_of(qsq: torch.Tensor, nq: torch.Tensor, k: torch.Tensor, k_real: torch.Tensor) -> torch.Tensor:
+    """:func:`channel_weights` from the queries' sums: ``qsq [B, kv_heads, D]`` squared queries
+    summed over ``nq [B]`` query rows (window queries times the group)."""
+    q2 = qsq / nq.clamp(min=1)[:, None, None]
     km = k_real[:, None, :, None].to(k.dtype)
     k2 = (k.square() * km).sum(2) / km.sum(2).clamp(min=1)
     return q2 * k2

@@ -25,10 +25,11 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import decode_blocks, quant
-from .allocate import cap_logits, channel_weights, token_weights
+from . import decode_blocks, observe, quant
+from .allocate import cap_logits
 from .cache import ATTN_NAME, PackedHead, Segment, take_layer
 from .overrides import AttentionOverride
+from .scoring import _tail_visibility, prompt_sums, prompt_weights  # noqa: F401 (prompt_weights: timed by bench_decode)
 from .stacked import stacked_partials
 
 logger = logging.getLogger(__name__)
@@ -63,21 +64,27 @@ def rdkv_attention_forward(module, query, key, value, attention_mask, scaling=No
         q_at = latent.query(module, query if layer.segments else query[:, :, -min(cfg.window, q_len) :])
         k_at, v_at = latent.keys_values(layer)
     lse = None
+    waiting = observe.waiting(layer)
     if layer.segments:
-        with_lse = q_len > 1 or cfg.decode_block is not None  # what compress_layer and the decode blocks read
+        # what compress_layer, the decode blocks and the tokens waiting for decoded queries read
+        with_lse = q_len > 1 or cfg.decode_block is not None or waiting
         out, lse = attend(q_at, decode_blocks.attended(layer), k_at, v_at, attention_mask, scaling, cfg.backend, softcap, sinks,
                           with_lse=with_lse)
         out = (out if latent is None else latent.output(module, out)).to(query.dtype).transpose(1, 2).contiguous()
-    elif not plain:
+    elif not plain or (waiting and q_len > 1):  # a multi-token forward packing waiting tokens reads its lse
         out, lse = dense_attention(query, key, value, attention_mask, scaling, softcap, sinks)
         out = out.transpose(1, 2).contiguous()
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+    released = observe.after_forward(layer, q_at, attention_mask, scaling, lse, softcap, sinks) if waiting else 0
+    if released:  # the oldest `released` tail tokens are packed now: the rest is the tail
+        k_at = layer.keys
+        attention_mask = None if attention_mask is None else attention_mask[..., released:]
     compressed = q_len > 1 and (not layer.segments or cfg.compress_followups)
     if compressed:
         compressed = compress_layer(layer, q_at, attention_mask, scaling, lse, keys=k_at, softcap=softcap, sinks=sinks, q_len=q_len)
-    if cfg.decode_block is not None:
-        decode_blocks.after_forward(layer, query, attention_mask, scaling, lse, compressed, softcap=softcap)
+    if cfg.decode_block is not None and not observe.waiting(layer):
+        decode_blocks.after_forward(layer, query, attention_mask, scaling, lse, compressed or released > 0, softcap=softcap)
     layer.pending = 0  # a follow-up left in full precision (compress_followups=False) is settled too
     return out, None
 
@@ -86,7 +93,8 @@ def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=
     """Pack every tail token of `layer` but the newest ``config.residual`` into a new segment,
     weighed by the attention of `query`'s last ``config.window`` queries (the forward that just
     attended, or the last queries a prefill kept), if they are at least ``config.min_tokens``.
-    The tail is then always the newest tokens. Returns whether it packed.
+    The tail is then always the newest tokens. Returns whether it packed; with ``config.observe``
+    the tokens wait for decoded queries instead (:mod:`rdkv_hf.observe`) and it returns False.
 
     Args:
         query: ``[B, Hq, q, D]``; mask: the forward's attention mask over the tail (or None).
@@ -100,6 +108,9 @@ def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=
     layer.pending = 0
     if n_tail - keep < max(layer.config.min_tokens, 1):
         return False
+    if layer.config.observes(n_tail - keep):  # packed after the first decoded queries add theirs
+        observe.start(layer, prompt_sums(query, keys, mask, scaling, n_tail, layer.config, lse, softcap, sinks, q_len), n_tail - keep)
+        return False
     w_tok, w_ch, real = prompt_weights(query, keys, mask, scaling, n_tail, layer.config, lse, softcap, sinks, q_len=q_len,
                                        keep_last=keep)
     layer.compress_tail(n_tail, w_tok, w_ch, real, keep_last=keep)
@@ -111,68 +122,6 @@ def sink_logits(sinks: torch.Tensor, kv_heads: int, q_len: int) -> torch.Tensor:
     lays them out (rows of one KV head: its group's query heads, each over the `q_len` queries)."""
     g = sinks.shape[0] // kv_heads
     return sinks.float().reshape(kv_heads, g, 1).expand(kv_heads, g, q_len).reshape(kv_heads, g * q_len)
-
-
-def _tail_visibility(mask: torch.Tensor | None, B: int, q: int, kv: int, device) -> torch.Tensor:
-    """``[B, q, kv]`` bool: which query sees which tail token (causal, aligned to the end)."""
-    if mask is not None:
-        if mask.dtype != torch.bool:  # an additive float mask: 0 where visible, the dtype's minimum where not
-            mask = mask > torch.finfo(mask.dtype).min / 2
-        return mask[:, 0].expand(B, q, kv)
-    qi = torch.arange(q, device=device)[:, None] + (kv - q)
-    return (torch.arange(kv, device=device)[None, :] <= qi).expand(B, q, kv)
-
-
-def prompt_weights(query, key, mask, scaling, n_new, cfg, lse=None, softcap=None, sinks=None, q_len=None, keep_last: int = 0):
-    """RDKV weights of the last `n_new` tail tokens but the newest `keep_last` (those stay in the
-    tail), from the attention of the last ``cfg.window`` queries (pooled over all `n_new` and
-    carried as :func:`~rdkv_hf.allocate.token_weights` with `cfg`'s settings).
-
-    Args:
-        query: ``[B, Hq, q, D]``; key: ``[B, Hkv, kv, D]`` (tail incl. the new tokens).
-        cfg: the :class:`~rdkv_hf.RDKVConfig` (``window``, ``pool_kernel``, ``pool``, ``carry``).
-        lse: ``[B, Hq, q]`` log-sum-exp of the queries over all cached tokens (sinks included),
-            when :func:`attend` computed it (compressed segments exist, or softcap or sinks);
-            None: the tail is everything.
-        softcap: the model's logit cap (None: none); sinks: ``[Hq]`` sink logits (None: none).
-        q_len: the forward's number of queries when `query` holds only the last ``cfg.window`` of
-            them (None: all of them).
-    Returns:
-        ``(w_tok [B, Hkv, n], w_ch [B, Hkv, D], real [B, n])`` with ``n = n_new - keep_last``.
-    """
-    B, Hq, _, D = query.shape
-    q = query.shape[2] if q_len is None else q_len
-    Hkv, kv = key.shape[1], key.shape[2]
-    g = Hq // Hkv
-    W = min(cfg.window, q)
-    assert query.shape[2] >= W, "the query must hold at least the scoring window"
-    if mask is None:
-        # Causal without padding: every new token is real; build only the window's rows (the full
-        # [q, kv] visibility is q * kv bools, 64 MiB at 8K tokens, for nothing).
-        qi = torch.arange(q - W, q, device=query.device)[:, None] + (kv - q)
-        vis = (torch.arange(kv, device=query.device)[None, :] <= qi).expand(B, W, kv)
-        real = torch.ones(B, n_new, dtype=torch.bool, device=query.device)
-        q_real = torch.ones(B, W, dtype=torch.bool, device=query.device)
-    else:
-        vis_all = _tail_visibility(mask, B, q, kv, query.device)  # [B, q, kv]
-        real = vis_all[:, :, kv - n_new :].any(1)  # a token nobody sees is padding
-        q_real = real[:, n_new - W :] if W <= n_new else vis_all[:, -W:].any(-1)
-        vis = vis_all[:, q - W :, :]  # [B, W, kv]
-    qw = query[:, :, query.shape[2] - W :].float().reshape(B, Hkv, g, W, D)
-    logits = cap_logits((qw * scaling) @ key.float()[:, :, None].transpose(-1, -2), softcap)  # [B, Hkv, g, W, kv]
-    logits = logits.masked_fill(~vis[:, None, None], -math.inf)
-    if lse is None:
-        norm = torch.logsumexp(logits, -1, keepdim=True)
-        if sinks is not None:  # the sink's mass is part of the softmax the model attends with
-            norm = torch.logaddexp(norm, sinks.float().reshape(1, Hkv, g, 1, 1))
-    else:
-        norm = lse[:, :, q - W :].reshape(B, Hkv, g, W, 1).float()
-    probs = torch.exp(logits - norm).nan_to_num_(0.0)[..., kv - n_new :]
-    n = n_new - keep_last
-    w_tok = token_weights(probs, vis[:, :, kv - n_new :], cfg.pool_kernel, cfg.pool, cfg.carry)[..., :n]
-    real = real[:, :n]
-    w_ch = channel_weights(qw, q_real, key[:, :, kv - n_new : kv - keep_last].float(), real)
-    return w_tok, w_ch, real
 
 
 # -- attention over packed segments + tail -------------------------------------------------------

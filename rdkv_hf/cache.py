@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
-from . import cache_cap, cache_io, compat, decode_blocks
+from . import cache_cap, cache_io, compat, decode_blocks, observe
 from .config import RDKVConfig
 from .model_patches import compressed_layers, latent_attention
 from .parallel import kv_head_range
@@ -114,6 +114,7 @@ class RDKVLayer(CacheLayerMixin):
         self.pending = 0  # tokens of a multi-token forward that the attention has yet to compress
         self.unread = False  # update() returned K/V that no RDKV attention has read yet
         decode_blocks.init_state(self)  # compressed decoding (config.decode_block)
+        observe.init_state(self)  # tokens waiting for decoded queries (config.observe)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -194,6 +195,7 @@ class RDKVLayer(CacheLayerMixin):
         self.pending = 0
         self.unread = False
         decode_blocks.init_state(self)
+        observe.init_state(self)
         _offered().discard(self)
 
     def restore(self, segments: list[Segment], keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
@@ -216,6 +218,7 @@ class RDKVLayer(CacheLayerMixin):
         stack = decode_blocks.current_stack(self)
         self.segments = [s.select(index) for s in self.segments]
         decode_blocks.select_state(self, index, stack)
+        observe.select_state(self, index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -285,11 +288,12 @@ class RDKVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes the layer holds: packed codes, scales, minima and channel orders, the segments'
         tables, the full-precision tail, and what compressed decoding keeps (its pending sums,
-        the stacked tables, the weights kept for a byte cap)."""
+        the stacked tables, the weights kept for a byte cap) and the sums of tokens waiting for
+        decoded queries (``observe``)."""
         if not self.is_initialized:
             return 0
         tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return cache_cap.packed_nbytes(self.segments + decode_blocks.stack_of(self)) + tail + decode_blocks.state_nbytes(self)
+        return cache_cap.packed_nbytes(self.segments + decode_blocks.stack_of(self)) + tail + decode_blocks.state_nbytes(self) + observe.state_nbytes(self)
 
 
 if compat.LinearAttentionLayer is not None:
@@ -440,6 +444,14 @@ class RDKVCache(DynamicCache):
         """What the cache kept, per layer and KV head (print it for a table)."""
         return CacheSummary.from_cache(self)
 
+    def flush(self) -> int:
+        """Pack now the tokens that wait for decoded queries (``RDKVConfig.observe``), weighed by the
+        queries seen so far; returns how many tokens each layer packed (0: none waited).
+        :meth:`save_pretrained` does it first; call it before measuring what a prompt's packing costs."""
+        if any(getattr(layer, "pending", 0) for layer in self.layers):
+            raise RuntimeError("the cache is in the middle of a forward (tokens not yet compressed); flush it after the forward returns")
+        return max([observe.pack(layer) for layer in self.layers if isinstance(layer, RDKVLayer)], default=0)
+
     # -- compress once, ask many ---------------------------------------------------------------
 
     def fork(self, repeats: int = 1) -> RDKVCache:
@@ -464,7 +476,8 @@ class RDKVCache(DynamicCache):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, input_ids: torch.Tensor | None = None, model=None,
                         metadata: dict | None = None) -> Path:
-        """Save this cache into a folder: packed segments and tails in safetensors, a JSON with the
+        """Save this cache into a folder (tokens waiting for decoded queries are packed first,
+        :meth:`flush`): packed segments and tails in safetensors, a JSON with the
         schema version, the model's fingerprint, the RDKV settings and the token count (see
         :mod:`rdkv_hf.cache_io`). Written to a temporary folder and renamed into place; a saved
         cache already there is replaced, any other existing folder is refused.

@@ -127,6 +127,7 @@ def save(cache, save_directory, model, context_ids: torch.Tensor | None = None, 
         )
     if any(getattr(layer, "pending", 0) for layer in cache.layers):
         raise RuntimeError("the cache is in the middle of a forward (tokens not yet compressed); save it after the forward returns")
+    cache.flush()  # tokens waiting for decoded queries (RDKVConfig.observe) are saved packed
     tensors, layers = {}, []
     rdkv = set(cache.rdkv_layers)
     batch = dtype = None

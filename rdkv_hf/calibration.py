@@ -397,8 +397,9 @@ def _add_rd_curves(stats: _Stats, layer: int, q, k, v, o, go, scaling: float, so
     softcap, sinks: the layer's logit cap and ``[Hq]`` sink logits (None: none).
     """
     from .allocate import allocate_rdkv
-    from .attention import attend, prompt_weights
+    from .attention import attend
     from .config import RDKVConfig
+    from .scoring import prompt_weights
     from .storage import Segment, pack_segment
 
     B, Hq, T, D = q.shape

@@ -83,6 +83,15 @@ class RDKVConfig:
             KiB (``benchmarks/results/short-prompts.md``); 0 compresses every prompt. The tail keeps
             growing with decoded tokens until a later multi-token forward (a follow-up) or a
             decode block packs it.
+        observe: the first this many decoded tokens' queries join the window that weighs a forward's
+            tokens before they are packed (``rdkv_hf.observe``): the forward leaves them in full
+            precision and the `observe`-th decode step after it packs them, weighed by the forward's
+            last `window` queries and those decoded ones (an answer's first queries say what the
+            rest of it reads). 0 packs at the forward itself. A multi-token forward that comes first
+            packs them after adding its own queries. Memory: until then the forward's K/V stays whole
+            in every layer, where packing at once holds one layer's at a time; so a forward packing
+            more than `observe_max` tokens packs at once. Not with ``max_cache_bytes``.
+        observe_max: the most tokens a forward leaves waiting for `observe` decoded queries.
         decode_block: compress decoded tokens too, in blocks of this many tokens (None: decoded
             tokens stay in full precision). Once the full-precision tail holds ``decode_block``
             tokens beyond its newest ``max(decode_window, residual)``, the oldest ``decode_block``
@@ -116,6 +125,8 @@ class RDKVConfig:
     compress_followups: bool = True
     residual: int = 0
     min_tokens: int | None = None
+    observe: int = 0
+    observe_max: int = 8192
     decode_block: int | None = None
     decode_window: int | None = None
     max_cache_bytes: int | None = None
@@ -174,7 +185,20 @@ class RDKVConfig:
         set_("eps_k", _check_eps("eps_k", self.eps_k, widths))
         if self.high_precision_dtype is not None and self.high_precision_dtype not in _DTYPES:
             raise ValueError(f"`high_precision_dtype` must be one of {sorted(_DTYPES)} or None, got {self.high_precision_dtype!r}")
+        for name in ("observe", "observe_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a number of tokens >= 0, got {value!r}")
+        if self.observe and self.max_cache_bytes is not None:
+            raise ValueError(
+                f"`observe`={self.observe} keeps a forward's tokens in full precision for that many decode steps, which "
+                "`max_cache_bytes` forbids between forwards; set observe=0 under a cap"
+            )
         self._check_decode()
+
+    def observes(self, tokens: int) -> bool:
+        """Whether a forward packing `tokens` tokens waits for ``observe`` decoded queries first."""
+        return self.observe > 0 and tokens <= self.observe_max
 
     def _check_decode(self) -> None:
         """`decode_block`, `decode_window` and `max_cache_bytes` (see the class docstring)."""

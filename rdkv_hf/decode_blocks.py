@@ -39,13 +39,20 @@ STATE = ("block_mass", "block_seen", "block_qsq", "block_nq")
 
 
 def check_latent(cfg, latent, model_type: str) -> None:
-    """Refuse `decode_block` where decoded blocks cannot be weighed yet: a latent cache (`latent`, from
-    ``model_patches.latent_attention``: DeepSeek's MLA since Transformers 5), whose blocks would be
-    scored with un-absorbed queries."""
-    if cfg.decode_block is not None and latent is not None:
+    """Refuse `decode_block` and `observe` where decoded queries cannot weigh tokens yet: a latent
+    cache (`latent`, from ``model_patches.latent_attention``: DeepSeek's MLA since Transformers 5),
+    whose tokens would be scored with un-absorbed queries."""
+    if latent is None:
+        return
+    if cfg.decode_block is not None:
         raise ValueError(
             f"`decode_block` ({cfg.decode_block}) is not supported on {model_type}'s latent (MLA) cache yet; "
             "leave decode_block=None there (the prompt is still compressed)"
+        )
+    if cfg.observe:
+        raise ValueError(
+            f"`observe` ({cfg.observe}) is not supported on {model_type}'s latent (MLA) cache yet; set observe=0 there "
+            "(the prompt is then packed at its own forward)"
         )
 
 
@@ -233,17 +240,27 @@ def current_stack(layer) -> StackedSegment | None:
 def select_state(layer, index: torch.Tensor, stack: StackedSegment | None) -> None:
     """Reorder the decode state with the batch (beam search, repeats), after the segments were;
     `stack`: :func:`current_stack` before they were."""
-    for name in STATE:
-        t = getattr(layer, name, None)
-        if t is not None:
-            setattr(layer, name, t.index_select(0, index.to(t.device)))
+    select_named(layer, STATE, index)
     layer.block_stack = None if stack is None else stack.select(index)
     layer.block_stack_key = tuple(id(s) for s in layer.segments if s.decoded) if stack is not None else ()
 
 
 def state_nbytes(layer) -> int:
     """Bytes of the decode state: the pending blocks' sums."""
-    return sum(t.numel() * t.element_size() for t in (getattr(layer, name, None) for name in STATE) if t is not None)
+    return named_nbytes(layer, STATE)
+
+
+def select_named(layer, names, index: torch.Tensor) -> None:
+    """Select the batch rows `index` of the layer's tensors `names` (those not None)."""
+    for name in names:
+        t = getattr(layer, name, None)
+        if t is not None:
+            setattr(layer, name, t.index_select(0, index.to(t.device)))
+
+
+def named_nbytes(layer, names) -> int:
+    """Bytes of the layer's tensors `names` (those not None)."""
+    return sum(t.numel() * t.element_size() for t in (getattr(layer, name, None) for name in names) if t is not None)
 
 
 def stack_of(layer) -> list:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cache import RDKVCache
 from ..compat import cache_kwargs
 from . import tasks as ruler
 from .methods import (
@@ -92,6 +93,8 @@ def teacher_forced(model, cache, inputs: torch.Tensor, targets: torch.Tensor, mo
         ``(nll_sum, n_targets, outputs)``: summed NLL of ``targets [1, C]``, and when `modules` is
         given the output ``[C, hidden]`` of each (attention) module in that forward, else None.
     """
+    if isinstance(cache, RDKVCache):
+        cache.flush()  # tokens waiting for decoded queries (`observe`): this forward must read them packed
     outputs, handles = {}, []
     for i, m in enumerate(modules or []):
         handles.append(m.register_forward_hook(lambda mod, a, out, i=i: outputs.__setitem__(i, out[0][0].detach().float())))
