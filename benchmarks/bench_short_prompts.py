@@ -161,10 +161,12 @@ def main(argv=None) -> None:
         f"Command: `python benchmarks/bench_short_prompts.py --residuals {' '.join(map(str, args.residuals))} "
         f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --modes {' '.join(args.modes)}"
         f"{'' if args.min_tokens is None else f' --min-tokens {args.min_tokens}'} --observe {' '.join(map(str, args.observe))}"
-        f"{'' if args.window is None else f' --window {args.window}'}{' --only-long' if args.only_long else ''}`.",
+        f"{'' if args.window is None else f' --window {args.window}'}{' --only-long' if args.only_long else ''}"
+        f" --threads {args.threads} --out {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`.",
         "",
-        f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; {len(QUESTIONS)} questions and 26 passages with a request "
-        "(20-300 tokens), 8 prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
+        f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; "
+        f"{'' if args.only_long else f'{len(QUESTIONS)} questions and 26 passages with a request (20-300 tokens), '}"
+        "8 prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
         f"cache's answer teacher-forced one token a forward; \"later tokens\": the same over the answer tokens after the "
         f"first {skip} (the largest `observe`: with it, those are computed over the prompt in full precision). Cost: a 2,048-token prompt's whole cache "
         "(residual included), packed, as a share of bf16.",

@@ -32,6 +32,7 @@ class CacheSummary:
     prompt_bytes: int = 0  # packed bytes of the compressed prompt tokens (tails excluded)
     prompt_elements: int = 0  # K and V elements of those tokens before compression
     ranks: int = 1  # processes whose caches this summary covers (tensor parallelism)
+    waiting_tokens: int = 0  # tokens a layer keeps in full precision until decoded queries weigh them (RDKVConfig.observe)
 
     @property
     def compression_ratio(self) -> float:
@@ -53,6 +54,7 @@ class CacheSummary:
             out.bf16_bytes += B * H * seen * (layer.keys.shape[-1] + layer.values.shape[-1]) * 2
             if li not in compressed:
                 continue
+            out.waiting_tokens = max(out.waiting_tokens, getattr(layer, "observe_n", 0))
             # Elements of a token as compressed: K's plus V's (a latent layer's absorbed K and V, see cache.py).
             dims = layer.segments[0].buffers.head_dim + layer.segments[0].buffers.v_dim if layer.segments else 0
             for h in range(H):
@@ -97,6 +99,7 @@ class CacheSummary:
             prompt_bytes=prompt_bytes,
             prompt_elements=prompt_elements,
             ranks=sum(p.ranks for p in parts),
+            waiting_tokens=max(p.waiting_tokens for p in parts),
         )
 
     def to_dicts(self) -> list[dict]:
@@ -106,7 +109,9 @@ class CacheSummary:
         lines = [
             f"RDKVCache: {self.nbytes / 2**20:.2f} MiB held, {self.compression_ratio:.2f}x smaller than bf16 "
             f"({self.bf16_bytes / 2**20:.2f} MiB); prompt at {self.prompt_bits_per_element:.2f} bits/element; "
-            f"{len(self.layers_compressed)}/{self.layers_total} layers compressed" + (f"; {self.ranks} ranks" if self.ranks > 1 else ""),
+            f"{len(self.layers_compressed)}/{self.layers_total} layers compressed" + (f"; {self.ranks} ranks" if self.ranks > 1 else "")
+            + (f"; {self.waiting_tokens} tokens wait in full precision for decoded queries (observe; cache.flush() packs them)"
+               if self.waiting_tokens else ""),
             f"{'layer':>5} {'head':>4} {'prompt':>7} {'kept':>6} {'bits':>5}  V tokens by width        K channels by width",
         ]
         for r in self.rows:

@@ -44,6 +44,7 @@ def test_tokens_wait_in_full_precision_until_the_observed_decode_steps():
         layer = _layer(cache)
         assert (layer.observe_n, len(layer.segments), layer.keys.shape[2]) == (40, 0, 40)
         full_bytes = cache.nbytes
+        assert cache.summary().waiting_tokens == 40 and "40 tokens wait in full precision" in str(cache.summary())
         _steps(model, cache, None, [5, 6])
         assert (layer.observe_n, len(layer.segments)) == (40, 0)  # two of three decode steps
         _steps(model, cache, None, [7])
@@ -51,6 +52,7 @@ def test_tokens_wait_in_full_precision_until_the_observed_decode_steps():
         assert int(layer.segments[0].real_tokens.max()) == 40
         assert cache.nbytes < full_bytes / 3
         assert layer.observe_mass is None
+        assert cache.summary().waiting_tokens == 0 and "wait" not in str(cache.summary())
 
 
 def test_the_observed_queries_weigh_the_prompt_as_one_forward_with_the_wider_window_does():
