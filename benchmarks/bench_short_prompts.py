@@ -109,6 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--observe", type=int, nargs="+", default=[0], help="RDKVConfig.observe values (decoded queries before packing)")
     p.add_argument("--window", type=int, default=None, help="RDKVConfig.window (default: the library's)")
     p.add_argument("--only-long", action="store_true", help="only the ~800-token prompts")
+    p.add_argument("--later-from", type=int, default=None, help="the 'later tokens' KL starts after this many answer tokens "
+                   "(default: the largest --observe)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "short-prompts.md")
     args = p.parse_args(argv)
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
     load.start()
     full = [answer(model, ids) for _, ids in cases]
     rows = []
-    skip = max(args.observe)  # every row's "later tokens" KL is over the same answer tokens
+    skip = max(args.observe) if args.later_from is None else args.later_from  # the same answer tokens in every row
     for mode in args.modes:
         profile = shipped_profile_name("smollm2-135m") if mode != "rdkv" else None
         for budget in args.budgets:
@@ -162,13 +164,14 @@ def main(argv=None) -> None:
         f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} --modes {' '.join(args.modes)}"
         f"{'' if args.min_tokens is None else f' --min-tokens {args.min_tokens}'} --observe {' '.join(map(str, args.observe))}"
         f"{'' if args.window is None else f' --window {args.window}'}{' --only-long' if args.only_long else ''}"
+        f"{'' if args.later_from is None else f' --later-from {args.later_from}'}"
         f" --threads {args.threads} --out {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`.",
         "",
         f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; "
         f"{'' if args.only_long else f'{len(QUESTIONS)} questions and 26 passages with a request (20-300 tokens), '}"
         "8 prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
         f"cache's answer teacher-forced one token a forward; \"later tokens\": the same over the answer tokens after the "
-        f"first {skip} (the largest `observe`: with it, those are computed over the prompt in full precision). Cost: a 2,048-token prompt's whole cache "
+        f"first {skip} (with `observe` >= {skip}, those are computed over the prompt in full precision). Cost: a 2,048-token prompt's whole cache "
         "(residual included), packed, as a share of bf16.",
         "",
         "| mode | budget | residual | min_tokens | observe | prompts | n | identical answers | answer-token KL | KL of later tokens | "
