@@ -460,12 +460,14 @@ class RDKVCache(DynamicCache):
         The packed segments are shared, not copied; the full-precision tails and Transformers' own
         layers (sliding windows) are copied, so forks decode independently of each other and of
         this cache. Each batch row is repeated `repeats` times (a batch of questions over one
-        context). Memory for N forks: the packed context once plus N tails (:func:`held_nbytes`).
+        context). Memory for N forks: the packed context once plus N tails (:func:`held_nbytes`);
+        tokens waiting for decoded queries (``observe``) are packed first (:meth:`flush`).
         """
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"`repeats` must be a positive int (rows per row of this cache), got {repeats!r}")
         if any(getattr(layer, "pending", 0) for layer in self.layers):
             raise RuntimeError("the cache is in the middle of a forward (tokens not yet compressed); fork it after the forward returns")
+        self.flush()  # tokens waiting for decoded queries (`observe`) are packed once, for every fork to share
         new = copy.copy(self)
         new.layers = [_fork_layer(layer) for layer in self.layers]
         if repeats > 1:

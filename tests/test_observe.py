@@ -156,6 +156,18 @@ def test_flush_and_save_pack_the_waiting_tokens(tmp_path):
         assert len(_layer(loaded).segments) == 1
 
 
+def test_forks_share_the_waiting_tokens_packed_once():
+    model = _model()
+    with rdkv_hf.patched(model, budget=2.5, observe=8):
+        cache = RDKVCache(model)
+        _steps(model, cache, _ids(40), [])
+        forks = [cache.fork(), cache.fork(2)]
+        assert _layer(cache).observe_n == 0
+        for f in forks:
+            shared = _layer(f).segments[0].buffers.words.untyped_storage().data_ptr()
+            assert _layer(f).observe_n == 0 and shared == _layer(cache).segments[0].buffers.words.untyped_storage().data_ptr()
+
+
 def test_a_prompt_past_observe_max_is_packed_at_once():
     model = _model()
     with rdkv_hf.patched(model, budget=2.5, observe=4, observe_max=32):
