@@ -179,6 +179,22 @@ def test_ruler_cells_score_greedy_answers(tmp_path):
     assert "RULER-style tasks" in (tmp_path / "table.md").read_text()
 
 
+def test_ruler_cells_with_observe_count_the_packed_prompt(tmp_path):
+    """`rdkv:observe=4` packs the prompt during the answer: its cells record the packed prompt's bytes
+    (the answer's own tokens left out), near plain RDKV's at the same budget, not the full cache's."""
+    from rdkv_hf.eval import tasks
+
+    tok = tiny_tokenizer([tasks.NOISE] * 20, chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.generation_config.eos_token_id = None
+    s = ev.EvalSettings("tiny", tasks=("ruler",), methods=("full", "rdkv", "rdkv:observe=4"), budgets=(2.5,), lengths=(400,),
+                        ruler_tasks=("niah_single",))
+    recs = {r["method"]: r for r in ev.evaluate(model, tok, s, tmp_path, progress=False)}
+    assert recs["rdkv:observe=4"]["new_tokens"] > 4
+    plain, waited = recs["rdkv"]["nbytes"], recs["rdkv:observe=4"]["nbytes"]
+    assert abs(waited - plain) < 0.05 * plain and waited < recs["full"]["nbytes"] / 4
+
+
 # --- methods registry and errors ---------------------------------------------------------------
 
 

@@ -92,7 +92,7 @@ def methods() -> dict[str, Method]:
 # RDKVConfig knobs (`head_floor` for rdkv+profile only, e.g. "rdkv+profile:head_floor=0" for the
 # profile's allocation as is) plus the evaluation-only variants `sinks` and `recent` (see ProtectedPlanner).
 _RDKV_OPTIONS = ("window", "pool_kernel", "pool", "carry", "k_share", "head_floor", "widths", "high_precision_dtype", "backend", "sinks",
-                 "recent")
+                 "recent", "observe")
 _OPTIONS = {
     "full": (),
     "rdkv": _RDKV_OPTIONS,

@@ -374,6 +374,8 @@ def _run_teacher_forced(model, tokenizer, settings, grid, store, profile, window
                 bar.set_postfix_str(f"window {seed} {m.spec} {'' if b is None else b}")
                 start = time.perf_counter()
                 cache = build_cache(model, pre, m, b, profile)
+                if isinstance(cache, RDKVCache):
+                    cache.flush()  # `observe`: teacher forcing has no decoded queries to wait for
                 layer_bytes = layer_nbytes(cache)
                 nll, count, outputs = teacher_forced(model, cache, inputs, targets, modules)
                 seconds = time.perf_counter() - start
@@ -385,6 +387,21 @@ def _run_teacher_forced(model, tokenizer, settings, grid, store, profile, window
                     store.add(_record(settings, "distortion", m, b, n, seed, pre, layer_bytes, seconds,
                                       metric="attn_rel_error", value=sum(errs) / len(errs), per_layer=errs))
                 bar.update()
+
+
+def _packed_prompt_bytes(cache: RDKVCache, before: list[int], fed: int) -> list[int]:
+    """Bytes per layer after the prompt, for a cache whose prompt waited for decoded queries
+    (``RDKVConfig.observe``) and was packed while `fed` decoded tokens went in: RDKV layers as they
+    hold it now (packed by :meth:`~rdkv_hf.RDKVCache.flush` if the answer ended first) less those
+    tokens' full-precision K/V, other layers as they were after the prompt (`before`)."""
+    cache.flush()
+    now = layer_nbytes(cache)
+    out = list(before)
+    for i in cache.rdkv_layers:
+        layer = cache.layers[i]
+        per_token = (layer.keys[:, :, :1].numel() * layer.keys.element_size() + layer.values[:, :, :1].numel() * layer.values.element_size())
+        out[i] = now[i] - fed * per_token
+    return out
 
 
 def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progress):
@@ -410,7 +427,10 @@ def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progres
                 start = time.perf_counter()
                 cache = build_cache(model, pre, m, b, profile)
                 layer_bytes = layer_nbytes(cache)
+                waited = isinstance(cache, RDKVCache) and cache.summary().waiting_tokens > 0
                 tokens = greedy_decode(model, cache, pre.logits, sample.max_new_tokens, eos)
+                if waited:  # `observe`: the prompt was packed during the answer
+                    layer_bytes = _packed_prompt_bytes(cache, layer_bytes, fed=len(tokens) - 1)
                 answer = tokenizer.decode(tokens, skip_special_tokens=True)
                 store.add(_record(settings, f"ruler/{task}", m, b, length, seed, pre, layer_bytes, time.perf_counter() - start,
                                   metric="ruler_score", value=ruler.score(sample, answer), output=answer, chat=chat,
