@@ -58,7 +58,7 @@ REQUESTS = [
 ]
 
 
-def prompts(tokenizer, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+def prompts(tokenizer, seed: int = 0, n_long: int = 8) -> list[tuple[str, torch.Tensor]]:
     """``(label, input_ids [1, T])`` of every prompt, short ones first, then the ~800-token ones."""
     from rdkv_hf.text import load_text
 
@@ -71,7 +71,7 @@ def prompts(tokenizer, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
         n = 15 + (205 * i) // 25
         start = rng.randrange(len(words) - n)
         out.append(("passage", chat(" ".join(words[start : start + n]) + "\n\n" + REQUESTS[i % len(REQUESTS)])))
-    for i in range(8):  # ~800 tokens
+    for i in range(n_long):  # ~800 tokens
         start = rng.randrange(len(words) - 700)
         out.append(("long", chat(" ".join(words[start : start + 600]) + "\n\n" + REQUESTS[i % len(REQUESTS)])))
     return out
@@ -109,6 +109,7 @@ def main(argv=None) -> None:
     p.add_argument("--observe", type=int, nargs="+", default=[0], help="RDKVConfig.observe values (decoded queries before packing)")
     p.add_argument("--window", type=int, default=None, help="RDKVConfig.window (default: the library's)")
     p.add_argument("--only-long", action="store_true", help="only the ~800-token prompts")
+    p.add_argument("--long-prompts", type=int, default=8, help="how many ~800-token prompts (default 8)")
     p.add_argument("--later-from", type=int, default=None, help="the 'later tokens' KL starts after this many answer tokens "
                    "(default: the largest --observe)")
     p.add_argument("--threads", type=int, default=2)
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     from rdkv_hf.eval.models import load_model, shipped_profile_name
 
     model, tok = load_model("smollm2-135m")
-    cases = [c for c in prompts(tok) if c[0] == "long" or not args.only_long]
+    cases = [c for c in prompts(tok, n_long=args.long_prompts) if c[0] == "long" or not args.only_long]
     start, load = time.perf_counter(), OtherLoad()
     load.start()
     full = [answer(model, ids) for _, ids in cases]
@@ -165,11 +166,12 @@ def main(argv=None) -> None:
         f"{'' if args.min_tokens is None else f' --min-tokens {args.min_tokens}'} --observe {' '.join(map(str, args.observe))}"
         f"{'' if args.window is None else f' --window {args.window}'}{' --only-long' if args.only_long else ''}"
         f"{'' if args.later_from is None else f' --later-from {args.later_from}'}"
+        f"{'' if args.long_prompts == 8 else f' --long-prompts {args.long_prompts}'}"
         f" --threads {args.threads} --out {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`.",
         "",
         f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; "
         f"{'' if args.only_long else f'{len(QUESTIONS)} questions and 26 passages with a request (20-300 tokens), '}"
-        "8 prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
+        f"{args.long_prompts} prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
         f"cache's answer teacher-forced one token a forward; \"later tokens\": the same over the answer tokens after the "
         f"first {skip} (with `observe` >= {skip}, those are computed over the prompt in full precision). Cost: a 2,048-token prompt's whole cache "
         "(residual included), packed, as a share of bf16.",
