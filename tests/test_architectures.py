@@ -18,7 +18,7 @@ from transformers import AutoConfig, DynamicCache
 import rdkv_hf
 from rdkv_hf import RDKVCache, compat
 from rdkv_hf.compat import output_cache
-from rdkv_hf.model_patches import PATCHERS, UNSUPPORTED, compressed_layers, support_table
+from rdkv_hf.model_patches import PATCHERS, UNSUPPORTED, compressed_layers, latent_attention, support_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread start-up costs more than it saves
 
@@ -97,7 +97,10 @@ def test_a_vlm_whose_text_decoder_is_not_supported_is_refused():
         rdkv_hf.patch(model, budget=2.5)
 
 
-def test_budget_16_generates_what_the_unpatched_model_does(model_type):
+@pytest.mark.parametrize("observe", [0, 2], ids=["packed-at-once", "observe-2"])
+def test_budget_16_generates_what_the_unpatched_model_does(model_type, observe):
+    """Greedy (padded and not), beam search and image inputs; with ``observe=2`` the prompt is packed
+    at the second decode step instead of at its own forward."""
     model = tiny_arch(model_type)
     ids, mask = _prompt()
     if not _served(model_type):
@@ -105,12 +108,17 @@ def test_budget_16_generates_what_the_unpatched_model_does(model_type):
             rdkv_hf.patch(model, **EXACT)
         assert not rdkv_hf.is_patched(model)
         return
+    if observe and latent_attention(model) is not None:
+        with pytest.raises(ValueError, match=r"`observe` \(2\) is not supported on .*latent \(MLA\) cache yet; set observe=0"):
+            rdkv_hf.patch(model, **EXACT, observe=observe)
+        assert not rdkv_hf.is_patched(model)
+        return
     image = image_inputs(model_type, ids[:1])
     ref_one = model.generate(ids[:1], **GEN)  # no padding: no mask at all
     ref = model.generate(ids, attention_mask=mask, **GEN)
     ref_beam = model.generate(ids, attention_mask=mask, num_beams=2, **GEN)
     ref_image = model.generate(**image, **GEN) if image else None
-    _patch(model, **EXACT)
+    _patch(model, **EXACT, observe=observe)
     got = model.generate(ids, attention_mask=mask, **GEN)
     cache = output_cache(got)
     assert isinstance(cache, RDKVCache) and cache.rdkv_layers == list(compressed_layers(model))
