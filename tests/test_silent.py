@@ -50,10 +50,12 @@ def test_generation_config_use_cache_false_runs_without_a_cache():
         model.generate(ids, max_new_tokens=2, use_cache=False, **cache_kwargs(RDKVCache(model)))
 
 
-def test_threads_generating_on_one_patched_model_equal_the_sequential_run():
-    """2. Four threads x several prompts at once, compressed (2.5 bits): each equals its sequential run."""
+@pytest.mark.parametrize("observe", [0, 3])
+def test_threads_generating_on_one_patched_model_equal_the_sequential_run(observe):
+    """2. Four threads x several prompts at once, compressed (2.5 bits; with ``observe`` the prompts
+    are packed during the answers): each equals its sequential run."""
     model = tiny_model("llama")
-    rdkv_hf.patch(model, budget=2.5)
+    rdkv_hf.patch(model, budget=2.5, observe=observe)
     prompts = [_ids(10 + i, T=30 + 7 * i) for i in range(8)]
     sequential = [_greedy(model, p) for p in prompts]
     results, errors = {}, []
