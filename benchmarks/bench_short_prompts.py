@@ -64,8 +64,12 @@ def prompts(tokenizer, seed: int = 0, n_long: int = 8) -> list[tuple[str, torch.
 
     rng = random.Random(seed)
     words = re.sub(r"\s+", " ", load_text("eval")).split(" ")
-    chat = lambda text: tokenizer.apply_chat_template(  # noqa: E731
-        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    def chat(text):  # a base model without a chat template (Gemma-3-270m) reads the text as it is
+        if tokenizer.chat_template is None:
+            return tokenizer(text + "\n\n", return_tensors="pt")["input_ids"]
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
+
     out = [("question", chat(q)) for q in QUESTIONS]
     for i in range(26):  # passages of 15-220 words: 40-300 tokens with the request
         n = 15 + (205 * i) // 25
@@ -109,6 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("--observe", type=int, nargs="+", default=[0], help="RDKVConfig.observe values (decoded queries before packing)")
     p.add_argument("--window", type=int, default=None, help="RDKVConfig.window (default: the library's)")
     p.add_argument("--only-long", action="store_true", help="only the ~800-token prompts")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) or gemma3-270m")
     p.add_argument("--long-prompts", type=int, default=8, help="how many ~800-token prompts (default 8)")
     p.add_argument("--later-from", type=int, default=None, help="the 'later tokens' KL starts after this many answer tokens "
                    "(default: the largest --observe)")
@@ -118,7 +123,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from rdkv_hf.eval.models import load_model, shipped_profile_name
 
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     cases = [c for c in prompts(tok, n_long=args.long_prompts) if c[0] == "long" or not args.only_long]
     start, load = time.perf_counter(), OtherLoad()
     load.start()
@@ -126,7 +131,7 @@ def main(argv=None) -> None:
     rows = []
     skip = max(args.observe) if args.later_from is None else args.later_from  # the same answer tokens in every row
     for mode in args.modes:
-        profile = shipped_profile_name("smollm2-135m") if mode != "rdkv" else None
+        profile = shipped_profile_name(args.model) if mode != "rdkv" else None
         for budget in args.budgets:
             for r, observe in itertools.product(args.residuals, args.observe):
                 extra = {} if args.window is None else {"window": args.window}
@@ -167,9 +172,10 @@ def main(argv=None) -> None:
         f"{'' if args.window is None else f' --window {args.window}'}{' --only-long' if args.only_long else ''}"
         f"{'' if args.later_from is None else f' --later-from {args.later_from}'}"
         f"{'' if args.long_prompts == 8 else f' --long-prompts {args.long_prompts}'}"
+        f"{'' if args.model == 'smollm2-135m' else f' --model {args.model}'}"
         f" --threads {args.threads} --out {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}`.",
         "",
-        f"SmolLM2-135M-Instruct, greedy, {NEW_TOKENS} new tokens; "
+        f"{args.model}, float32, {'chat template' if tok.chat_template else 'raw text'}, greedy, {NEW_TOKENS} new tokens; "
         f"{'' if args.only_long else f'{len(QUESTIONS)} questions and 26 passages with a request (20-300 tokens), '}"
         f"{args.long_prompts} prompts of ~800 tokens. KL: mean over the answer tokens of KL(full || RDKV), the full "
         f"cache's answer teacher-forced one token a forward; \"later tokens\": the same over the answer tokens after the "
