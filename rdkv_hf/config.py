@@ -90,7 +90,8 @@ class RDKVConfig:
             rest of it reads). 0 packs at the forward itself. A multi-token forward that comes first
             packs them after adding its own queries. Memory: until then the forward's K/V stays whole
             in every layer, where packing at once holds one layer's at a time; so a forward packing
-            more than `observe_max` tokens packs at once. Not with ``max_cache_bytes``.
+            more than `observe_max` tokens packs at once. ``RDKVCache.flush()`` packs waiting tokens
+            at once (``save_pretrained`` and ``fork`` do). Not with ``max_cache_bytes``.
         observe_max: the most tokens a forward leaves waiting for `observe` decoded queries.
         decode_block: compress decoded tokens too, in blocks of this many tokens (None: decoded
             tokens stay in full precision). Once the full-precision tail holds ``decode_block``
