@@ -86,24 +86,17 @@ def carry_forward(w: torch.Tensor, rho: float) -> torch.Tensor:
     return torch.maximum(w, carried.to(w.dtype))
 
 
-def channel_weights(q: torch.Tensor, q_real: torch.Tensor, k: torch.Tensor, k_real: torch.Tensor) -> torch.Tensor:
-    """RDKV's K-channel weight (reference-code form): mean q_c^2 over window queries and group
-    times mean k_c^2 over the tokens.
+def channel_weights_of(qsq: torch.Tensor, nq: torch.Tensor, k: torch.Tensor, k_real: torch.Tensor) -> torch.Tensor:
+    """RDKV's K-channel weight (reference-code form): mean q_c^2 over the window queries and the
+    GQA group times mean k_c^2 over the tokens, from the queries' sums.
 
     Args:
-        q: ``[B, kv_heads, group, window, D]`` window queries (post-RoPE, as attended).
-        q_real: ``[B, window]`` bool, real (non-padding) queries.
+        qsq: ``[B, kv_heads, D]`` squared (post-RoPE) queries summed over ``nq [B]`` real query rows
+            (window queries times the group).
         k: ``[B, kv_heads, T, D]`` keys; k_real: ``[B, T]`` bool.
     Returns:
         ``[B, kv_heads, D]``.
     """
-    qm = q_real[:, None, None, :, None].to(q.dtype)
-    return channel_weights_of((q.square() * qm).sum((2, 3)), q_real.sum(1).to(q.dtype) * q.shape[2], k, k_real)
-
-
-def channel_weights_of(qsq: torch.Tensor, nq: torch.Tensor, k: torch.Tensor, k_real: torch.Tensor) -> torch.Tensor:
-    """:func:`channel_weights` from the queries' sums: ``qsq [B, kv_heads, D]`` squared queries
-    summed over ``nq [B]`` query rows (window queries times the group)."""
     q2 = qsq / nq.clamp(min=1)[:, None, None]
     km = k_real[:, None, :, None].to(k.dtype)
     k2 = (k.square() * km).sum(2) / km.sum(2).clamp(min=1)
