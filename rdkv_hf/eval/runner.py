@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import observe
 from ..cache import RDKVCache
 from ..compat import cache_kwargs
 from . import tasks as ruler
@@ -427,7 +428,7 @@ def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progres
                 start = time.perf_counter()
                 cache = build_cache(model, pre, m, b, profile)
                 layer_bytes = layer_nbytes(cache)
-                waited = isinstance(cache, RDKVCache) and cache.summary().waiting_tokens > 0
+                waited = any(observe.waiting(layer) for layer in cache.layers)
                 tokens = greedy_decode(model, cache, pre.logits, sample.max_new_tokens, eos)
                 if waited:  # `observe`: the prompt was packed during the answer
                     layer_bytes = _packed_prompt_bytes(cache, layer_bytes, fed=len(tokens) - 1)
