@@ -122,7 +122,7 @@ def build_state(method: str, model, seed: dict, length: int, budget: float):
         for i in range(len(seed["k"])):
             cache.update(tile(seed["k"][i], total, gen), tile(seed["v"][i], total, gen), i)
         return cache
-    opts = dict(budget=budget, backend="cpu", min_tokens=0)  # the 64-token prompt packed, as a long one is
+    opts = dict(budget=budget, backend="cpu", min_tokens=0, observe=0)  # the 64-token prompt packed at once, as a long one is
     if method in ("rdkv-blocks", "rdkv-cap"):
         opts.update(decode_block=128, compress_followups=False)
     if method == "rdkv-cap":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import random
 import re
 import statistics
@@ -100,6 +101,12 @@ def answer_logits(model, ids, ans, cache) -> torch.Tensor:
     return torch.cat(logits).float().log_softmax(-1)
 
 
+def _mean(values) -> float:
+    """Mean of the values that are not None (nan if none is)."""
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else float("nan")
+
+
 def bucket(label: str, T: int) -> str:
     return "~800 tok" if label == "long" else ("20-100 tok" if T <= 100 else "100-300 tok")
 
@@ -145,7 +152,8 @@ def main(argv=None) -> None:
                     # when fed the ones before: the argmax of every teacher-forced position.
                     same = bool((got.argmax(-1) == ans).all())
                     kl = F.kl_div(got, ref, log_target=True, reduction="batchmean").item()
-                    after = F.kl_div(got[skip:], ref[skip:], log_target=True, reduction="batchmean").item()
+                    # None: the answer ended (EOS) within the first `skip` tokens
+                    after = F.kl_div(got[skip:], ref[skip:], log_target=True, reduction="batchmean").item() if len(ans) > skip else None
                     per_bucket.setdefault(bucket(label, ids.shape[1]), []).append((same, kl, after))
                 long_ids = torch.randint(100, 40000, (1, 2048), generator=torch.Generator().manual_seed(0))
                 cache = rdkv_hf.RDKVCache(model)
@@ -156,7 +164,7 @@ def main(argv=None) -> None:
                 rdkv_hf.unpatch(model)
                 for name, results in per_bucket.items():
                     rows.append((mode, budget, r, min_tokens, observe, name, len(results), 100 * sum(s for s, _, _ in results) / len(results),
-                                 statistics.mean(k for _, k, _ in results), statistics.mean(a for _, _, a in results), share))
+                                 statistics.mean(k for _, k, _ in results), _mean(a for _, _, a in results), share))
                     print(f"{mode} {budget:g} bits residual {r} min_tokens {min_tokens} observe {observe}: {name}: "
                           f"{rows[-1][7]:.0f}% identical, KL {rows[-1][8]:.4f} (tokens after the {skip}th {rows[-1][9]:.4f}), "
                           f"2K prompt at {100 * share:.1f}% of bf16", flush=True)
@@ -187,7 +195,8 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, budget, r, min_tokens, observe, name, n, same, kl, after, share in rows:
-        lines.append(f"| {mode} | {budget:g} | {r} | {min_tokens} | {observe} | {name} | {n} | {same:.0f}% | {kl:.4f} | {after:.4f} | "
+        later = "—" if math.isnan(after) else f"{after:.4f}"
+        lines.append(f"| {mode} | {budget:g} | {r} | {min_tokens} | {observe} | {name} | {n} | {same:.0f}% | {kl:.4f} | {later} | "
                      f"{100 * share:.1f}% |")
     write_report(lines, args.out)
 

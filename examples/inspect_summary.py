@@ -16,7 +16,8 @@ input_ids, answer = recall_prompt(tokenizer, n_tokens=2000, seed=3)
 rdkv_hf.patch(model, budget=2.5)
 cache = RDKVCache(model)
 with torch.no_grad():
-    model(input_ids, cache=cache, logits_to_keep=1)   # prefill: compressed layer by layer
+    model(input_ids, cache=cache, logits_to_keep=1)   # prefill
+cache.flush()  # pack now: a prompt of up to 2,048 tokens waits for the answer's first 16 queries (observe)
 
 summary = cache.summary()
 print(summary)                       # a table: kept tokens, V and K widths, realized bits

@@ -93,7 +93,7 @@ def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=
     """Pack every tail token of `layer` but the newest ``config.residual`` into a new segment,
     weighed by the attention of `query`'s last ``config.window`` queries (the forward that just
     attended, or the last queries a prefill kept), if they are at least ``config.min_tokens``.
-    The tail is then always the newest tokens. Returns whether it packed; with ``config.observe``
+    The tail is then always the newest tokens. Returns whether it packed; with ``config.waits_for``
     the tokens wait for decoded queries instead (:mod:`rdkv_hf.observe`) and it returns False.
 
     Args:
@@ -108,7 +108,9 @@ def compress_layer(layer, query, mask, scaling, lse=None, *, keys=None, softcap=
     layer.pending = 0
     if n_tail - keep < max(layer.config.min_tokens, 1):
         return False
-    if layer.config.observes(n_tail - keep):  # packed after the first decoded queries add theirs
+    # Packed after the first decoded queries add theirs; a latent (MLA) layer packs at once (its
+    # decoded queries are not absorbed for scoring: an explicit `observe` is refused at patch time).
+    if layer.latent is None and layer.config.observes(n_tail - keep):
         observe.start(layer, prompt_sums(query, keys, mask, scaling, n_tail, layer.config, lse, softcap, sinks, q_len), n_tail - keep)
         return False
     w_tok, w_ch, real = prompt_weights(query, keys, mask, scaling, n_tail, layer.config, lse, softcap, sinks, q_len=q_len,

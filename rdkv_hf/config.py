@@ -14,6 +14,9 @@ DEFAULT_BUDGET = 2.5  # bits per element, when neither `budget` nor `tokens` is 
 # Tokens a compressing forward must pack before it packs any (`min_tokens`): short chats stay whole
 # (benchmarks/results/short-prompts.md). Read when an RDKVConfig is made.
 DEFAULT_MIN_TOKENS = 512
+# Decoded queries a packing forward waits for (`observe`, when None): an answer's first queries say
+# what the rest of it reads (benchmarks/results/short-prompts.md). Read when a layer asks.
+DEFAULT_OBSERVE = 16
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
 # RDKV's fallback epsilon tables (relative distortion of one unit at b bits), from the reference code.
@@ -87,12 +90,16 @@ class RDKVConfig:
             tokens before they are packed (``rdkv_hf.observe``): the forward leaves them in full
             precision and the `observe`-th decode step after it packs them, weighed by the forward's
             last `window` queries and those decoded ones (an answer's first queries say what the
-            rest of it reads). 0 packs at the forward itself. A multi-token forward that comes first
-            packs them after adding its own queries. Memory: until then the forward's K/V stays whole
-            in every layer, where packing at once holds one layer's at a time; so a forward packing
-            more than `observe_max` tokens packs at once. ``RDKVCache.flush()`` packs waiting tokens
-            at once (``save_pretrained`` and ``fork`` do). Not with ``max_cache_bytes``.
-        observe_max: the most tokens a forward leaves waiting for `observe` decoded queries.
+            rest of it reads). 0 packs at the forward itself. None (the default): ``DEFAULT_OBSERVE``
+            (16, chosen in ``benchmarks/results/short-prompts.md``), or 0 under ``max_cache_bytes``
+            and on a latent (MLA) cache, which refuse an explicit value. A multi-token forward that
+            comes first packs them after adding its own queries. Memory: until then the forward's
+            K/V stays whole in every layer, where packing at once holds one layer's at a time; so a
+            forward packing more than `observe_max` tokens packs at once. A ``generate()`` of at
+            most `observe` new tokens leaves them waiting (``summary()`` says so);
+            ``RDKVCache.flush()`` packs them at once (``save_pretrained`` and ``fork`` do).
+        observe_max: the most tokens a forward leaves waiting for decoded queries (2,048: longer
+            prompts, where memory matters most, pack at their forward as they always did).
         decode_block: compress decoded tokens too, in blocks of this many tokens (None: decoded
             tokens stay in full precision). Once the full-precision tail holds ``decode_block``
             tokens beyond its newest ``max(decode_window, residual)``, the oldest ``decode_block``
@@ -126,8 +133,8 @@ class RDKVConfig:
     compress_followups: bool = True
     residual: int = 0
     min_tokens: int | None = None
-    observe: int = 0
-    observe_max: int = 8192
+    observe: int | None = None
+    observe_max: int = 2048
     decode_block: int | None = None
     decode_window: int | None = None
     max_cache_bytes: int | None = None
@@ -188,18 +195,28 @@ class RDKVConfig:
             raise ValueError(f"`high_precision_dtype` must be one of {sorted(_DTYPES)} or None, got {self.high_precision_dtype!r}")
         for name in ("observe", "observe_max"):
             value = getattr(self, name)
+            if value is None and name == "observe":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be a number of tokens >= 0, got {value!r}")
         if self.observe and self.max_cache_bytes is not None:
             raise ValueError(
                 f"`observe`={self.observe} keeps a forward's tokens in full precision for that many decode steps, which "
-                "`max_cache_bytes` forbids between forwards; set observe=0 under a cap"
+                "`max_cache_bytes` forbids between forwards; leave observe=None (0 under a cap) or set 0"
             )
         self._check_decode()
 
+    @property
+    def waits_for(self) -> int:
+        """Decoded queries a packing forward waits for: `observe`, or when None ``DEFAULT_OBSERVE``
+        (0 under ``max_cache_bytes``, which holds between forwards)."""
+        if self.observe is not None:
+            return self.observe
+        return 0 if self.max_cache_bytes is not None else DEFAULT_OBSERVE
+
     def observes(self, tokens: int) -> bool:
-        """Whether a forward packing `tokens` tokens waits for ``observe`` decoded queries first."""
-        return self.observe > 0 and tokens <= self.observe_max
+        """Whether a forward packing `tokens` tokens waits for decoded queries first (:attr:`waits_for`)."""
+        return self.waits_for > 0 and tokens <= self.observe_max
 
     def _check_decode(self) -> None:
         """`decode_block`, `decode_window` and `max_cache_bytes` (see the class docstring)."""

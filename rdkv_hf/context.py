@@ -96,6 +96,9 @@ def prefill(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | No
         for h in hooks:
             h.remove()
         bar.close()
+    # A context for many questions has no one answer whose queries should weigh it (`observe`):
+    # it is packed now, by its own last queries.
+    cache.flush()
     cache.context_ids = input_ids.to(device)
     return cache
 

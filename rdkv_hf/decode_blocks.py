@@ -39,9 +39,10 @@ STATE = ("block_mass", "block_seen", "block_qsq", "block_nq")
 
 
 def check_latent(cfg, latent, model_type: str) -> None:
-    """Refuse `decode_block` and `observe` where decoded queries cannot weigh tokens yet: a latent
-    cache (`latent`, from ``model_patches.latent_attention``: DeepSeek's MLA since Transformers 5),
-    whose tokens would be scored with un-absorbed queries."""
+    """Refuse `decode_block` and an explicit `observe` where decoded queries cannot weigh tokens yet:
+    a latent cache (`latent`, from ``model_patches.latent_attention``: DeepSeek's MLA since
+    Transformers 5), whose tokens would be scored with un-absorbed queries. (With ``observe=None``,
+    the default, a latent layer packs its prompt at its own forward.)"""
     if latent is None:
         return
     if cfg.decode_block is not None:
@@ -51,8 +52,8 @@ def check_latent(cfg, latent, model_type: str) -> None:
         )
     if cfg.observe:
         raise ValueError(
-            f"`observe` ({cfg.observe}) is not supported on {model_type}'s latent (MLA) cache yet; set observe=0 there "
-            "(the prompt is then packed at its own forward)"
+            f"`observe` ({cfg.observe}) is not supported on {model_type}'s latent (MLA) cache yet; leave observe=None "
+            "(or 0) there: the prompt is then packed at its own forward"
         )
 
 

@@ -1,7 +1,8 @@
 """Packing that waits for the first decoded tokens: their queries weigh a forward's tokens too.
 
-With ``RDKVConfig.observe = k``, a forward that would pack its tail (a prompt, or a follow-up with
-``compress_followups``; at most ``observe_max`` tokens) leaves those tokens in full precision and
+With ``RDKVConfig.observe = k`` (16 by default: ``RDKVConfig.waits_for``), a forward that would
+pack its tail (a prompt, or a follow-up with ``compress_followups``; at most ``observe_max`` tokens)
+leaves those tokens in full precision and
 keeps what its last ``window`` queries' attention says of them, as sums
 (:class:`~rdkv_hf.scoring.WindowSums`). Each later forward adds its own queries' attention; after
 the k-th decode step, or at the first multi-token forward (after its queries are added), the
@@ -48,7 +49,7 @@ def start(layer, sums, n: int) -> None:
 
 def after_forward(layer, query: torch.Tensor, mask, scaling: float, lse, softcap=None, sinks=None) -> int:
     """Add this forward's queries to the sums of the waiting tokens and pack them when due (after
-    ``config.observe`` decode steps, or at once after a multi-token forward).
+    ``config.waits_for`` decode steps, or at once after a multi-token forward).
 
     Args: as :func:`~rdkv_hf.scoring.prompt_sums` takes them, ``query [B, Hq, q, D]`` the
         forward's queries, its `mask` over the tail and `lse` when :func:`~rdkv_hf.attention.attend`
@@ -65,7 +66,7 @@ def after_forward(layer, query: torch.Tensor, mask, scaling: float, lse, softcap
     layer.observe_nq = layer.observe_nq + sums.nq
     q = query.shape[2]
     layer.observe_steps += q == 1
-    if q == 1 and layer.observe_steps < layer.config.observe:
+    if q == 1 and layer.observe_steps < layer.config.waits_for:
         return 0
     return pack(layer)
 

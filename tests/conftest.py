@@ -49,11 +49,14 @@ def tiny_model(arch: str, **overrides):
 @pytest.fixture(autouse=True)
 def compress_short_prompts(request, monkeypatch):
     """The tiny models' prompts are a few dozen tokens: by default (``RDKVConfig.min_tokens``, 512)
-    RDKV would keep them whole. Tests compress them, unless marked ``library_defaults``."""
+    RDKV would keep them whole, and (``observe``, 16) pack them only after 16 decode steps. Tests
+    compress them at their forward, unless marked ``library_defaults`` (``test_observe.py`` sets
+    ``observe`` itself)."""
     if request.node.get_closest_marker("library_defaults") is None:
         import rdkv_hf.config
 
         monkeypatch.setattr(rdkv_hf.config, "DEFAULT_MIN_TOKENS", 0)
+        monkeypatch.setattr(rdkv_hf.config, "DEFAULT_OBSERVE", 0)
 
 
 @pytest.fixture

@@ -98,9 +98,10 @@ def test_a_vlm_whose_text_decoder_is_not_supported_is_refused():
 
 
 @pytest.mark.parametrize("observe", [0, 2], ids=["packed-at-once", "observe-2"])
-def test_budget_16_generates_what_the_unpatched_model_does(model_type, observe):
+def test_budget_16_generates_what_the_unpatched_model_does(model_type, observe, monkeypatch):
     """Greedy (padded and not), beam search and image inputs; with ``observe=2`` the prompt is packed
-    at the second decode step instead of at its own forward."""
+    at the second decode step instead of at its own forward. A latent (MLA) cache refuses an explicit
+    ``observe`` and, with the default (None), packs at the prompt's forward."""
     model = tiny_arch(model_type)
     ids, mask = _prompt()
     if not _served(model_type):
@@ -109,10 +110,11 @@ def test_budget_16_generates_what_the_unpatched_model_does(model_type, observe):
         assert not rdkv_hf.is_patched(model)
         return
     if observe and latent_attention(model) is not None:
-        with pytest.raises(ValueError, match=r"`observe` \(2\) is not supported on .*latent \(MLA\) cache yet; set observe=0"):
+        with pytest.raises(ValueError, match=r"`observe` \(2\) is not supported on .*latent \(MLA\) cache yet; leave observe=None"):
             rdkv_hf.patch(model, **EXACT, observe=observe)
         assert not rdkv_hf.is_patched(model)
-        return
+        monkeypatch.setattr(rdkv_hf.config, "DEFAULT_OBSERVE", observe)
+        observe = None  # the default: DEFAULT_OBSERVE elsewhere, packed at once here
     image = image_inputs(model_type, ids[:1])
     ref_one = model.generate(ids[:1], **GEN)  # no padding: no mask at all
     ref = model.generate(ids, attention_mask=mask, **GEN)

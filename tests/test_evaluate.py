@@ -265,3 +265,12 @@ def test_variant_options_protect_tokens_and_floor_head_budgets(profile):
     assert ev.method_planner(ev.parse_method("rdkv+profile"), 1.0, profile).config.head_floor == 0.25
     with pytest.raises(ValueError, match="rdkv\\+profile"):
         ev.method_planner(ev.parse_method("rdkv:head_floor=0.5"), 1.0)
+
+
+@pytest.mark.library_defaults
+def test_the_harness_packs_the_prompt_at_its_forward_unless_a_method_says_observe():
+    """The library's default `observe` (16) would let a short answer read the prompt in full precision:
+    the harness's RDKV methods pack at the prompt's forward, `rdkv:observe=k` waits k steps."""
+    assert ev.method_planner(ev.parse_method("rdkv"), 2.5).config.waits_for == 0
+    assert ev.method_planner(ev.parse_method("snapkv"), 2.5).config.waits_for == 0
+    assert ev.method_planner(ev.parse_method("rdkv:observe=16"), 2.5).config.waits_for == 16

@@ -8,6 +8,7 @@ import rdkv_hf
 from rdkv_hf import RDKVCache
 from rdkv_hf.compat import cache_kwargs, output_cache
 from rdkv_hf.config import RDKVConfig
+from rdkv_hf.context import prefill
 
 EXACT = dict(budget=16, high_precision_dtype="float32")
 
@@ -209,8 +210,32 @@ def test_observe_must_be_a_count_of_tokens(bad):
 
 
 def test_observe_is_refused_under_a_byte_cap():
-    with pytest.raises(ValueError, match="observe=0 under a cap"):
+    with pytest.raises(ValueError, match="`max_cache_bytes` forbids between forwards; leave observe=None"):
         RDKVConfig(budget=2.5, observe=8, decode_block=64, max_cache_bytes=10**6)
+
+
+@pytest.mark.library_defaults
+def test_the_default_waits_for_16_decoded_queries_but_not_under_a_cap():
+    cfg = RDKVConfig()
+    assert (cfg.observe, cfg.waits_for, cfg.observe_max) == (None, 16, 2048)
+    assert cfg.observes(2048) and not cfg.observes(2049)  # longer prompts pack at their forward
+    assert RDKVConfig.from_dict(cfg.to_dict()).observe is None  # a saved config keeps the default, not 16
+    assert RDKVConfig(observe=0).waits_for == 0 and RDKVConfig(observe=3).waits_for == 3
+    assert RDKVConfig(decode_block=64, max_cache_bytes=10**6).waits_for == 0
+
+
+@pytest.mark.library_defaults
+def test_generate_with_the_defaults_packs_the_prompt_after_16_tokens():
+    """patch() with no settings: a 600-token prompt is packed once 16 tokens are decoded, not before."""
+    model = tiny_model("llama", max_position_embeddings=2048)
+    model.generation_config.eos_token_id = None
+    ids = _ids(600)
+    with rdkv_hf.patched(model):
+        short = output_cache(model.generate(ids, max_new_tokens=16, do_sample=False, return_dict_in_generate=True))
+        assert _layer(short).observe_n == 600 and "600 tokens wait in full precision" in str(short.summary())
+        done = output_cache(model.generate(ids, max_new_tokens=18, do_sample=False, return_dict_in_generate=True))
+    assert _layer(done).observe_n == 0 and len(_layer(done).segments) == 1
+    assert done.summary().prompt_bits_per_element <= 2.5
 
 
 def test_the_evaluation_teacher_forces_over_the_packed_prompt():
@@ -229,3 +254,11 @@ def test_the_evaluation_teacher_forces_over_the_packed_prompt():
             assert int(_layer(cache).segments[0].real_tokens.max()) == 40  # the prompt, packed before it
     full = teacher_forced(model, None, torch.cat([ids, cont[:, :-1]], 1), torch.cat([ids[:, 1:], cont], 1))[0]
     assert nll[6] == pytest.approx(nll[0], rel=1e-6) and nll[6] != pytest.approx(full, rel=1e-3)
+
+
+def test_a_context_for_many_questions_is_packed_by_prefill():
+    """`prefill` (compress once, ask many) has no one answer to wait for: it packs at once."""
+    model = _model()
+    with rdkv_hf.patched(model, budget=2.5, observe=4):
+        cache = prefill(model, _ids(40))
+    assert _layer(cache).observe_n == 0 and len(_layer(cache).segments) == 1

@@ -53,6 +53,7 @@ def _cases(profile: str) -> list[dict]:
         with_profile = {"profile": profile} if mode in ("rdkv+profile", "ratequant") else {}
         budget = 3.5 if mode in ("ratequant", "uniform") else 2.5
         cases.append({"name": f"{mode}@{budget:g}", "settings": {"budget": budget, "mode": mode, **with_profile}})
+    cases.append({"name": "rdkv@2.5+observe=2", "settings": {"budget": 2.5, "observe": 2}})  # packed at the 2nd decode step
     return cases
 
 

@@ -249,6 +249,8 @@ def test_a_short_chat_is_left_whole_and_a_long_prompt_compressed():
     cache = RDKVCache(model)
     with torch.no_grad():
         model(long, **cache_kwargs(cache))
+    assert all(layer.observe_n == 600 for layer in cache.layers)  # packed after 16 decoded queries (observe)
+    assert cache.flush() == 600
     assert all(len(layer.segments) == 1 for layer in cache.layers)
     assert cache.summary().prompt_bits_per_element <= 2.5
 

@@ -42,7 +42,8 @@ def run(model_dir: str, cases_file: str, out_dir: str) -> None:
         if settings is None:
             rdkv_hf.unpatch(model)
         else:
-            rdkv_hf.patch(model, **{"min_tokens": 0, **settings})  # the prompt is short: compress it anyway
+            # the prompt is short: compress it anyway, at its forward unless a case says `observe`
+            rdkv_hf.patch(model, **{"min_tokens": 0, "observe": 0, **settings})
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=spec["new_tokens"], pad_token_id=0,
                                  return_dict_in_generate=True)

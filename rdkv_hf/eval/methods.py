@@ -309,8 +309,12 @@ def method_planner(method: Method, budget: float, profile=None, layers=None) -> 
     """The planner of a method that runs on RDKV's cache (its modes and the eviction baselines);
     raises ``ValueError`` if the budget does not suit it. Follow-ups (a continuation) stay in full
     precision. Only the profile methods get the profile: plain ``rdkv`` keeps RDKVConfig's tables.
+    The prompt is packed at its forward (``observe=0``) unless the method sets ``observe``: with the
+    library's default (16) an answer shorter than that would read the prompt in full precision, and
+    its score would not measure the compression.
     """
     opts = dict(method.options)
+    opts.setdefault("observe", 0)
     variant = {k: opts.pop(k) for k in ("sinks", "recent") if k in opts}
     if "head_floor" in opts and method.mode != "rdkv+profile":
         raise ValueError(f"`head_floor` applies to method 'rdkv+profile' only, not {method.name!r}")

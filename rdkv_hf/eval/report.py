@@ -131,7 +131,8 @@ def markdown(rows: list[dict], settings, skipped=(), records_by_task=None, layer
     out.append(
         "Bytes are measured after the prompt (codes, scales, indices, full-precision parts) and given as a "
         "share of a bf16 cache of the same tokens; `bits` = 16 x that share (the model runs in float32, so "
-        "the full cache holds 200%). Budget = the nominal setting in bits per element; fixed methods have none."
+        "the full cache holds 200%). Budget = the nominal setting in bits per element; fixed methods have none. "
+        "RDKV's methods pack the prompt at its forward (`observe=0`) unless they say `[observe=k]`."
     )
     out += _layers_note(layers if sliding else None)
     if skipped:

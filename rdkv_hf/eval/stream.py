@@ -124,8 +124,9 @@ def _config(name: str, settings: StreamSettings, cap: int | None, head_dim: int)
         # KIVI-2: the budget that stores 2-bit codes with their scales over the prompt and each block
         opts["budget"] = uniform_budget(2, head_dim, min(settings.prompt_tokens, settings.decode_block))
     opts.setdefault("budget", settings.budget)
-    # min_tokens=0: the 64-token prompt is compressed as a long one would be; the stream measures the decode path
-    return RDKVConfig(**opts, decode_block=settings.decode_block, compress_followups=False, min_tokens=0,
+    # min_tokens=0, observe=0: the 64-token prompt is packed at its forward, as a long one would be
+    # (and so chunked equals token by token); the stream measures the decode path
+    return RDKVConfig(**opts, decode_block=settings.decode_block, compress_followups=False, min_tokens=0, observe=0,
                       max_cache_bytes=cap if spec[1] else None, **settings.extra)
 
 
