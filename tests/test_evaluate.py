@@ -1,6 +1,7 @@
 """Tests of `rdkv-hf eval` (rdkv_hf/eval/runner.py, rdkv_hf/eval/report.py) on tiny random models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -181,18 +182,23 @@ def test_ruler_cells_score_greedy_answers(tmp_path):
 
 def test_ruler_cells_with_observe_count_the_packed_prompt(tmp_path):
     """`rdkv:observe=4` packs the prompt during the answer: its cells record the packed prompt's bytes
-    (the answer's own tokens left out), near plain RDKV's at the same budget, not the full cache's."""
+    (the answer's own tokens left out), near plain RDKV's at the same budget, not the full cache's.
+    With `observe=100` the answer ends first: the report says that score read the whole prompt."""
     from rdkv_hf.eval import tasks
 
     tok = tiny_tokenizer([tasks.NOISE] * 20, chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     model = tiny_model("llama", vocab_size=len(tok))
     model.generation_config.eos_token_id = None
-    s = ev.EvalSettings("tiny", tasks=("ruler",), methods=("full", "rdkv", "rdkv:observe=4"), budgets=(2.5,), lengths=(400,),
-                        ruler_tasks=("niah_single",))
+    s = ev.EvalSettings("tiny", tasks=("ruler",), methods=("full", "rdkv", "rdkv:observe=4", "rdkv:observe=100"), budgets=(2.5,),
+                        lengths=(400,), ruler_tasks=("niah_single",))
     recs = {r["method"]: r for r in ev.evaluate(model, tok, s, tmp_path, progress=False)}
-    assert recs["rdkv:observe=4"]["new_tokens"] > 4
+    assert 4 < recs["rdkv:observe=4"]["new_tokens"] < 100
     plain, waited = recs["rdkv"]["nbytes"], recs["rdkv:observe=4"]["nbytes"]
     assert abs(waited - plain) < 0.05 * plain and waited < recs["full"]["nbytes"] / 4
+    assert [recs[m]["prompt_unpacked"] for m in ("rdkv", "rdkv:observe=4", "rdkv:observe=100")] == [False, False, True]
+    note = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("**Not all measured packed")]
+    assert len(note) == 1 and re.search(r"RDKV \[observe=100\] at 2.5: (\d+) of \1 answers ended before the prompt was packed", note[0])
+    assert "observe=4" not in note[0]
 
 
 # --- methods registry and errors ---------------------------------------------------------------

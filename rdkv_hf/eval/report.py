@@ -58,6 +58,8 @@ def summarize(records: list[dict]) -> list[dict]:
         })
         if kind == "ruler" and all("chat" in r for r in rs):
             rows[-1]["chat"] = rs[0]["chat"]
+        if kind == "ruler":  # answers that ended before the prompt was packed (`observe`)
+            rows[-1]["unpacked"] = sum(bool(r.get("prompt_unpacked")) for r in rs)
     return sorted(rows, key=lambda r: (r["task"], r["length"], r["method"], -1 if r["budget"] is None else r["budget"]))
 
 
@@ -185,9 +187,25 @@ def markdown(rows: list[dict], settings, skipped=(), records_by_task=None, layer
             vs = f"{100 * mean / full_mean:.1f}%" if full_mean else ""
             vals = " | ".join(f"{cells[n]['value']:.1f}" if n in cells else "" for n in lengths)
             out.append(f"| {labels[m]} | {_fmt_budget(b)} | {pct:.1f}% | {total}{vals} | {mean:.1f} | {vs} |")
+        out += _unpacked_note(ru, methods, labels)
         out += _ruler_by_task(records_by_task, methods, labels)
     out += _matched_section(rows, methods, labels, pct_name)
     return "\n".join(out) + "\n"
+
+
+def _unpacked_note(ru: list[dict], methods, labels) -> list[str]:
+    """A warning under the RULER table for methods whose answers ended before their prompt was packed
+    (``observe``): those scores measure the full-precision prompt, not the compression."""
+    notes = []
+    for m, b in _order(ru, methods):
+        cells = [r for r in ru if r["method"] == m and r["budget"] == b]
+        n = sum(r.get("unpacked", 0) for r in cells)
+        if n:
+            notes.append(f"{labels[m]} at {_fmt_budget(b)}: {n} of {sum(r['cells'] for r in cells)} answers")
+    if not notes:
+        return []
+    return ["", "**Not all measured packed:** " + "; ".join(notes) + " ended before the prompt was packed "
+            "(`observe`), so they read it in full precision: those scores do not measure the compression."]
 
 
 def ruler_samples(records: list[dict]) -> dict:

@@ -430,12 +430,14 @@ def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progres
                 layer_bytes = layer_nbytes(cache)
                 waited = any(observe.waiting(layer) for layer in cache.layers)
                 tokens = greedy_decode(model, cache, pre.logits, sample.max_new_tokens, eos)
-                if waited:  # `observe`: the prompt was packed during the answer
+                # `observe`: an answer that ended first read the prompt in full precision (the report says so)
+                unpacked = any(observe.waiting(layer) for layer in cache.layers)
+                if waited:  # `observe`: the prompt was packed during the answer, or is now
                     layer_bytes = _packed_prompt_bytes(cache, layer_bytes, fed=len(tokens) - 1)
                 answer = tokenizer.decode(tokens, skip_special_tokens=True)
                 store.add(_record(settings, f"ruler/{task}", m, b, length, seed, pre, layer_bytes, time.perf_counter() - start,
                                   metric="ruler_score", value=ruler.score(sample, answer), output=answer, chat=chat,
-                                  answers=sample.answers, new_tokens=len(tokens)))
+                                  answers=sample.answers, new_tokens=len(tokens), prompt_unpacked=unpacked))
                 bar.update()
 
 
