@@ -2,12 +2,12 @@
 
 With ``RDKVConfig.observe = k`` (16 by default: ``RDKVConfig.waits_for``), a forward that would
 pack its tail (a prompt, or a follow-up with ``compress_followups``; at most ``observe_max`` tokens)
-leaves those tokens in full precision and
-keeps what its last ``window`` queries' attention says of them, as sums
-(:class:`~rdkv_hf.scoring.WindowSums`). Each later forward adds its own queries' attention; after
-the k-th decode step, or at the first multi-token forward (after its queries are added), the
-waiting tokens are packed, weighed by all of those queries. Until then the model attends to them in
-full precision, and they stay the oldest tokens of the tail (later tokens are appended after them).
+leaves those tokens in full precision and keeps what its last ``window`` queries' attention says of
+them, as sums (:class:`~rdkv_hf.scoring.WindowSums`). Each later forward adds its own queries'
+attention; after the k-th decode step, or at the first multi-token forward (after its queries are
+added), the waiting tokens are packed, weighed by all of those queries. Until then the model
+attends to them in full precision, and they stay the oldest tokens of the tail (later tokens are
+appended after them).
 
 Why: the prompt's last queries stand in for the queries of the answer; an answer's first tokens
 show what the rest of it reads (``benchmarks/results/short-prompts.md`` measures it).

@@ -125,9 +125,10 @@ def _config(name: str, settings: StreamSettings, cap: int | None, head_dim: int)
         opts["budget"] = uniform_budget(2, head_dim, min(settings.prompt_tokens, settings.decode_block))
     opts.setdefault("budget", settings.budget)
     # min_tokens=0, observe=0: the 64-token prompt is packed at its forward, as a long one would be
-    # (and so chunked equals token by token); the stream measures the decode path
-    return RDKVConfig(**opts, decode_block=settings.decode_block, compress_followups=False, min_tokens=0, observe=0,
-                      max_cache_bytes=cap if spec[1] else None, **settings.extra)
+    # (and so chunked equals token by token); the stream measures the decode path. `extra` may override.
+    opts.update(decode_block=settings.decode_block, compress_followups=False, min_tokens=0, observe=0,
+                max_cache_bytes=cap if spec[1] else None)
+    return RDKVConfig(**{**opts, **settings.extra})
 
 
 @torch.no_grad()
