@@ -226,7 +226,7 @@ def test_the_default_waits_for_16_decoded_queries_but_not_under_a_cap():
 
 @pytest.mark.library_defaults
 def test_generate_with_the_defaults_packs_the_prompt_after_16_tokens():
-    """patch() with no settings: a 600-token prompt is packed once 16 tokens are decoded, not before."""
+    """patch() with no settings: a 600-token prompt is packed after 16 decode steps (the 17th new token), not before."""
     model = tiny_model("llama", max_position_embeddings=2048)
     model.generation_config.eos_token_id = None
     ids = _ids(600)

@@ -390,6 +390,11 @@ def _run_teacher_forced(model, tokenizer, settings, grid, store, profile, window
                 bar.update()
 
 
+def _prompt_waits(cache) -> bool:
+    """Whether a layer of `cache` holds prompt tokens waiting for decoded queries (``observe``)."""
+    return any(observe.waiting(layer) for layer in cache.layers)
+
+
 def _packed_prompt_bytes(cache: RDKVCache, before: list[int], fed: int) -> list[int]:
     """Bytes per layer after the prompt, for a cache whose prompt waited for decoded queries
     (``RDKVConfig.observe``) and was packed while `fed` decoded tokens went in: RDKV layers as they
@@ -428,10 +433,9 @@ def _run_ruler(model, tokenizer, settings, grid, store, profile, window, progres
                 start = time.perf_counter()
                 cache = build_cache(model, pre, m, b, profile)
                 layer_bytes = layer_nbytes(cache)
-                waited = any(observe.waiting(layer) for layer in cache.layers)
+                waited = _prompt_waits(cache)
                 tokens = greedy_decode(model, cache, pre.logits, sample.max_new_tokens, eos)
-                # `observe`: an answer that ended first read the prompt in full precision (the report says so)
-                unpacked = any(observe.waiting(layer) for layer in cache.layers)
+                unpacked = _prompt_waits(cache)  # the answer ended first: it read the prompt in full precision
                 if waited:  # `observe`: the prompt was packed during the answer, or is now
                     layer_bytes = _packed_prompt_bytes(cache, layer_bytes, fed=len(tokens) - 1)
                 answer = tokenizer.decode(tokens, skip_special_tokens=True)
