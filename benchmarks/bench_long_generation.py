@@ -9,6 +9,7 @@ against generated length.
     python benchmarks/bench_long_generation.py plot      # the plot from both result files
     python benchmarks/bench_long_generation.py repack    # what merging decoded blocks costs (K error)
     python benchmarks/bench_long_generation.py recall-trace --cap-share 0.2   # where the capped recall goes
+    python benchmarks/bench_long_generation.py recall-ablation   # what the capped recall needs (novelty, prompt kept)
 
 Model: SmolLM2-135M-Instruct. Results go to ``--out`` (default ``benchmarks/results/long_generation``).
 
@@ -59,7 +60,7 @@ PROMPT = 64
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "speed", "ratio", "plot", "repack", "recall-trace"))
+    p.add_argument("what", choices=("quality", "speed", "ratio", "plot", "repack", "recall-trace", "recall-ablation"))
     p.add_argument("--rounds", type=int, default=8, help="ratio: rounds of each method, alternated")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--samples", type=int, default=3)
@@ -156,10 +157,10 @@ def counting_reallocations():
 
     seen, reallocate = [0, 0.0], cache_cap.reallocate
 
-    def counted(layer, target):
+    def counted(layer, target, *args):
         t0 = time.perf_counter()
         try:
-            return reallocate(layer, target)
+            return reallocate(layer, target, *args)
         finally:
             seen[0] += 1
             seen[1] += time.perf_counter() - t0
@@ -400,6 +401,106 @@ def recall_trace(args) -> None:
     print(text)
 
 
+# name -> (decode_novelty, the prompt re-allocated with the blocks (the cap before 2026-12), the code's tokens given the top weight)
+ABLATIONS = {
+    "attention only, prompt re-allocated": (0.0, True, False),
+    "attention only, prompt kept": (0.0, False, False),
+    "novelty 4, prompt re-allocated": (4.0, True, False),
+    "novelty 4, prompt kept (library)": (4.0, False, False),
+    "oracle weights, prompt re-allocated": (0.0, True, True),
+    "oracle weights, prompt kept": (0.0, False, True),
+}
+
+
+def recall_ablation(args) -> None:
+    """What the capped stream's recall needs: RDKV under the cap with and without the key-novelty
+    prior (``decode_novelty``), with the prompt re-allocated with the decoded blocks or kept, and an
+    oracle that gives the code's sentence end (" of the blue door is" and its digits) the block's top
+    weight x10 when packed. Besides the greedy answer, the code's digits are scored teacher forced
+    after the question ("The secret code of the blue door is <code>"): their mean NLL and how many are
+    the argmax. Writes ``recall.md`` (rows in ``recall.jsonl``, resumable)."""
+    import torch.nn.functional as F
+
+    from rdkv_hf import cache_cap
+    from rdkv_hf.cache import RDKVLayer
+    from rdkv_hf.eval import stream
+    from rdkv_hf.eval.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model("smollm2-135m")
+    model = model.to(torch.bfloat16)
+    path = args.out / "recall.jsonl"
+    done = {(r["run"], r["seed"]) for r in _read(path)}
+    compress_tail, reallocate, greedy = RDKVLayer.compress_tail, cache_cap.reallocate, stream._greedy
+    marked: dict = {}
+
+    def oracle(layer, n_new, w_tok, w_ch, real, keep_last=0, decoded=False):
+        n_tail = layer.keys.shape[-2]
+        hit = torch.isin(torch.arange(n_tail - n_new, n_tail - keep_last) + (layer.seen - n_tail), marked["positions"])
+        if hit.any():
+            w_tok = w_tok.clone()
+            w_tok[..., hit] = w_tok.amax(-1, keepdim=True) * 10
+        return compress_tail(layer, n_new, w_tok, w_ch, real, keep_last=keep_last, decoded=decoded)
+
+    def scored(model_, cache, first_logits, n, tokenizer):  # the digits teacher forced on a fork, then the answer
+        answer = greedy(model_, cache.fork(), first_logits, n, tokenizer)
+        ids = tok("The secret code of the blue door is " + marked["code"], add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model_(input_ids=torch.tensor([ids]), **cache_kwargs(cache)).logits[0].float()
+        logits = torch.cat([first_logits[None], out[:-1]])[-len(marked["digits"]):]
+        target = torch.tensor(ids[-len(marked["digits"]):])
+        marked["nll"] = F.cross_entropy(logits, target).item()
+        marked["right"] = int((logits.argmax(-1) == target).sum())
+        return answer
+
+    for run, (novelty, with_prompt, boost) in ABLATIONS.items():
+        settings = stream.StreamSettings("smollm2-135m", methods=("rdkv-cap",), samples=1, cap_share=args.cap_share,
+                                         decode_block=args.decode_block, budget=args.budget,
+                                         stream_tokens=args.stream_tokens, extra=dict(decode_novelty=novelty))
+        for seed in range(args.samples):
+            if (run, seed) in done:
+                continue
+            ids, code, text_end = stream.stream_sample(tok, settings, seed)
+            seq, digits = ids[0].tolist(), tok(code, add_special_tokens=False).input_ids
+            first = next(i for i in range(len(seq)) if seq[i : i + len(digits)] == digits)
+            marked.update(code=code, digits=digits, positions=torch.arange(first - 6, first + len(digits)))
+            stream._greedy = scored
+            if boost:
+                RDKVLayer.compress_tail = oracle
+            if with_prompt:
+                cache_cap.reallocate = lambda layer, target, forward=True: reallocate(layer, target, True)
+            try:
+                r = stream.run_cell(model, ids, code, text_end, "rdkv-cap", settings, None, tok)
+            finally:
+                RDKVLayer.compress_tail, cache_cap.reallocate, stream._greedy = compress_tail, reallocate, greedy
+            rec = dict(run=run, seed=seed, code=code, ppl=r["ppl"], recall=r["recall"], answer=r["answer"], digit_nll=marked["nll"],
+                       digits_right=marked["right"], digits=len(digits), pct_bf16=r["pct_bf16"], max_over_cap=r["max_nbytes"] / r["cap"])
+            print(json.dumps(rec), flush=True)
+            with path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+    rows = _read(path)
+    lines = [
+        "# What the capped stream's recall needs", "",
+        f"`python benchmarks/bench_long_generation.py {' '.join(sys.argv[1:])}` "
+        f"({machine()}). SmolLM2-135M-Instruct in bf16, the stream of `quality` (64-token prompt, {args.stream_tokens} "
+        f"streamed tokens, the code at 10%), `rdkv-cap`: decode_block {args.decode_block}, budget {args.budget}, cap "
+        f"{100 * args.cap_share:.0f}% of the full cache's bf16 bytes. Digits: the code scored teacher forced after the "
+        "question (mean NLL; digits that are the argmax). The full cache gets every code right.", "",
+        "| run | samples | recall | digit NLL | digits right | PPL | % of bf16 (end) | answers |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in ABLATIONS:
+        rs = [r for r in rows if r["run"] == run]
+        if rs:
+            mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+            answers = "; ".join(repr(r["answer"].strip()[-24:]) for r in rs)
+            lines.append(f"| {run} | {len(rs)} | {100 * mean('recall'):.0f}% | {mean('digit_nll'):.2f} | "
+                         f"{sum(r['digits_right'] for r in rs)}/{sum(r['digits'] for r in rs)} | {mean('ppl'):.2f} | "
+                         f"{mean('pct_bf16'):.1f}% | {answers} |")
+    text = "\n".join(lines) + "\n"
+    (args.out / "recall.md").write_text(text)
+    print(text)
+
+
 def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -439,7 +540,8 @@ def plot(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"quality": quality, "speed": speed, "ratio": ratio, "plot": plot, "repack": repack, "recall-trace": recall_trace}[args.what](args)
+    {"quality": quality, "speed": speed, "ratio": ratio, "plot": plot, "repack": repack, "recall-trace": recall_trace,
+     "recall-ablation": recall_ablation}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,32 @@ def pool_weights(mass: torch.Tensor, seen_by: torch.Tensor, pool_kernel: int = 5
     return carry_forward(w, carry)
 
 
+def add_novelty(w_tok: torch.Tensor, keys: torch.Tensor, real: torch.Tensor, strength: float) -> torch.Tensor:
+    """Token weights of a decoded block with a prior for the queries yet to come (``RDKVConfig.novelty``).
+
+    The queries that weigh a block come right after it; a later query may look for a token that
+    none of them attended (a fact read now, asked about thousands of tokens on). A key that points
+    away from its block's mean key is one a query can single out; one near the mean draws its
+    attention only as part of the crowd (KeyDiff's observation). So each token gains
+    ``strength * mean(w) * z+``: ``z`` is how far its key's cosine distance to the block's mean key
+    lies above the block's average, in standard deviations (0 below it).
+
+    Args:
+        w_tok: ``[B, kv_heads, T]`` attention weights; keys: ``[B, kv_heads, T, D]``;
+            real: ``[B, T]`` bool (padding gains nothing and counts in no mean).
+    """
+    if not strength:
+        return w_tok
+    m = real[:, None, :].to(w_tok.dtype)  # [B, 1, T]
+    n = m.sum(-1, keepdim=True).clamp(min=1)
+    mean_k = (keys * m[..., None]).sum(2, keepdim=True) / n[..., None]
+    d = 1 - F.cosine_similarity(keys, mean_k, dim=-1)  # [B, H, T]
+    mu = (d * m).sum(-1, keepdim=True) / n
+    sd = (((d - mu) ** 2 * m).sum(-1, keepdim=True) / n).sqrt().clamp(min=1e-6)
+    z = ((d - mu) / sd).clamp(min=0) * m
+    return w_tok + strength * (w_tok * m).sum(-1, keepdim=True) / n * z
+
+
 def carry_forward(w: torch.Tensor, rho: float) -> torch.Tensor:
     """``w'[t] = max(w[t], rho * w'[t-1])`` along the last dim: a token weighs at least `rho`
     times the token before it (after pooling), so the tokens that follow an attended one decay

@@ -8,8 +8,14 @@ across the layers as the planner splits the budget (a profile's head budgets inc
 the sum of the protected parts is a ``ValueError`` that names that minimum.
 
 **Re-allocation.** After a layer packs (a prompt, a decode block), if what it holds plus its tail and
-sums at their largest would pass its share, it re-allocates everything but the tail and the newest
-block ("the old part") to fit, less ``HEADROOM`` of its share so that it runs every few blocks:
+sums at their largest would pass its share, it re-allocates the older decoded blocks to fit, less
+``HEADROOM`` of its share so that it runs every few blocks. The forward segments (the prompt,
+follow-ups) keep what they were packed with while the blocks can make room; only when they cannot
+is everything but the tail and the newest block ("the old part") re-allocated together. A prompt is
+what every generated token was conditioned on and holds the attention sinks: re-allocated with the
+blocks under SmolLM2's 10% cap, the stream's 64-token prompt kept 16-20 of its 64 K channels a
+head (a channel's scales weigh most on few tokens), and the code was not recalled even with its
+tokens kept (``benchmarks/results/long_generation/recall.md``). Either way:
 
 * each (batch row, KV head) gets bits in proportion to its planner budget and the tokens it has
   seen, scaled by one factor for the layer so that the old part fits;
@@ -220,10 +226,16 @@ def enforce(layer) -> None:
     newest_bytes = 0 if newest is None else packed_nbytes([newest]) + newest.table_nbytes
     headroom = int(HEADROOM * share)
     target = share - fixed - newest_bytes
-    for attempt in range(8):
-        reallocate(layer, max(target - headroom if attempt == 0 else target, 0) - attempt * (target // 16))
-        if _held(layer.segments) + fixed <= share:
-            return
+    # The decoded blocks give way first; the forward segments (the prompt, follow-ups) only when
+    # the blocks cannot make room alone.
+    forward = [s for s in layer.segments if not s.decoded]
+    for with_forward in (False, True) if forward else (True,):
+        if not with_forward and packed_nbytes(forward) >= target:
+            continue
+        for attempt in range(8):
+            reallocate(layer, max(target - headroom if attempt == 0 else target, 0) - attempt * (target // 16), with_forward)
+            if _held(layer.segments) + fixed <= share:
+                return
     raise RuntimeError(f"layer {layer.layer_idx} could not fit its share of `max_cache_bytes` ({share} bytes)")
 
 
@@ -264,12 +276,15 @@ def _weights(w, n: int) -> torch.Tensor:
     return torch.ones(n) if w is None else w.float().cpu()
 
 
-def reallocate(layer, target: int) -> None:
+def reallocate(layer, target: int, forward: bool = True) -> None:
     """Re-pack everything but the newest decoded block of `layer` into at most `target` bytes
-    (see the module docstring)."""
+    (see the module docstring); with ``forward=False`` only the older decoded blocks, the forward
+    segments kept as they are (and their bytes counted in `target`)."""
     planner = layer.planner
     newest = _newest_block(layer.segments)
-    old = [s for s in layer.segments if s is not newest]
+    kept = [] if forward else [s for s in layer.segments if not s.decoded]
+    old = [s for s in layer.segments if s is not newest and not any(s is k for k in kept)]
+    target -= packed_nbytes(kept)
     if not old:
         return
     B, H = old[0].batch, old[0].kv_heads
@@ -300,7 +315,7 @@ def reallocate(layer, target: int) -> None:
             segments.append(p.members[0])  # nothing changed: keep it as it is
             continue
         segments.append(_repack(p, vw, kw, row_of, B, H, keep, layer.keys.device))
-    layer.segments = segments + ([newest] if newest is not None else [])
+    layer.segments = kept + segments + ([newest] if newest is not None else [])
     layer.block_stack, layer.block_stack_key = None, ()  # the old stack would keep the old bytes alive
 
 

@@ -6,6 +6,7 @@ Measured data (sensitivities, distortion curves, epsilon tables) lives in a prof
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,8 @@ DEFAULT_MIN_TOKENS = 512
 # Decoded queries a packing forward waits for (`observe`, when None): an answer's first queries say
 # what the rest of it reads (benchmarks/results/short-prompts.md). Read when a layer asks.
 DEFAULT_OBSERVE = 16
+# How much a decoded block's key novelty weighs (`decode_novelty`), in mean token weights per SD.
+DEFAULT_NOVELTY = 4.0
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
 # RDKV's fallback epsilon tables (relative distortion of one unit at b bits), from the reference code.
@@ -108,6 +111,13 @@ class RDKVConfig:
             in bits, not `tokens`.
         decode_window: how many queries after a block weigh it (None: `window`, as for the prompt,
             at most ``decode_block``); at most ``decode_block``.
+        decode_novelty: how much a decoded block's keys weigh besides its queries' attention, for
+            the queries yet to come (None: ``DEFAULT_NOVELTY``, 4, chosen in
+            ``benchmarks/results/long_generation/``; 0: attention alone). A token whose key points
+            away from its block's mean key gains ``decode_novelty`` times the block's mean weight per
+            standard deviation (``rdkv_hf.allocate.add_novelty``), so a fact no nearby query read
+            keeps its bits for the question that comes later. RDKV modes (the eviction baselines
+            score tokens their own way).
         max_cache_bytes: a hard cap on the bytes of the whole cache (every layer; codes, scales,
             tables, the tail and the decode state included). When packing would pass it, the cache
             re-allocates what it holds (``rdkv_hf.cache_cap``): older tokens lose bits or are evicted,
@@ -137,6 +147,7 @@ class RDKVConfig:
     observe_max: int = 2048
     decode_block: int | None = None
     decode_window: int | None = None
+    decode_novelty: float | None = None
     max_cache_bytes: int | None = None
 
     def __post_init__(self):
@@ -225,7 +236,7 @@ class RDKVConfig:
                 raise ValueError(f"`{name}` must be an int >= {low} or None, got {value!r}")
 
         if self.decode_block is None:
-            for name in ("decode_window", "max_cache_bytes"):
+            for name in ("decode_window", "decode_novelty", "max_cache_bytes"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"`{name}` applies to compressed decoding: set `decode_block` too (e.g. decode_block=128)")
             return
@@ -239,6 +250,18 @@ class RDKVConfig:
                     f"`decode_window`={self.decode_window} exceeds `decode_block`={self.decode_block}: a block is weighed by "
                     "queries of the block after it; lower `decode_window` or raise `decode_block`"
                 )
+        if self.decode_novelty is not None:
+            from .planners import planner_class
+
+            v = self.decode_novelty
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"`decode_novelty` must be a number >= 0 (0: attention alone) or None, got {v!r}")
+            object.__setattr__(self, "decode_novelty", float(v))
+            if v and not planner_class(self.mode).uses_novelty:
+                raise ValueError(
+                    f"`decode_novelty` applies to the RDKV modes; mode={self.mode!r} weighs decoded tokens its own way: "
+                    "leave decode_novelty=None"
+                )
         if self.max_cache_bytes is not None:
             positive_int("max_cache_bytes", self.max_cache_bytes)
             from .planners import planner_class
@@ -248,6 +271,11 @@ class RDKVConfig:
                     f"mode={self.mode!r} never evicts a token nor lowers a width, so it cannot hold `max_cache_bytes`; "
                     "use mode='rdkv' or 'rdkv+profile' (or an eviction mode) under a cap"
                 )
+
+    @property
+    def novelty(self) -> float:
+        """The key-novelty weight decoded blocks are packed with (``decode_novelty``, or ``DEFAULT_NOVELTY``)."""
+        return DEFAULT_NOVELTY if self.decode_novelty is None else self.decode_novelty
 
     @property
     def block_window(self) -> int:

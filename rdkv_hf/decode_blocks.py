@@ -11,7 +11,8 @@ newest tokens (Transformers' masks need it so).
 A block's token weights are RDKV's (pooled and carried as for the prompt): the attention it gets
 from the last ``window`` queries before it is packed, the queries at tail positions
 ``keep + (k + 1) * block - window .. keep + (k + 1) * block - 1`` for block ``k`` (with no residual,
-the ``window`` queries right after it). Every forward
+the ``window`` queries right after it), plus a prior for the queries yet to come: how far each key
+points from the block's mean key (``RDKVConfig.decode_novelty``, :func:`~rdkv_hf.allocate.add_novelty`). Every forward
 adds its queries' attention to those sums as it goes (``[B, kv_heads, tail]`` floats and a
 ``[B, kv_heads, head_dim]`` sum of squared queries per pending block for the channel weights), so
 nothing but the sums is kept of past queries, and packing costs one block's allocation once per
@@ -205,9 +206,10 @@ def _pack_due(layer, mask) -> bool:
         seen = layer.block_seen[:, :block]
         assert bool((layer.block_nq[:, :1] > 0).all()), "a decode block is due before any query of its window"
         real = seen > 0  # a token no window query sees is padding
-        w_tok = pool_weights(layer.block_mass[:, :, :block], seen, cfg.pool_kernel, cfg.pool, cfg.carry)
-        q2 = layer.block_qsq[:, :, 0] / layer.block_nq[:, 0].clamp(min=1)[:, None, None]
         kb = layer.keys[:, :, :block].float()
+        w_tok = pool_weights(layer.block_mass[:, :, :block], seen, cfg.pool_kernel, cfg.pool, cfg.carry)
+        w_tok = layer.planner.block_weights(w_tok, kb, real)
+        q2 = layer.block_qsq[:, :, 0] / layer.block_nq[:, 0].clamp(min=1)[:, None, None]
         rm = real[:, None, :, None].float()
         k2 = (kb.square() * rm).sum(2) / rm.sum(2).clamp(min=1)
         layer.compress_tail(n, w_tok, q2 * k2, real, keep_last=n - block, decoded=True)

@@ -13,7 +13,7 @@ import rdkv_hf
 from rdkv_hf import RDKVCache, cache_cap
 from rdkv_hf.attention import attend
 from rdkv_hf.compat import cache_kwargs, output_cache
-from rdkv_hf.config import RDKVConfig
+from rdkv_hf.config import DEFAULT_NOVELTY, RDKVConfig
 from rdkv_hf.decode_blocks import attended, keep_tokens
 
 EXACT = dict(budget=16, high_precision_dtype="float32")
@@ -119,6 +119,36 @@ def test_decode_block_settings_are_checked():
         RDKVConfig(decode_block=16, decode_window=32)
     with pytest.raises(ValueError, match="cannot hold `max_cache_bytes`"):
         RDKVConfig(mode="uniform", decode_block=16, max_cache_bytes=10**6)
+    with pytest.raises(ValueError, match="set `decode_block` too"):
+        RDKVConfig(decode_novelty=2.0)
+    with pytest.raises(ValueError, match="`decode_novelty` must be a number >= 0"):
+        RDKVConfig(decode_block=16, decode_novelty=-1)
+    with pytest.raises(ValueError, match="mode='snapkv' weighs decoded tokens its own way"):
+        RDKVConfig(mode="snapkv", decode_block=16, decode_novelty=2.0)
+    assert RDKVConfig(mode="snapkv", decode_block=16, decode_novelty=0).novelty == 0.0
+    assert RDKVConfig(decode_block=16).novelty == DEFAULT_NOVELTY
+
+
+def test_a_key_that_points_away_from_its_block_gains_weight():
+    """add_novelty: under even attention, the one key unlike the others weighs most; padding gains
+    nothing; strength 0 changes nothing; the eviction modes' blocks keep their attention weights."""
+    from rdkv_hf.allocate import add_novelty
+    from rdkv_hf.planners import planner_class
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 12, 8, generator=g) * 0.1 + torch.ones(8)  # every key near one direction
+    keys[0, :, 5] = -torch.ones(8)  # but one
+    real = torch.ones(1, 12, dtype=torch.bool)
+    real[0, 11] = False
+    w = torch.full((1, 2, 12), 0.1) * real
+    out = add_novelty(w, keys, real, 4.0)
+    assert (out.argmax(-1) == 5).all() and (out[0, :, 5] > 4 * 0.1).all()  # z > 1: gains more than 4 mean weights
+    assert (out >= w).all() and (out[0, :, 11] == 0).all()
+    assert add_novelty(w, keys, real, 0.0) is w
+    rdkv = planner_class("rdkv")(RDKVConfig(decode_block=16))
+    snap = planner_class("snapkv")(RDKVConfig(mode="snapkv", budget=4.0, decode_block=16))
+    assert torch.equal(rdkv.block_weights(w, keys, real), out)
+    assert snap.block_weights(w, keys, real) is w
 
 
 # -- the cap --------------------------------------------------------------------------------------
@@ -181,6 +211,26 @@ def test_the_cap_holds_over_thousands_of_steps(one_thread, arch):
     assert most <= cap and cache.get_seq_length() == 40 + steps
     if arch == "llama":  # bound by the cap long ago: the prompt, the merged history, the blocks since (not 125)
         assert len(_layer(cache).segments) <= 8
+
+
+@pytest.mark.parametrize("prompt,slack,gives_way", [(60, 0.5, False), (300, 0.2, True)])
+def test_the_decoded_blocks_give_way_before_the_prompt(one_thread, prompt, slack, gives_way):
+    """Under the cap the older decoded blocks are re-allocated first: the prompt's segment stays as it
+    was packed while they can make room, and is re-allocated too when they cannot."""
+    model = _model("llama", num_hidden_layers=1)
+    ids = torch.randint(1, 128, (1, prompt), generator=torch.Generator().manual_seed(0))
+    cfg = dict(budget=4.0, decode_block=16, min_tokens=0)
+    cap = int(_minimum(model, ids, **cfg) * (1 + slack))
+    rdkv_hf.patch(model, **cfg, max_cache_bytes=cap)
+    cache = RDKVCache(model)
+    out = model(ids, **cache_kwargs(cache))
+    packed_prompt = _layer(cache).segments[0]
+    for _ in range(300):
+        out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+        assert cache.nbytes <= cap
+    segments = _layer(cache).segments
+    assert len(_decoded(cache)) < 300 // 16  # the cap merged older blocks
+    assert any(s is packed_prompt for s in segments) != gives_way
 
 
 def test_a_cap_below_the_protected_part_names_the_minimum(one_thread):

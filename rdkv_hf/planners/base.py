@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..allocate import add_novelty
+
 if TYPE_CHECKING:
     from ..config import RDKVConfig
 
@@ -40,6 +42,7 @@ class Planner:
     takes_tokens: ClassVar[bool] = True  # a budget given as `tokens` per head (else only `budget` in bits)
     evicts_only: ClassVar[bool] = False  # keeps tokens at 16 bits or evicts them (the eviction baselines)
     holds_cap: ClassVar[bool] = True  # can re-allocate under `max_cache_bytes` (evicts or lowers widths)
+    uses_novelty: ClassVar[bool] = False  # adds `decode_novelty`'s key prior to a decoded block's weights
     fixed_widths: ClassVar[tuple[int, ...]] = ()  # the evaluation runs it at these widths, not over budgets
     rank: ClassVar[int] = 100  # its place in the evaluation's tables
 
@@ -108,6 +111,14 @@ class Planner:
             ``(v_bits [B, kv_heads, T], k_bits [B, kv_heads, D])`` long widths (0 evicts).
         """
         raise NotImplementedError
+
+    def block_weights(self, w_tok: torch.Tensor, keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """``[B, kv_heads, T]`` the weights a decoded block (``decode_block``) is packed by: its
+        queries' attention, plus :func:`~rdkv_hf.allocate.add_novelty`'s prior in modes that
+        ``uses_novelty``. `keys`: ``[B, kv_heads, T, D]`` the block's; `real`: ``[B, T]``."""
+        if not self.uses_novelty:
+            return w_tok
+        return add_novelty(w_tok, keys, real, self.config.novelty)
 
     def cap_weights(self, w_tok: torch.Tensor, real: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[B, kv_heads, T]`` the weights kept with packed tokens for re-allocation under a byte

@@ -12,6 +12,7 @@ class RDKVPlanner(Planner):
     name = "rdkv"
     label = "RDKV"
     rank = 10
+    uses_novelty = True
 
     def head_budgets(self, layer_idx: int, B: int, H: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_avg, v_avg)`` bits per element of each of the ``B * H`` rows (K and V split by
