@@ -491,7 +491,7 @@ def recall_ablation(args) -> None:
     for run in ABLATIONS:
         rs = [r for r in rows if r["run"] == run]
         if rs:
-            mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+            mean = lambda k, rs=rs: sum(r[k] for r in rs) / len(rs)  # noqa: E731
             answers = "; ".join(repr(r["answer"].strip()[-24:]) for r in rs)
             lines.append(f"| {run} | {len(rs)} | {100 * mean('recall'):.0f}% | {mean('digit_nll'):.2f} | "
                          f"{sum(r['digits_right'] for r in rs)}/{sum(r['digits'] for r in rs)} | {mean('ppl'):.2f} | "
