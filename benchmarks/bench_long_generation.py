@@ -296,6 +296,18 @@ def repack(args) -> None:
 
 
 @torch.no_grad()
+def _code_start(tok, ids: torch.Tensor, code: str) -> tuple[list[int], int]:
+    """``(digits, first)``: the code's token ids and where they start in the sample `ids` ``[1, T]``."""
+    seq, digits = ids[0].tolist(), tok(code, add_special_tokens=False).input_ids
+    return digits, next(i for i in range(len(seq)) if seq[i : i + len(digits)] == digits)
+
+
+def _packed_positions(layer, n_new: int, keep_last: int) -> torch.Tensor:
+    """The sequence positions of the tokens ``RDKVLayer.compress_tail(n_new, ..., keep_last)`` packs."""
+    n_tail = layer.keys.shape[-2]
+    return torch.arange(n_tail - n_new, n_tail - keep_last) + (layer.seen - n_tail)
+
+
 def recall_trace(args) -> None:
     """The capped stream of sample 0 twice: as the library runs it, and with re-allocation merging the
     old part at unchanged widths (the cap then not kept: isolates the merge's re-quantization from the
@@ -313,8 +325,8 @@ def recall_trace(args) -> None:
     settings = StreamSettings("smollm2-135m", methods=("rdkv-cap",), samples=1, cap_share=args.cap_share,
                               decode_block=args.decode_block, budget=args.budget, stream_tokens=args.stream_tokens)
     ids, code, text_end = stream_sample(tok, settings, settings.seed)
-    seq, digits = ids[0].tolist(), tok(code, add_special_tokens=False).input_ids
-    first = next(i for i in range(len(seq)) if seq[i : i + len(digits)] == digits)
+    seq = ids[0].tolist()
+    digits, first = _code_start(tok, ids, code)
     code_pos = torch.arange(first - 2, first + len(digits))
     pos: dict[int, torch.Tensor] = {}  # id(head.w_tok) -> the head's token positions, in its token order
     stats = dict(rows=0, lowered=0, evicted=0, v_before=0, v_after=0, reallocations=0)
@@ -322,8 +334,7 @@ def recall_trace(args) -> None:
     compress_tail, v_widths, part_init, repack_fn = RDKVLayer.compress_tail, cache_cap._v_widths, cache_cap._Part.__init__, cache_cap._repack
 
     def traced_compress_tail(layer, n_new, w_tok, w_ch, real, keep_last=0, decoded=False):
-        n_tail = layer.keys.shape[-2]
-        positions = torch.arange(n_tail - n_new, n_tail - keep_last) + (layer.seen - n_tail)
+        positions = _packed_positions(layer, n_new, keep_last)
         widths = layer.planner.widths
         got = []
         layer.planner.widths = lambda *a, **k: got.append(widths(*a, **k)) or got[-1]
@@ -435,8 +446,7 @@ def recall_ablation(args) -> None:
     marked: dict = {}
 
     def oracle(layer, n_new, w_tok, w_ch, real, keep_last=0, decoded=False):
-        n_tail = layer.keys.shape[-2]
-        hit = torch.isin(torch.arange(n_tail - n_new, n_tail - keep_last) + (layer.seen - n_tail), marked["positions"])
+        hit = torch.isin(_packed_positions(layer, n_new, keep_last), marked["positions"])
         if hit.any():
             w_tok = w_tok.clone()
             w_tok[..., hit] = w_tok.amax(-1, keepdim=True) * 10
@@ -461,8 +471,7 @@ def recall_ablation(args) -> None:
             if (run, seed) in done:
                 continue
             ids, code, text_end = stream.stream_sample(tok, settings, seed)
-            seq, digits = ids[0].tolist(), tok(code, add_special_tokens=False).input_ids
-            first = next(i for i in range(len(seq)) if seq[i : i + len(digits)] == digits)
+            digits, first = _code_start(tok, ids, code)
             marked.update(code=code, digits=digits, positions=torch.arange(first - 6, first + len(digits)))
             stream._greedy = scored
             if boost:

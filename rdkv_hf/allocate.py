@@ -70,7 +70,7 @@ def pool_weights(mass: torch.Tensor, seen_by: torch.Tensor, pool_kernel: int = 5
 
 
 def add_novelty(w_tok: torch.Tensor, keys: torch.Tensor, real: torch.Tensor, strength: float) -> torch.Tensor:
-    """Token weights of a decoded block with a prior for the queries yet to come (``RDKVConfig.novelty``).
+    """Token weights of a decoded block with a prior for the queries yet to come (``RDKVConfig.decode_novelty``).
 
     The queries that weigh a block come right after it; a later query may look for a token that
     none of them attended (a fact read now, asked about thousands of tokens on). A key that points

@@ -283,7 +283,7 @@ def reallocate(layer, target: int, forward: bool = True) -> None:
     planner = layer.planner
     newest = _newest_block(layer.segments)
     kept = [] if forward else [s for s in layer.segments if not s.decoded]
-    old = [s for s in layer.segments if s is not newest and not any(s is k for k in kept)]
+    old = [s for s in layer.segments if s is not newest and (forward or s.decoded)]
     target -= packed_nbytes(kept)
     if not old:
         return

@@ -240,6 +240,8 @@ class RDKVConfig:
                 if getattr(self, name) is not None:
                     raise ValueError(f"`{name}` applies to compressed decoding: set `decode_block` too (e.g. decode_block=128)")
             return
+        from .planners import planner_class
+
         positive_int("decode_block", self.decode_block, 2)
         if self.tokens is not None:
             raise ValueError("`decode_block` packs decoded blocks at `budget` bits per element; give `budget`, not `tokens`")
@@ -251,8 +253,6 @@ class RDKVConfig:
                     "queries of the block after it; lower `decode_window` or raise `decode_block`"
                 )
         if self.decode_novelty is not None:
-            from .planners import planner_class
-
             v = self.decode_novelty
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ValueError(f"`decode_novelty` must be a number >= 0 (0: attention alone) or None, got {v!r}")
@@ -264,8 +264,6 @@ class RDKVConfig:
                 )
         if self.max_cache_bytes is not None:
             positive_int("max_cache_bytes", self.max_cache_bytes)
-            from .planners import planner_class
-
             if not planner_class(self.mode).holds_cap:
                 raise ValueError(
                     f"mode={self.mode!r} never evicts a token nor lowers a width, so it cannot hold `max_cache_bytes`; "
