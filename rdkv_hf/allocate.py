@@ -95,6 +95,23 @@ def add_novelty(w_tok: torch.Tensor, keys: torch.Tensor, real: torch.Tensor, str
     return w_tok + strength * (w_tok * m).sum(-1, keepdim=True) / n * z
 
 
+def relative_weights(w_tok: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``w_tok`` over its mean over the real tokens of each (batch row, KV head): weights of mean 1.
+
+    A segment's weights are shares of the attention its own queries gave it (a decoded block's: the
+    ``decode_window`` queries right after it), so their scale says how much those queries looked
+    back at the segment, not how much a query thousands of tokens later will. Divided by their
+    mean, the tokens of segments packed at different times compare by how they stood among their
+    neighbours, and each segment's tokens hold the same total weight.
+
+    Args:
+        w_tok: ``[B, kv_heads, T]``; real: ``[B, T]`` bool (padding stays 0 and counts in no mean).
+    """
+    m = real[:, None, :].to(w_tok.dtype)
+    mean = (w_tok * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+    return w_tok * m / mean.clamp(min=torch.finfo(w_tok.dtype).tiny)
+
+
 def carry_forward(w: torch.Tensor, rho: float) -> torch.Tensor:
     """``w'[t] = max(w[t], rho * w'[t-1])`` along the last dim: a token weighs at least `rho`
     times the token before it (after pooling), so the tokens that follow an attended one decay

@@ -23,6 +23,12 @@ tokens kept (``benchmarks/results/long_generation/recall.md``). Either way:
   weights kept when each was packed: a head keeps ``w_tok`` and ``w_ch``, in bfloat16), then on
   each segment's K channels; no unit gains bits. Eviction modes keep the highest-weight tokens at 16
   bits (StreamingLLM's weights are recency, the random mode's random);
+* RDKV keeps each segment's token weights over their mean (``Planner.cap_weights``,
+  :func:`~rdkv_hf.allocate.relative_weights`). A block's attention weights are shares of what its
+  own window queries looked at, so their scale follows those queries, not the later ones the
+  re-allocation keeps tokens for: compared raw, the blocks those queries did not look back at lost
+  their most distinctive tokens first (the stream's code, ``relative`` in
+  ``benchmarks/results/long_generation/recall.md``);
 * the decoded blocks of the old part are merged into one segment, the forward segments (prompt,
   follow-ups) re-packed each on its own, left as they were when nothing in them changed, dropped
   when no row keeps a token.

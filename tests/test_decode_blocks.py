@@ -154,6 +154,33 @@ def test_a_key_that_points_away_from_its_block_gains_weight():
 # -- the cap --------------------------------------------------------------------------------------
 
 
+def test_the_cap_weighs_a_token_against_its_own_segment():
+    """RDKV keeps a segment's weights for the cap over their mean (per row and KV head): a block its
+    queries barely looked back at ranks its tokens as one they looked at a lot; the order within a
+    row stays, padding stays 0. The eviction peers keep their own scores."""
+    from rdkv_hf.allocate import relative_weights
+    from rdkv_hf.planners import planner_class
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(2, 3, 10, generator=g) * torch.tensor([1e-4, 1.0, 1e3])[None, :, None]
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[1, :3] = False
+    w = w * real[:, None]
+    rel = relative_weights(w, real)
+    for b in range(2):
+        n = int(real[b].sum())
+        torch.testing.assert_close(rel[b][:, real[b]].mean(-1), torch.ones(3))
+        assert torch.equal(rel[b][:, real[b]].argsort(-1), w[b][:, real[b]].argsort(-1))
+        assert n == 10 or (rel[b][:, ~real[b]] == 0).all()
+    assert (relative_weights(torch.zeros(1, 1, 4), torch.ones(1, 4, dtype=torch.bool)) == 0).all()
+    positions = torch.arange(10)
+    rdkv = planner_class("rdkv")(RDKVConfig(decode_block=16))
+    assert torch.equal(rdkv.cap_weights(w, real, positions), rel)
+    assert planner_class("rdkv+profile").cap_weights is planner_class("rdkv").cap_weights
+    snap = planner_class("snapkv")(RDKVConfig(mode="snapkv", budget=4.0, decode_block=16))
+    assert snap.cap_weights(w, real, positions) is w
+
+
 def _minimum(model, ids, **cfg):
     """The smallest cap for `cfg` at the batch of `ids`."""
     rdkv_hf.patch(model, **cfg, max_cache_bytes=10**9)

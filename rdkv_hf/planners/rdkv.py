@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..allocate import allocate_rdkv
+from ..allocate import allocate_rdkv, relative_weights
 from .base import Planner, rows
 
 
@@ -36,3 +36,9 @@ class RDKVPlanner(Planner):
             v_avg * t_real * Dv, k_avg * t_real * D, self.config.widths, eps_v, eps_k, v_dim=Dv,
         )
         return v.reshape(B, H, T), k.reshape(B, H, D)
+
+    def cap_weights(self, w_tok, real, positions):
+        """Each packed segment's weights over their mean (per batch row and KV head,
+        :func:`~rdkv_hf.allocate.relative_weights`), so that the cap ranks a token against its
+        neighbours rather than against tokens weighed by other queries (``rdkv_hf.cache_cap``)."""
+        return relative_weights(w_tok, real)
