@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -73,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=2.5)
     p.add_argument("--decode-block", type=int, default=128, help="quality: the decode block of every RDKV method")
     p.add_argument("--cap-share", type=float, default=0.10, help="quality: the cap, a share of the full cache's bf16 bytes at the end")
+    p.add_argument("--runs", nargs="+", default=None, help="recall-ablation: the rows to run (default: all of ABLATIONS)")
     p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rdkv_hf" / "bench")
     return p.parse_args(argv)
 
@@ -412,22 +414,26 @@ def recall_trace(args) -> None:
     print(text)
 
 
-# name -> (decode_novelty, the prompt re-allocated with the blocks (the cap before 2026-12), the code's tokens given the top weight)
+# name -> (decode_novelty, the prompt re-allocated with the blocks (the cap before 2026-12), the code's tokens given
+# the top weight, the cap's weights relative to their segment's mean (RDKVPlanner.cap_weights, 2026-12-01)); None: the full cache
 ABLATIONS = {
-    "attention only, prompt re-allocated": (0.0, True, False),
-    "attention only, prompt kept": (0.0, False, False),
-    "novelty 4, prompt re-allocated": (4.0, True, False),
-    "novelty 4, prompt kept (library)": (4.0, False, False),
-    "oracle weights, prompt re-allocated": (0.0, True, True),
-    "oracle weights, prompt kept": (0.0, False, True),
+    "full cache": None,
+    "attention only, prompt re-allocated": (0.0, True, False, False),
+    "attention only, prompt kept": (0.0, False, False, False),
+    "novelty 4, prompt re-allocated": (4.0, True, False, False),
+    "novelty 4, prompt kept": (4.0, False, False, False),
+    "oracle weights, prompt re-allocated": (0.0, True, True, False),
+    "oracle weights, prompt kept": (0.0, False, True, False),
+    "novelty 4, prompt kept, relative weights (library)": (4.0, False, False, True),
 }
 
 
 def recall_ablation(args) -> None:
     """What the capped stream's recall needs: RDKV under the cap with and without the key-novelty
-    prior (``decode_novelty``), with the prompt re-allocated with the decoded blocks or kept, and an
+    prior (``decode_novelty``), with the prompt re-allocated with the decoded blocks or kept, with the
+    cap's token weights raw or relative to their segment's mean (``RDKVPlanner.cap_weights``), and an
     oracle that gives the code's sentence end (" of the blue door is" and its digits) the block's top
-    weight x10 when packed. Besides the greedy answer, the code's digits are scored teacher forced
+    weight x10 when packed; the full cache beside them (``--runs`` picks rows). Besides the greedy answer, the code's digits are scored teacher forced
     after the question ("The secret code of the blue door is <code>"): their mean NLL and how many are
     the argmax. Writes ``recall.md`` (rows in ``recall.jsonl``, resumable)."""
     import torch.nn.functional as F
@@ -436,6 +442,8 @@ def recall_ablation(args) -> None:
     from rdkv_hf.cache import RDKVLayer
     from rdkv_hf.eval import stream
     from rdkv_hf.eval.models import load_model
+    from rdkv_hf.planners.base import Planner
+    from rdkv_hf.planners.rdkv import RDKVPlanner
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
@@ -443,6 +451,7 @@ def recall_ablation(args) -> None:
     path = args.out / "recall.jsonl"
     done = {(r["run"], r["seed"]) for r in _read(path)}
     compress_tail, reallocate, greedy = RDKVLayer.compress_tail, cache_cap.reallocate, stream._greedy
+    cap_weights = RDKVPlanner.cap_weights
     marked: dict = {}
 
     def oracle(layer, n_new, w_tok, w_ch, real, keep_last=0, decoded=False):
@@ -453,7 +462,7 @@ def recall_ablation(args) -> None:
         return compress_tail(layer, n_new, w_tok, w_ch, real, keep_last=keep_last, decoded=decoded)
 
     def scored(model_, cache, first_logits, n, tokenizer):  # the digits teacher forced on a fork, then the answer
-        answer = greedy(model_, cache.fork(), first_logits, n, tokenizer)
+        answer = greedy(model_, cache.fork() if hasattr(cache, "fork") else copy.deepcopy(cache), first_logits, n, tokenizer)
         ids = tok("The secret code of the blue door is " + marked["code"], add_special_tokens=False).input_ids
         with torch.no_grad():
             out = model_(input_ids=torch.tensor([ids]), **cache_kwargs(cache)).logits[0].float()
@@ -463,7 +472,14 @@ def recall_ablation(args) -> None:
         marked["right"] = int((logits.argmax(-1) == target).sum())
         return answer
 
-    for run, (novelty, with_prompt, boost) in ABLATIONS.items():
+    unknown = set(args.runs or ()) - set(ABLATIONS)
+    if unknown:
+        raise SystemExit(f"unknown --runs {sorted(unknown)}; valid: {list(ABLATIONS)}")
+    for run, spec in ABLATIONS.items():
+        if args.runs and run not in args.runs:
+            continue
+        method = "full" if spec is None else "rdkv-cap"
+        novelty, with_prompt, boost, relative = spec or (None, False, False, True)
         settings = stream.StreamSettings("smollm2-135m", methods=("rdkv-cap",), samples=1, cap_share=args.cap_share,
                                          decode_block=args.decode_block, budget=args.budget,
                                          stream_tokens=args.stream_tokens, extra=dict(decode_novelty=novelty))
@@ -478,12 +494,16 @@ def recall_ablation(args) -> None:
                 RDKVLayer.compress_tail = oracle
             if with_prompt:
                 cache_cap.reallocate = lambda layer, target, forward=True: reallocate(layer, target, True)
+            if not relative:
+                RDKVPlanner.cap_weights = Planner.cap_weights
             try:
-                r = stream.run_cell(model, ids, code, text_end, "rdkv-cap", settings, None, tok)
+                r = stream.run_cell(model, ids, code, text_end, method, settings, None, tok)
             finally:
                 RDKVLayer.compress_tail, cache_cap.reallocate, stream._greedy = compress_tail, reallocate, greedy
+                RDKVPlanner.cap_weights = cap_weights
             rec = dict(run=run, seed=seed, code=code, ppl=r["ppl"], recall=r["recall"], answer=r["answer"], digit_nll=marked["nll"],
-                       digits_right=marked["right"], digits=len(digits), pct_bf16=r["pct_bf16"], max_over_cap=r["max_nbytes"] / r["cap"])
+                       digits_right=marked["right"], digits=len(digits), pct_bf16=r["pct_bf16"], max_over_cap=r["max_nbytes"] / r["cap"] if r["cap"] else None,
+                       cpu=machine().split(",")[0])
             print(json.dumps(rec), flush=True)
             with path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -491,11 +511,11 @@ def recall_ablation(args) -> None:
     lines = [
         "# What the capped stream's recall needs", "",
         f"`python benchmarks/bench_long_generation.py {' '.join(sys.argv[1:])}` "
-        f"({machine()}). SmolLM2-135M-Instruct in bf16, the stream of `quality` (64-token prompt, {args.stream_tokens} "
+        f"(this run: {machine()}; each row's CPU beside it). SmolLM2-135M-Instruct in bf16, the stream of `quality` (64-token prompt, {args.stream_tokens} "
         f"streamed tokens, the code at 10%), `rdkv-cap`: decode_block {args.decode_block}, budget {args.budget}, cap "
         f"{100 * args.cap_share:.0f}% of the full cache's bf16 bytes. Digits: the code scored teacher forced after the "
-        "question (mean NLL; digits that are the argmax). The full cache gets every code right.", "",
-        "| run | samples | recall | digit NLL | digits right | PPL | % of bf16 (end) | answers |", "|---|---|---|---|---|---|---|---|",
+        "question (mean NLL; digits that are the argmax).", "",
+        "| run | samples | recall | digit NLL | digits right | PPL | % of bf16 (end) | answers | CPU |", "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in ABLATIONS:
         rs = [r for r in rows if r["run"] == run]
@@ -504,7 +524,7 @@ def recall_ablation(args) -> None:
             answers = "; ".join(repr(r["answer"].strip()[-24:]) for r in rs)
             lines.append(f"| {run} | {len(rs)} | {100 * mean('recall'):.0f}% | {mean('digit_nll'):.2f} | "
                          f"{sum(r['digits_right'] for r in rs)}/{sum(r['digits'] for r in rs)} | {mean('ppl'):.2f} | "
-                         f"{mean('pct_bf16'):.1f}% | {answers} |")
+                         f"{mean('pct_bf16'):.1f}% | {answers} | {', '.join(sorted({r['cpu'] for r in rs}))} |")
     text = "\n".join(lines) + "\n"
     (args.out / "recall.md").write_text(text)
     print(text)
