@@ -297,7 +297,6 @@ def repack(args) -> None:
     print(f"mean: K {100 * sum(r[2] for r in rows) / len(rows):.1f}%, V {100 * sum(r[3] for r in rows) / len(rows):.1f}%")
 
 
-@torch.no_grad()
 def _code_start(tok, ids: torch.Tensor, code: str) -> tuple[list[int], int]:
     """``(digits, first)``: the code's token ids and where they start in the sample `ids` ``[1, T]``."""
     seq, digits = ids[0].tolist(), tok(code, add_special_tokens=False).input_ids
@@ -310,6 +309,7 @@ def _packed_positions(layer, n_new: int, keep_last: int) -> torch.Tensor:
     return torch.arange(n_tail - n_new, n_tail - keep_last) + (layer.seen - n_tail)
 
 
+@torch.no_grad()
 def recall_trace(args) -> None:
     """The capped stream of sample 0 twice: as the library runs it, and with re-allocation merging the
     old part at unchanged widths (the cap then not kept: isolates the merge's re-quantization from the
@@ -433,9 +433,10 @@ def recall_ablation(args) -> None:
     prior (``decode_novelty``), with the prompt re-allocated with the decoded blocks or kept, with the
     cap's token weights raw or relative to their segment's mean (``RDKVPlanner.cap_weights``), and an
     oracle that gives the code's sentence end (" of the blue door is" and its digits) the block's top
-    weight x10 when packed; the full cache beside them (``--runs`` picks rows). Besides the greedy answer, the code's digits are scored teacher forced
-    after the question ("The secret code of the blue door is <code>"): their mean NLL and how many are
-    the argmax. Writes ``recall.md`` (rows in ``recall.jsonl``, resumable)."""
+    weight x10 when packed; the full cache beside them (``--runs`` picks rows). Besides the greedy
+    answer, the code's digits are scored teacher forced after the question ("The secret code of the
+    blue door is <code>"): their mean NLL and how many are the argmax. Writes ``recall.md`` (rows in
+    ``recall.jsonl``, resumable)."""
     import torch.nn.functional as F
 
     from rdkv_hf import cache_cap
