@@ -112,6 +112,25 @@ def relative_weights(w_tok: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return w_tok * m / mean.clamp(min=torch.finfo(w_tok.dtype).tiny)
 
 
+def shared_across_heads(w_tok: torch.Tensor, share: float) -> torch.Tensor:
+    """``(1 - share) * w_tok + share * max over KV heads``: a token any KV head of the layer weighs
+    high is kept in the others too.
+
+    The weights of one KV head say what its own window queries read. A fact none of the next queries
+    needed (a code read now, asked thousands of tokens later) ranks high in some heads and middling in
+    others, and under a tight byte budget a head that evicts it may be the one the question reads it
+    with. Keeping a few such tokens in every head of the layer costs little; the heads still
+    disagree through the ``1 - share`` of their own weights.
+
+    Args:
+        w_tok: ``[B, kv_heads, T]`` weights of a comparable scale across heads (e.g.
+            :func:`relative_weights`); share: in [0, 1] (0: each head's own).
+    """
+    if not share:
+        return w_tok
+    return (1 - share) * w_tok + share * w_tok.amax(1, keepdim=True)
+
+
 def carry_forward(w: torch.Tensor, rho: float) -> torch.Tensor:
     """``w'[t] = max(w[t], rho * w'[t-1])`` along the last dim: a token weighs at least `rho`
     times the token before it (after pooling), so the tokens that follow an attended one decay

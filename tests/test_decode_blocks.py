@@ -158,8 +158,9 @@ def test_the_cap_weighs_a_token_against_its_own_segment():
     """RDKV keeps a segment's weights for the cap over their mean (per row and KV head): a block its
     queries barely looked back at ranks its tokens as one they looked at a lot; the order within a
     row stays, padding stays 0. The eviction peers keep their own scores."""
-    from rdkv_hf.allocate import relative_weights
+    from rdkv_hf.allocate import relative_weights, shared_across_heads
     from rdkv_hf.planners import planner_class
+    from rdkv_hf.planners.rdkv import CAP_HEAD_SHARE
 
     g = torch.Generator().manual_seed(0)
     w = torch.rand(2, 3, 10, generator=g) * torch.tensor([1e-4, 1.0, 1e3])[None, :, None]
@@ -174,10 +175,34 @@ def test_the_cap_weighs_a_token_against_its_own_segment():
     assert (relative_weights(torch.zeros(1, 1, 4), torch.ones(1, 4, dtype=torch.bool)) == 0).all()
     positions = torch.arange(10)
     rdkv = planner_class("rdkv")(RDKVConfig(decode_block=16))
-    assert torch.equal(rdkv.cap_weights(w, real, positions), rel)
+    assert torch.equal(rdkv.cap_weights(w, real, positions), shared_across_heads(rel, CAP_HEAD_SHARE))
     assert planner_class("rdkv+profile").cap_weights is planner_class("rdkv").cap_weights
     snap = planner_class("snapkv")(RDKVConfig(mode="snapkv", budget=4.0, decode_block=16))
     assert snap.cap_weights(w, real, positions) is w
+
+
+def test_a_token_one_kv_head_keeps_is_kept_by_the_others():
+    """RDKV's cap weights follow the most any KV head of the layer gives a token (by
+    CAP_HEAD_SHARE): a token only head 0 weighs high outranks, in heads 1 and 2, tokens they weigh
+    somewhat higher than it; padding stays 0 in every head."""
+    from rdkv_hf.allocate import shared_across_heads
+    from rdkv_hf.planners import planner_class
+    from rdkv_hf.planners.rdkv import CAP_HEAD_SHARE
+
+    assert 0 < CAP_HEAD_SHARE <= 1
+    w = torch.ones(1, 3, 8)
+    w[0, 0, 2] = 20.0  # only head 0 reads token 2
+    w[0, 1:, 5] = 1.5  # heads 1 and 2 read token 5 a little more than the rest
+    real = torch.ones(1, 8, dtype=torch.bool)
+    real[0, 0] = False  # padding
+    w = w * real[:, None]
+    out = planner_class("rdkv")(RDKVConfig(decode_block=16)).cap_weights(w, real, torch.arange(8))
+    for h in (1, 2):
+        assert out[0, h, 2] > out[0, h, 5] > out[0, h, 3]
+    assert out[0, 0, 2] == out[0, :, 2].max()  # the head that read it most keeps it highest
+    assert (out[0, :, 0] == 0).all()
+    assert torch.equal(shared_across_heads(w, 0.0), w)
+    torch.testing.assert_close(shared_across_heads(w, 1.0)[0, 1], w[0].amax(0))
 
 
 def _minimum(model, ids, **cfg):

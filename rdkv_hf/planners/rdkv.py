@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..allocate import allocate_rdkv, relative_weights
+from ..allocate import allocate_rdkv, relative_weights, shared_across_heads
 from .base import Planner, rows
+
+# How much a packed token's cap weight follows the most any KV head of its layer gives it
+# (rdkv_hf.allocate.shared_across_heads): half, measured on the capped stream's recall
+# (benchmarks/results/long_generation/recall.md, "shared across heads").
+CAP_HEAD_SHARE = 0.5
 
 
 class RDKVPlanner(Planner):
@@ -40,5 +45,7 @@ class RDKVPlanner(Planner):
     def cap_weights(self, w_tok, real, positions):
         """Each packed segment's weights over their mean (per batch row and KV head,
         :func:`~rdkv_hf.allocate.relative_weights`), so that the cap ranks a token against its
-        neighbours rather than against tokens weighed by other queries (``rdkv_hf.cache_cap``)."""
-        return relative_weights(w_tok, real)
+        neighbours rather than against tokens weighed by other queries, then shared across the
+        layer's KV heads (:func:`~rdkv_hf.allocate.shared_across_heads`, ``CAP_HEAD_SHARE``), so that
+        a token one head kept high is not evicted by the others (``rdkv_hf.cache_cap``)."""
+        return shared_across_heads(relative_weights(w_tok, real), CAP_HEAD_SHARE)
