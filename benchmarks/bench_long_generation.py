@@ -415,23 +415,26 @@ def recall_trace(args) -> None:
 
 
 # name -> (decode_novelty, the prompt re-allocated with the blocks (the cap before 2026-12), the code's tokens given
-# the top weight, the cap's weights relative to their segment's mean (RDKVPlanner.cap_weights, 2026-12-01)); None: the full cache
+# the top weight, the cap's weights relative to their segment's mean (2026-12-01), and shared across the layer's KV
+# heads (2026-12-02; both RDKVPlanner.cap_weights)); None: the full cache
 ABLATIONS = {
     "full cache": None,
-    "attention only, prompt re-allocated": (0.0, True, False, False),
-    "attention only, prompt kept": (0.0, False, False, False),
-    "novelty 4, prompt re-allocated": (4.0, True, False, False),
-    "novelty 4, prompt kept": (4.0, False, False, False),
-    "oracle weights, prompt re-allocated": (0.0, True, True, False),
-    "oracle weights, prompt kept": (0.0, False, True, False),
-    "novelty 4, prompt kept, relative weights (library)": (4.0, False, False, True),
+    "attention only, prompt re-allocated": (0.0, True, False, False, False),
+    "attention only, prompt kept": (0.0, False, False, False, False),
+    "novelty 4, prompt re-allocated": (4.0, True, False, False, False),
+    "novelty 4, prompt kept": (4.0, False, False, False, False),
+    "oracle weights, prompt re-allocated": (0.0, True, True, False, False),
+    "oracle weights, prompt kept": (0.0, False, True, False, False),
+    "novelty 4, prompt kept, relative weights": (4.0, False, False, True, False),
+    "novelty 4, prompt kept, relative weights shared across KV heads (library)": (4.0, False, False, True, True),
 }
 
 
 def recall_ablation(args) -> None:
     """What the capped stream's recall needs: RDKV under the cap with and without the key-novelty
     prior (``decode_novelty``), with the prompt re-allocated with the decoded blocks or kept, with the
-    cap's token weights raw or relative to their segment's mean (``RDKVPlanner.cap_weights``), and an
+    cap's token weights raw, relative to their segment's mean, or relative and shared across the
+    layer's KV heads (``RDKVPlanner.cap_weights``), and an
     oracle that gives the code's sentence end (" of the blue door is" and its digits) the block's top
     weight x10 when packed; the full cache beside them (``--runs`` picks rows). Besides the greedy
     answer, the code's digits are scored teacher forced after the question ("The secret code of the
@@ -440,6 +443,7 @@ def recall_ablation(args) -> None:
     import torch.nn.functional as F
 
     from rdkv_hf import cache_cap
+    from rdkv_hf.allocate import relative_weights
     from rdkv_hf.cache import RDKVLayer
     from rdkv_hf.eval import stream
     from rdkv_hf.eval.models import load_model
@@ -480,7 +484,7 @@ def recall_ablation(args) -> None:
         if args.runs and run not in args.runs:
             continue
         method = "full" if spec is None else "rdkv-cap"
-        novelty, with_prompt, boost, relative = spec or (None, False, False, True)
+        novelty, with_prompt, boost, relative, shared = spec or (None, False, False, True, True)
         settings = stream.StreamSettings("smollm2-135m", methods=("rdkv-cap",), samples=1, cap_share=args.cap_share,
                                          decode_block=args.decode_block, budget=args.budget,
                                          stream_tokens=args.stream_tokens, extra=dict(decode_novelty=novelty))
@@ -497,6 +501,8 @@ def recall_ablation(args) -> None:
                 cache_cap.reallocate = lambda layer, target, forward=True: reallocate(layer, target, True)
             if not relative:
                 RDKVPlanner.cap_weights = Planner.cap_weights
+            elif not shared:
+                RDKVPlanner.cap_weights = lambda self, w_tok, real, positions: relative_weights(w_tok, real)
             try:
                 r = stream.run_cell(model, ids, code, text_end, method, settings, None, tok)
             finally:

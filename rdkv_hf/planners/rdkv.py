@@ -8,8 +8,8 @@ from ..allocate import allocate_rdkv, relative_weights, shared_across_heads
 from .base import Planner, rows
 
 # How much a packed token's cap weight follows the most any KV head of its layer gives it
-# (rdkv_hf.allocate.shared_across_heads): half, measured on the capped stream's recall
-# (benchmarks/results/long_generation/recall.md, "shared across heads").
+# (rdkv_hf.allocate.shared_across_heads). Half is the one value measured (the capped stream's recall,
+# benchmarks/results/long_generation/recall.md, "shared across KV heads"); not swept.
 CAP_HEAD_SHARE = 0.5
 
 
