@@ -47,5 +47,6 @@ class RDKVPlanner(Planner):
         :func:`~rdkv_hf.allocate.relative_weights`), so that the cap ranks a token against its
         neighbours rather than against tokens weighed by other queries, then shared across the
         layer's KV heads (:func:`~rdkv_hf.allocate.shared_across_heads`, ``CAP_HEAD_SHARE``), so that
-        a token one head kept high is not evicted by the others (``rdkv_hf.cache_cap``)."""
+        a token one head kept high is not evicted by the others (``rdkv_hf.cache_cap``). Under
+        tensor parallelism the max is over the KV heads this rank holds."""
         return shared_across_heads(relative_weights(w_tok, real), CAP_HEAD_SHARE)
