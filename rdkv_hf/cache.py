@@ -499,25 +499,30 @@ class RDKVCache(DynamicCache):
         return cache_io.save(self, save_directory, model, ids, metadata)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, model, *, profile=None) -> RDKVCache:
+    def from_pretrained(cls, directory: str | os.PathLike, model, *, profile=None, **decode) -> RDKVCache:
         """Load a cache saved by :meth:`save_pretrained` for `model`, a patched model (only RDKV
         attention reads packed segments).
 
         The cache keeps the settings it was compressed with, whatever the model's patch settings,
-        so it continues exactly as the saved one would; ``context_ids`` holds the saved token ids
-        (None if none were saved). Raises ``ValueError`` for another model (its fingerprint
-        differs), a damaged or inconsistent file, or a missing profile.
+        so it continues exactly as the saved one would, except for the decode settings given here
+        (a warning says when the model's patch compresses decoded tokens and the loaded cache
+        would not); ``context_ids`` holds the saved token ids (None if none were saved). Raises
+        ``ValueError`` for another model (its fingerprint differs), a damaged or inconsistent
+        file, or a missing profile.
 
         Args:
             profile: the :class:`~rdkv_hf.RDKVProfile` it was compressed with, for the modes that
                 need one (default: the patched model's, or the one its settings name).
+            decode: ``decode_block``, ``decode_window``, ``decode_novelty`` (:class:`RDKVConfig`)
+                for the tokens generated from the loaded cache (a cache is saved without them).
+                ``max_cache_bytes`` is refused: the saved segments lack the weights it re-allocates by.
         """
         if patch_state(model) is None:
             raise ValueError(
                 "RDKVCache.from_pretrained needs a patched model (only RDKV attention reads packed tokens): call "
                 "rdkv_hf.patch(model) first; the loaded cache keeps the settings it was compressed with"
             )
-        loaded = cache_io.load(directory, model, profile)
+        loaded = cache_io.load(directory, model, profile, decode)
         cache = cls(model, planner=loaded.planner)
         loaded.fill(cache)
         return cache

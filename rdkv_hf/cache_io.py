@@ -24,6 +24,7 @@ cache into tensors and JSON, and files back into :class:`LayerState` records tha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -123,7 +124,8 @@ def save(cache, save_directory, model, context_ids: torch.Tensor | None = None, 
         raise ValueError(
             f"this cache compresses decoded tokens (decode_block={cache.planner.config.decode_block}); saving one is not "
             "supported yet (its pending blocks' attention sums are not saved): compress the context with decode_block=None "
-            "(rdkv_hf.patch(model, ..., decode_block=None)), save it, and set decode_block when you generate from it"
+            "(rdkv_hf.patch(model, ..., decode_block=None)), save it, and load it with the decode settings to generate with: "
+            f"RDKVCache.from_pretrained(dir, model, decode_block={cache.planner.config.decode_block})"
         )
     if any(getattr(layer, "pending", 0) for layer in cache.layers):
         raise RuntimeError("the cache is in the middle of a forward (tokens not yet compressed); save it after the forward returns")
@@ -262,12 +264,18 @@ def read_config(directory) -> dict:
     return config
 
 
-def load(directory, model, profile=None) -> LoadedCache:
+# Settings that decide only what happens to the tokens appended after loading (see `load`).
+DECODE_SETTINGS = ("decode_block", "decode_window", "decode_novelty")
+
+
+def load(directory, model, profile=None, decode: dict | None = None) -> LoadedCache:
     """Read a saved cache for `model` (see the module docstring for the checks).
 
     Args:
         profile: the :class:`~rdkv_hf.RDKVProfile` the cache was compressed with, for the modes
             that need one; by default the patched model's, or the one the settings name.
+        decode: ``DECODE_SETTINGS`` to continue with instead of the saved ones (a saved cache
+            never compresses decoded tokens: it was saved with ``decode_block=None``).
     """
     from safetensors.torch import load as load_bytes
 
@@ -301,7 +309,7 @@ def load(directory, model, profile=None) -> LoadedCache:
             raise ValueError(f"context_ids has shape {tuple(ids.shape)}, expected [{config['batch']}, {config['tokens']}]")
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ValueError(f"the saved cache {folder} is inconsistent ({err}); save the context again") from err
-    planner = _planner(config, model, profile, folder)
+    planner = _planner(config, model, profile, folder, decode or {})
     return LoadedCache(planner, layers, None if ids is None else ids.to(param.device), config)
 
 
@@ -387,13 +395,15 @@ def check_tables(parts: dict, rows: int, head_dim: int, where: str, v_dim: int |
             raise ValueError(f"{where}: the channel order of head {r} lies outside the segment's buffers")
 
 
-def _planner(config: dict, model, profile, folder) -> Planner:
+def _planner(config: dict, model, profile, folder, decode: dict) -> Planner:
     """The planner the saved cache was compressed with (its settings and, if it needs one, the
-    same profile), so that what the loaded cache compresses next matches what the saved one would."""
+    same profile), so that what the loaded cache compresses next matches what the saved one would;
+    `decode` replaces the saved ``DECODE_SETTINGS``."""
     try:
         settings = RDKVConfig.from_dict(config["settings"])
     except (ValueError, TypeError) as err:
         raise ValueError(f"{folder / CONFIG_NAME} holds settings this rdkv_hf cannot use ({err}); upgrade rdkv_hf or save the context again") from err
+    settings = _continue_with(settings, decode, model)
     from .model_patches import compressed_layers
     from .planners import planner_class
 
@@ -404,6 +414,33 @@ def _planner(config: dict, model, profile, folder) -> Planner:
     if planner.config != settings:
         raise ValueError(f"{folder / CONFIG_NAME}: the settings {settings} do not rebuild the same planner ({planner.config}); save the context again")
     return planner
+
+
+def _continue_with(settings: RDKVConfig, decode: dict, model) -> RDKVConfig:
+    """`settings` with the decode settings the caller gave; warns when the patched model compresses
+    decoded tokens and the loaded cache would not (the cache keeps its own settings)."""
+    unknown = sorted(set(decode) - set(DECODE_SETTINGS))
+    if "max_cache_bytes" in unknown:
+        raise ValueError(
+            "a loaded cache cannot be held under `max_cache_bytes` yet: its saved segments lack the token weights a "
+            "re-allocation under the cap ranks them by; compress the context under the cap in memory instead "
+            "(rdkv_hf.patch(model, ..., decode_block=128, max_cache_bytes=...)) and keep the cache with cache.fork()"
+        )
+    if unknown:
+        raise TypeError(f"unexpected settings {unknown}: a loaded cache takes only {list(DECODE_SETTINGS)}; the others are saved with it")
+    if decode:
+        return dataclasses.replace(settings, **decode)
+    state = patch_state(model)
+    ours = {} if state is None else {k: getattr(state.config, k) for k in DECODE_SETTINGS}
+    if ours.get("decode_block") is not None and settings.decode_block is None:
+        given = ", ".join(f"{k}={v!r}" for k, v in ours.items() if v is not None)
+        warnings.warn(
+            f"the model is patched with {given}, but a loaded cache keeps the settings it was saved with (decode_block=None): "
+            f"the tokens it generates stay in full precision; pass them to load it compressing decoded tokens: "
+            f"RDKVCache.from_pretrained(dir, model, {given})",
+            stacklevel=4,
+        )
+    return settings
 
 
 def _find_profile(settings: RDKVConfig, wanted: str | None, model, profile, folder):

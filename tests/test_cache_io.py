@@ -294,3 +294,35 @@ def test_a_cache_that_compresses_decoded_tokens_is_refused_on_save(tmp_path, one
     with pytest.raises(ValueError, match=r"decode_block=8.*not supported yet.*decode_block=None"):
         cache.save_pretrained(tmp_path / "ctx")
     assert not (tmp_path / "ctx").exists()
+
+
+def test_a_loaded_cache_compresses_decoded_tokens_when_given_the_decode_settings(tmp_path, one_thread):
+    """Saved without decode_block (the only way to save), loaded with it: it generates what a cache
+    compressed in memory with decode_block does, its decoded tokens packed in blocks."""
+    model = rdkv_hf.patch(tiny_model("llama"), budget=2.5)
+    prefill(model, CTX).save_pretrained(tmp_path / "ctx")
+    rdkv_hf.unpatch(model)
+    rdkv_hf.patch(model, budget=2.5, decode_block=8, decode_window=4)
+    in_memory = prefill(model, CTX)
+    loaded = RDKVCache.from_pretrained(tmp_path / "ctx", model, decode_block=8, decode_window=4)
+    assert loaded.rdkv_config == in_memory.rdkv_config
+    seq_a, scores_a = generate(model, in_memory, torch.cat([CTX, QUESTION], 1), n=30)
+    seq_b, scores_b = generate(model, loaded, torch.cat([CTX, QUESTION], 1), n=30)
+    assert torch.equal(seq_a, seq_b) and torch.equal(scores_a, scores_b)
+    assert sum(s.decoded for s in loaded.layers[0].segments) >= 2
+
+
+def test_a_loaded_cache_warns_when_the_patch_compresses_decoded_tokens_and_it_would_not(tmp_path, one_thread):
+    model = rdkv_hf.patch(tiny_model("llama"), budget=2.5)
+    prefill(model, CTX).save_pretrained(tmp_path / "ctx")
+    rdkv_hf.unpatch(model)
+    rdkv_hf.patch(model, budget=2.5, decode_block=8)
+    with pytest.warns(UserWarning, match=r"patched with decode_block=8.*stay in full precision.*from_pretrained\(dir, model, decode_block=8\)"):
+        loaded = RDKVCache.from_pretrained(tmp_path / "ctx", model)
+    assert loaded.rdkv_config.decode_block is None
+    with pytest.raises(ValueError, match="max_cache_bytes.*lack the token weights"):
+        RDKVCache.from_pretrained(tmp_path / "ctx", model, decode_block=8, max_cache_bytes=10**6)
+    with pytest.raises(TypeError, match=r"unexpected settings \['budget'\]"):
+        RDKVCache.from_pretrained(tmp_path / "ctx", model, budget=4)
+    with pytest.raises(ValueError, match="decode_window"):
+        RDKVCache.from_pretrained(tmp_path / "ctx", model, decode_window=4)  # checked as RDKVConfig checks it
