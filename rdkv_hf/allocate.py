@@ -119,8 +119,8 @@ def shared_across_heads(w_tok: torch.Tensor, share: float) -> torch.Tensor:
     The weights of one KV head say what its own window queries read. A fact none of the next queries
     needed (a code read now, asked thousands of tokens later) ranks high in some heads and middling in
     others, and under a tight byte budget a head that evicts it may be the one the question reads it
-    with. Keeping a few such tokens in every head of the layer costs little; the heads still
-    disagree through the ``1 - share`` of their own weights.
+    with. Keeping a few such tokens in every head of the layer costs little. With ``share = 1`` the
+    heads rank tokens alike and differ only in how many bits each gets (its budget, its channels).
 
     Args:
         w_tok: ``[B, kv_heads, T]`` weights of a comparable scale across heads (e.g.
