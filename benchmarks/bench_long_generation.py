@@ -425,9 +425,13 @@ ABLATIONS = {
     "novelty 4, prompt kept": (4.0, False, False, False, False),
     "oracle weights, prompt re-allocated": (0.0, True, True, False, False),
     "oracle weights, prompt kept": (0.0, False, True, False, False),
-    "novelty 4, prompt kept, relative weights": (4.0, False, False, True, False),
-    "novelty 4, prompt kept, relative weights shared across KV heads (library)": (4.0, False, False, True, True),
+    "novelty 4, prompt kept, relative weights": (4.0, False, False, True, 0.0),
+    "novelty 4, prompt kept, relative weights half shared across KV heads": (4.0, False, False, True, 0.5),
+    "novelty 4, prompt kept, relative weights shared across KV heads (library)": (4.0, False, False, True, None),
 }
+# A row: (decode_novelty, prompt re-allocated with the blocks, oracle weights for the code, cap weights
+# relative to their segment, share of the cap weights taken from the layer's KV heads' max (None: the
+# library's CAP_HEAD_SHARE)); None: the full cache.
 
 
 def recall_ablation(args) -> None:
@@ -443,7 +447,7 @@ def recall_ablation(args) -> None:
     import torch.nn.functional as F
 
     from rdkv_hf import cache_cap
-    from rdkv_hf.allocate import relative_weights
+    from rdkv_hf.allocate import relative_weights, shared_across_heads
     from rdkv_hf.cache import RDKVLayer
     from rdkv_hf.eval import stream
     from rdkv_hf.eval.models import load_model
@@ -484,7 +488,7 @@ def recall_ablation(args) -> None:
         if args.runs and run not in args.runs:
             continue
         method = "full" if spec is None else "rdkv-cap"
-        novelty, with_prompt, boost, relative, shared = spec or (None, False, False, True, True)
+        novelty, with_prompt, boost, relative, share = spec or (None, False, False, True, None)
         settings = stream.StreamSettings("smollm2-135m", methods=("rdkv-cap",), samples=1, cap_share=args.cap_share,
                                          decode_block=args.decode_block, budget=args.budget,
                                          stream_tokens=args.stream_tokens, extra=dict(decode_novelty=novelty))
@@ -501,8 +505,8 @@ def recall_ablation(args) -> None:
                 cache_cap.reallocate = lambda layer, target, forward=True: reallocate(layer, target, True)
             if not relative:
                 RDKVPlanner.cap_weights = Planner.cap_weights
-            elif not shared:
-                RDKVPlanner.cap_weights = lambda self, w_tok, real, positions: relative_weights(w_tok, real)
+            elif share is not None:
+                RDKVPlanner.cap_weights = lambda self, w_tok, real, positions, share=share: shared_across_heads(relative_weights(w_tok, real), share)
             try:
                 r = stream.run_cell(model, ids, code, text_end, method, settings, None, tok)
             finally:
