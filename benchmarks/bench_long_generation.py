@@ -426,8 +426,8 @@ ABLATIONS = {
     "oracle weights, prompt re-allocated": (0.0, True, True, False, False),
     "oracle weights, prompt kept": (0.0, False, True, False, False),
     "novelty 4, prompt kept, relative weights": (4.0, False, False, True, 0.0),
-    "novelty 4, prompt kept, relative weights half shared across KV heads": (4.0, False, False, True, 0.5),
-    "novelty 4, prompt kept, relative weights shared across KV heads (library)": (4.0, False, False, True, None),
+    "novelty 4, prompt kept, relative weights half shared across KV heads (library)": (4.0, False, False, True, None),
+    "novelty 4, prompt kept, relative weights fully shared across KV heads": (4.0, False, False, True, 1.0),
 }
 # A row: (decode_novelty, prompt re-allocated with the blocks, oracle weights for the code, cap weights
 # relative to their segment, share of the cap weights taken from the layer's KV heads' max (None: the

@@ -29,10 +29,11 @@ tokens kept (``benchmarks/results/long_generation/recall.md``). Either way:
   re-allocation keeps tokens for: compared raw, the blocks those queries did not look back at lost
   their most distinctive tokens first (the stream's code, ``relative`` in
   ``benchmarks/results/long_generation/recall.md``). Those weights are then shared across the
-  layer's KV heads (a token weighs the most any KV head of the layer gives it,
-  ``CAP_HEAD_SHARE`` in ``planners/rdkv.py``, :func:`~rdkv_hf.allocate.shared_across_heads`): a fact no nearby query needed ranks high in some
-  heads and middling in others, and the head that evicts it may be the one a later question
-  reads it with (``shared across KV heads`` in ``recall.md``);
+  layer's KV heads (half a token's own, half the most any KV head of the layer gives it,
+  ``CAP_HEAD_SHARE`` in ``planners/rdkv.py``, :func:`~rdkv_hf.allocate.shared_across_heads`): a
+  fact no nearby query needed ranks high in some heads and middling in others, and the head that
+  evicts it may be the one a later question reads it with (``shared across KV heads`` in
+  ``recall.md``);
 * the decoded blocks of the old part are merged into one segment, the forward segments (prompt,
   follow-ups) re-packed each on its own, left as they were when nothing in them changed, dropped
   when no row keeps a token.

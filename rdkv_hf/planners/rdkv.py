@@ -8,10 +8,11 @@ from ..allocate import allocate_rdkv, relative_weights, shared_across_heads
 from .base import Planner, rows
 
 # How much a packed token's cap weight follows the most any KV head of its layer gives it
-# (rdkv_hf.allocate.shared_across_heads). 1 (every KV head of a layer ranks the tokens alike) against
-# 0.5 on the capped stream's hardest samples: digit NLL 0.50 / 0.54 / 0.27 against 0.42 / 0.57 / 1.21,
-# recall 2 of 3 against 1 (benchmarks/results/long_generation/recall.md, "shared across KV heads").
-CAP_HEAD_SHARE = 1.0
+# (rdkv_hf.allocate.shared_across_heads). 0.5 and 1 measured (benchmarks/results/long_generation/:
+# recall.md, "half shared" and "fully shared"; the stream's six samples in profile-samples6/ and
+# head-share1.0/): neither ahead on recall or perplexity beyond one sample's noise; 0.5 lets each
+# head keep some of its own ranking.
+CAP_HEAD_SHARE = 0.5
 
 
 class RDKVPlanner(Planner):
