@@ -54,6 +54,17 @@ def test_stream_table_compares_with_the_full_cache():
     assert "| RDKV, decode blocks + cap | 1 | 9.9% | 0.990 | 10.50 | +5.0% | 100% | 100% |" in table
 
 
+def test_stream_table_compares_a_method_with_the_full_cache_on_its_own_samples():
+    full = [dict(method="full", seed=s, ppl=p, recall=r, pct_bf16=100.0, max_nbytes=1, cap=None)
+            for s, p, r in ((0, 10.0, 1.0), (1, 30.0, 0.0))]
+    rows = full + [dict(method="rdkv-cap", seed=0, ppl=10.5, recall=1.0, pct_bf16=9.9, max_nbytes=99, cap=100),
+                   dict(method="snapkv-cap", seed=2, ppl=11.0, recall=1.0, pct_bf16=9.9, max_nbytes=99, cap=100)]
+    table = stream_table(rows, StreamSettings("m"))
+    assert "| full cache | 2 | 100.0% | — | 20.00 | +0.0% | 50% | 100% |" in table
+    assert "| RDKV, decode blocks + cap | 1 | 9.9% | 0.990 | 10.50 | +5.0% | 100% | 100% |" in table  # sample 0 only
+    assert "| 11.00 | — | 100% | — |" in table  # no full-cache run of sample 2
+
+
 def test_eval_command_takes_the_stream_task():
     from rdkv_hf.cli import build_parser
 

@@ -235,13 +235,13 @@ def evaluate_stream(model, tokenizer, settings: StreamSettings, out_dir, profile
 
 
 def stream_table(records: list[dict], settings: StreamSettings) -> str:
-    """A markdown table: per method, mean perplexity, recall, bytes (share of bf16), max bytes."""
+    """A markdown table: per method, mean perplexity, recall, bytes (share of bf16), max bytes; "vs
+    full" against the full cache on the same samples (a method run on fewer samples is compared with
+    the full cache on those)."""
     by = {}
     for r in records:
         by.setdefault(r["method"], []).append(r)
-    full = by.get("full")
-    full_ppl = sum(r["ppl"] for r in full) / len(full) if full else None
-    full_recall = sum(r["recall"] for r in full) / len(full) if full else None
+    full = {r.get("seed"): r for r in by.get("full", ())}
     lines = [
         f"Streaming: {settings.prompt_tokens}-token prompt, {settings.stream_tokens} tokens through the decode path, "
         f"decode_block {settings.decode_block}, budget {settings.budget}, cap {settings.cap_share:.0%} of the full "
@@ -260,6 +260,9 @@ def stream_table(records: list[dict], settings: StreamSettings) -> str:
         pct = sum(r["pct_bf16"] for r in rs) / len(rs)
         cap = rs[0].get("cap")
         vs_cap = f"{max(r['max_nbytes'] / r['cap'] for r in rs):.3f}" if cap else "—"
+        paired = [full[r.get("seed")] for r in rs if r.get("seed") in full]
+        full_ppl = sum(r["ppl"] for r in paired) / len(paired) if len(paired) == len(rs) else None
+        full_recall = sum(r["recall"] for r in paired) / len(paired) if full_ppl else None
         d_ppl = f"{100 * (ppl / full_ppl - 1):+.1f}%" if full_ppl else "—"
         d_rec = f"{100 * recall / full_recall:.0f}%" if full_recall else "—"
         lines.append(f"| {LABELS[m]} | {len(rs)} | {pct:.1f}% | {vs_cap} | {ppl:.2f} | {d_ppl} | {100 * recall:.0f}% | {d_rec} |")

@@ -9,7 +9,7 @@ from .base import Planner, rows
 
 # How much a packed token's cap weight follows the most any KV head of its layer gives it
 # (rdkv_hf.allocate.shared_across_heads). 0.5 and 1 measured (benchmarks/results/long_generation/:
-# recall.md, "half shared" and "fully shared"; the stream's six samples in profile-samples6/ and
+# recall.md, "half shared" and "fully shared"; the stream's six samples in samples6/ and
 # head-share1.0/): neither ahead on recall or perplexity beyond one sample's noise; 0.5 lets each
 # head keep some of its own ranking.
 CAP_HEAD_SHARE = 0.5
