@@ -24,7 +24,6 @@ cache into tensors and JSON, and files back into :class:`LayerState` records tha
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -429,7 +428,7 @@ def _continue_with(settings: RDKVConfig, decode: dict, model) -> RDKVConfig:
     if unknown:
         raise TypeError(f"unexpected settings {unknown}: a loaded cache takes only {list(DECODE_SETTINGS)}; the others are saved with it")
     if decode:
-        return dataclasses.replace(settings, **decode)
+        return settings.replace(**decode)
     state = patch_state(model)
     ours = {} if state is None else {k: getattr(state.config, k) for k in DECODE_SETTINGS}
     if ours.get("decode_block") is not None and settings.decode_block is None:
