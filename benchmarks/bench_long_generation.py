@@ -415,8 +415,8 @@ def recall_trace(args) -> None:
 
 
 # name -> (decode_novelty, the prompt re-allocated with the blocks (the cap before 2026-12), the code's tokens given
-# the top weight, the cap's weights relative to their segment's mean (2026-12-01), and shared across the layer's KV
-# heads (2026-12-02; both RDKVPlanner.cap_weights)); None: the full cache
+# the top weight, the cap's weights relative to their segment's mean, the share of them taken from the layer's KV
+# heads' max (None: the library's CAP_HEAD_SHARE; both RDKVPlanner.cap_weights, 2026-12-01)); None: the full cache
 ABLATIONS = {
     "full cache": None,
     "attention only, prompt re-allocated": (0.0, True, False, False, False),
@@ -429,9 +429,6 @@ ABLATIONS = {
     "novelty 4, prompt kept, relative weights half shared across KV heads (library)": (4.0, False, False, True, None),
     "novelty 4, prompt kept, relative weights fully shared across KV heads": (4.0, False, False, True, 1.0),
 }
-# A row: (decode_novelty, prompt re-allocated with the blocks, oracle weights for the code, cap weights
-# relative to their segment, share of the cap weights taken from the layer's KV heads' max (None: the
-# library's CAP_HEAD_SHARE)); None: the full cache.
 
 
 def recall_ablation(args) -> None:
