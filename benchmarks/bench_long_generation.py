@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import statistics
 import sys
@@ -441,7 +440,6 @@ def recall_ablation(args) -> None:
     answer, the code's digits are scored teacher forced after the question ("The secret code of the
     blue door is <code>"): their mean NLL and how many are the argmax. Writes ``recall.md`` (rows in
     ``recall.jsonl``, resumable)."""
-    import torch.nn.functional as F
 
     from rdkv_hf import cache_cap
     from rdkv_hf.allocate import relative_weights, shared_across_heads
@@ -456,7 +454,7 @@ def recall_ablation(args) -> None:
     model = model.to(torch.bfloat16)
     path = args.out / "recall.jsonl"
     done = {(r["run"], r["seed"]) for r in _read(path)}
-    compress_tail, reallocate, greedy = RDKVLayer.compress_tail, cache_cap.reallocate, stream._greedy
+    compress_tail, reallocate = RDKVLayer.compress_tail, cache_cap.reallocate
     cap_weights = RDKVPlanner.cap_weights
     marked: dict = {}
 
@@ -466,17 +464,6 @@ def recall_ablation(args) -> None:
             w_tok = w_tok.clone()
             w_tok[..., hit] = w_tok.amax(-1, keepdim=True) * 10
         return compress_tail(layer, n_new, w_tok, w_ch, real, keep_last=keep_last, decoded=decoded)
-
-    def scored(model_, cache, first_logits, n, tokenizer):  # the digits teacher forced on a fork, then the answer
-        answer = greedy(model_, cache.fork() if hasattr(cache, "fork") else copy.deepcopy(cache), first_logits, n, tokenizer)
-        ids = tok("The secret code of the blue door is " + marked["code"], add_special_tokens=False).input_ids
-        with torch.no_grad():
-            out = model_(input_ids=torch.tensor([ids]), **cache_kwargs(cache)).logits[0].float()
-        logits = torch.cat([first_logits[None], out[:-1]])[-len(marked["digits"]):]
-        target = torch.tensor(ids[-len(marked["digits"]):])
-        marked["nll"] = F.cross_entropy(logits, target).item()
-        marked["right"] = int((logits.argmax(-1) == target).sum())
-        return answer
 
     unknown = set(args.runs or ()) - set(ABLATIONS)
     if unknown:
@@ -495,7 +482,6 @@ def recall_ablation(args) -> None:
             ids, code, text_end = stream.stream_sample(tok, settings, seed)
             digits, first = _code_start(tok, ids, code)
             marked.update(code=code, digits=digits, positions=torch.arange(first - 6, first + len(digits)))
-            stream._greedy = scored
             if boost:
                 RDKVLayer.compress_tail = oracle
             if with_prompt:
@@ -507,10 +493,14 @@ def recall_ablation(args) -> None:
             try:
                 r = stream.run_cell(model, ids, code, text_end, method, settings, None, tok)
             finally:
-                RDKVLayer.compress_tail, cache_cap.reallocate, stream._greedy = compress_tail, reallocate, greedy
+                RDKVLayer.compress_tail, cache_cap.reallocate = compress_tail, reallocate
                 RDKVPlanner.cap_weights = cap_weights
-            rec = dict(run=run, seed=seed, code=code, ppl=r["ppl"], recall=r["recall"], answer=r["answer"], digit_nll=marked["nll"],
-                       digits_right=marked["right"], digits=len(digits), pct_bf16=r["pct_bf16"], max_over_cap=r["max_nbytes"] / r["cap"] if r["cap"] else None,
+            # "recall" / "answer": generated right after the question (rows before 2026-12-01: after an extra
+            # newline, stream.ANSWER_VERSION); "recall_given": after the answer's first words
+            rec = dict(run=run, seed=seed, code=code, ppl=r["ppl"], recall=r["recall_plain"], answer=r["answer_plain"],
+                       recall_given=r["recall"], answer_given=r["answer"], digit_nll=r["digit_nll"],
+                       digits_right=r["digits_right"], digits=r["digits"], pct_bf16=r["pct_bf16"],
+                       max_over_cap=r["max_nbytes"] / r["cap"] if r["cap"] else None,
                        cpu=machine().split(",")[0])
             print(json.dumps(rec), flush=True)
             with path.open("a") as f:
@@ -522,15 +512,18 @@ def recall_ablation(args) -> None:
         f"(this run: {machine()}; each row's CPU beside it). SmolLM2-135M-Instruct in bf16, the stream of `quality` (64-token prompt, {args.stream_tokens} "
         f"streamed tokens, the code at 10%), `rdkv-cap`: decode_block {args.decode_block}, budget {args.budget}, cap "
         f"{100 * args.cap_share:.0f}% of the full cache's bf16 bytes. Digits: the code scored teacher forced after the "
-        "question (mean NLL; digits that are the argmax).", "",
-        "| run | samples | recall | digit NLL | digits right | PPL | % of bf16 (end) | answers | CPU |", "|---|---|---|---|---|---|---|---|---|",
+        "question (mean NLL; digits that are the argmax). Recall: the answer generated after the question; given: after "
+        "the answer's first words (rows of 2026-12-01 on).", "",
+        "| run | samples | recall | recall, given | digit NLL | digits right | PPL | % of bf16 (end) | answers | CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in ABLATIONS:
         rs = [r for r in rows if r["run"] == run]
         if rs:
             mean = lambda k, rs=rs: sum(r[k] for r in rs) / len(rs)  # noqa: E731
             answers = "; ".join(repr(r["answer"].strip()[-24:]) for r in rs)
-            lines.append(f"| {run} | {len(rs)} | {100 * mean('recall'):.0f}% | {mean('digit_nll'):.2f} | "
+            given = f"{100 * mean('recall_given'):.0f}%" if all("recall_given" in r for r in rs) else "—"
+            lines.append(f"| {run} | {len(rs)} | {100 * mean('recall'):.0f}% | {given} | {mean('digit_nll'):.2f} | "
                          f"{sum(r['digits_right'] for r in rs)}/{sum(r['digits'] for r in rs)} | {mean('ppl'):.2f} | "
                          f"{mean('pct_bf16'):.1f}% | {answers} | {', '.join(sorted({r['cpu'] for r in rs}))} |")
     text = "\n".join(lines) + "\n"

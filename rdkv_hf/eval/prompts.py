@@ -25,8 +25,10 @@ RECALL_INTRO = (
     "the question: {question}"
 )
 RECALL_OUTRO = "{question} Answer with the five-digit number."
-# Raw prompts (base models) end with this, so that the next tokens are the code.
-RECALL_ANSWER_PREFIX = "Answer: The secret code of the blue door is"
+# The answer's start: raw prompts (base models) end with "Answer: " and it, so that the next tokens
+# are the code; the stream (eval.stream) puts it at the start of the assistant's turn (RULER's way).
+RECALL_ANSWER = "The secret code of the blue door is"
+RECALL_ANSWER_PREFIX = "Answer: " + RECALL_ANSWER
 
 
 

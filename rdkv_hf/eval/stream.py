@@ -4,10 +4,17 @@
 prompt (``eval.prompts.recall_prompt``: a five-digit code in held-out text, the question at the
 end) with its code placed early: the first ``prompt_tokens`` tokens are the prompt (compressed by
 the RDKV methods as any prompt), everything after them goes through the decode path, teacher
-forced, and then the answer is generated greedily. Each cell records
+forced. The answer starts, as RULER's do, with its first words given ("The secret code of the
+blue door is ", ``prompts.RECALL_ANSWER``) and the code is generated greedily after them, so that
+the recall measures what the cache kept rather than a small model's instruction following (without
+them SmolLM2 answers "The five-digit number is 12345678" with the full cache too). Each cell records
 
 * ``ppl``: the perplexity of the last ``ppl_tokens`` streamed tokens of text (before the question);
 * ``recall``: whether the answer holds the code (given ``depth`` into the stream, asked at its end);
+* ``digit_nll``: the code's digits teacher forced after the answer's first words, mean NLL (a
+  steadier signal than a yes/no over a few samples), and ``digits_right``: how many are the argmax;
+* ``recall_plain`` / ``answer_plain``: the answer generated right after the question (on a fork of
+  the cache), what this task measured before the answer's first words were given;
 * ``nbytes``: the cache's bytes at the end of the stream, and as a share of a bf16 full cache.
 
 The stream is fed in chunks that end where a decode block falls due (``decode_block`` tokens past
@@ -24,6 +31,7 @@ bytes). The cap is ``cap_share`` of the full cache's bf16 bytes at the end of th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -36,6 +44,9 @@ import torch.nn.functional as F
 from ..compat import cache_kwargs
 
 RESULTS_FILE = "stream.jsonl"
+# In every cell's key: records of earlier versions (the answer generated after the question, its
+# first token taken from the logits of the prompt's last token) are not resumed.
+ANSWER_VERSION = "answer-prefix"
 
 # name -> (RDKVConfig settings, capped); None: the full cache
 STREAM_METHODS: dict[str, tuple[dict, bool] | None] = {
@@ -162,17 +173,19 @@ def run_cell(model, ids: torch.Tensor, code: str, text_end: int, name: str, sett
             pos += n
             most = max(most, sum(layer_nbytes(cache)))
         end_bytes = sum(layer_nbytes(cache))
-        logits = torch.cat(logits)[: T - P]  # logits[i] predicts ids[P + i]
+        logits = torch.cat(logits)  # logits[i] predicts ids[P + i]; the last one the answer's first token
         lo = text_end - settings.ppl_tokens
         nll = F.cross_entropy(logits[lo - P : text_end - P], ids[0, lo:text_end], reduction="sum").item()
-        answer = _greedy(model, cache, logits[-1], settings.answer_tokens, tokenizer)
+        answer_plain = _greedy(model, _fork(cache), logits[-1], settings.answer_tokens, tokenizer)
+        answer, digit_nll, digits_right, n_digits = _answer(model, cache, code, settings.answer_tokens, tokenizer)
     finally:
         if cfg is not None:
             unpatch(model)
     return dict(
         method=name, label=LABELS[name], budget=None if cfg is None else cfg.budget, decode_block=settings.decode_block,
         prompt_tokens=P, tokens=T, ppl=math.exp(nll / settings.ppl_tokens), nll_sum=nll, answer=answer, code=code,
-        recall=float(code in answer), nbytes=end_bytes, max_nbytes=most, bf16_bytes=bf16, cap=cap if cfg is not None and
+        recall=float(code in answer), digit_nll=digit_nll, digits_right=digits_right, digits=n_digits,
+        answer_plain=answer_plain, recall_plain=float(code in answer_plain), nbytes=end_bytes, max_nbytes=most, bf16_bytes=bf16, cap=cap if cfg is not None and
         cfg.max_cache_bytes else None, pct_bf16=100.0 * end_bytes / bf16, seconds=round(time.perf_counter() - start, 1),
     )
 
@@ -187,6 +200,31 @@ def _bf16_bytes(model, tokens: int) -> int:
     window = getattr(tc, "sliding_window", None)
     per = [min(tokens, window) if t == "sliding_attention" and window else tokens for t in layer_types(tc)]
     return sum(per) * H * D * 2 * 2
+
+
+def _fork(cache):
+    """A copy of `cache` to generate from, leaving `cache` as it was."""
+    return cache.fork() if hasattr(cache, "fork") else copy.deepcopy(cache)
+
+
+def _answer(model, cache, code: str, n: int, tokenizer) -> tuple[str, float, int, int]:
+    """``(answer, digit_nll, digits_right, digits)``: the answer's first words (``RECALL_ANSWER`` and
+    a space) through `cache`, then `n` greedy tokens on a fork (the answer, without the given words),
+    and the code's digits teacher forced on `cache` (their mean NLL, how many are the argmax)."""
+    from .prompts import RECALL_ANSWER
+
+    ids = tokenizer(f"{RECALL_ANSWER} {code}", add_special_tokens=False).input_ids
+    digits = tokenizer(code, add_special_tokens=False).input_ids
+    if ids[-len(digits):] != digits:
+        raise ValueError(f"the tokenizer splits the code {code!r} differently after the answer's first words; cannot score its digits")
+    lead = ids[: -len(digits)]
+    first = model(input_ids=torch.tensor([lead]), **cache_kwargs(cache)).logits[0, -1].float()
+    answer = _greedy(model, _fork(cache), first, n, tokenizer)
+    rest = model(input_ids=torch.tensor([digits[:-1]]), **cache_kwargs(cache)).logits[0].float()
+    scores = torch.cat([first[None], rest])
+    target = torch.tensor(digits)
+    nll = F.cross_entropy(scores, target).item()
+    return answer, nll, int((scores.argmax(-1) == target).sum()), len(digits)
 
 
 def _greedy(model, cache, first_logits, n: int, tokenizer) -> str:
@@ -215,7 +253,7 @@ def evaluate_stream(model, tokenizer, settings: StreamSettings, out_dir, profile
                 rec = json.loads(line)
                 done[rec["key"]] = rec
     key = lambda m, s: json.dumps([settings.model_name, m, s, settings.stream_tokens, settings.decode_block, settings.budget,  # noqa: E731
-                                   settings.cap_share, settings.depth, sorted(settings.extra.items())])
+                                   settings.cap_share, settings.depth, sorted(settings.extra.items()), ANSWER_VERSION])
     cells = [(m, settings.seed + i) for i in range(settings.samples) for m in settings.methods]
     todo = [c for c in cells if key(*c) not in done]
     samples = {}
@@ -246,10 +284,12 @@ def stream_table(records: list[dict], settings: StreamSettings) -> str:
         f"Streaming: {settings.prompt_tokens}-token prompt, {settings.stream_tokens} tokens through the decode path, "
         f"decode_block {settings.decode_block}, budget {settings.budget}, cap {settings.cap_share:.0%} of the full "
         f"cache's bf16 bytes; perplexity of the last {settings.ppl_tokens} text tokens; recall of a code at "
-        f"{settings.depth:.0%} of the stream, asked at its end.",
+        f"{settings.depth:.0%} of the stream, asked at its end, the answer's first words given (code NLL: its digits "
+        "teacher forced, mean; question only: the answer generated right after the question).",
         "",
-        "| method | samples | % of bf16 bytes (end) | max bytes / cap | PPL | vs full | recall | vs full |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | samples | % of bf16 bytes (end) | max bytes / cap | PPL | vs full | recall | vs full | code NLL "
+        "| recall, question only |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in STREAM_METHODS:
         rs = by.get(m)
@@ -265,7 +305,11 @@ def stream_table(records: list[dict], settings: StreamSettings) -> str:
         full_recall = sum(r["recall"] for r in paired) / len(paired) if full_ppl else None
         d_ppl = f"{100 * (ppl / full_ppl - 1):+.1f}%" if full_ppl else "—"
         d_rec = f"{100 * recall / full_recall:.0f}%" if full_recall else "—"
-        lines.append(f"| {LABELS[m]} | {len(rs)} | {pct:.1f}% | {vs_cap} | {ppl:.2f} | {d_ppl} | {100 * recall:.0f}% | {d_rec} |")
+        # records written before the answer's first words were given have neither
+        nll = f"{sum(r['digit_nll'] for r in rs) / len(rs):.2f}" if all("digit_nll" in r for r in rs) else "—"
+        plain = f"{100 * sum(r['recall_plain'] for r in rs) / len(rs):.0f}%" if all("recall_plain" in r for r in rs) else "—"
+        lines.append(f"| {LABELS[m]} | {len(rs)} | {pct:.1f}% | {vs_cap} | {ppl:.2f} | {d_ppl} | {100 * recall:.0f}% | {d_rec} | {nll} "
+                     f"| {plain} |")
     return "\n".join(lines) + "\n"
 
 
