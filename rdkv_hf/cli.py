@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stream-tokens", type=int, help="stream task: tokens through the decode path (default 6144)")
     e.add_argument("--decode-block", type=int, help="stream task: decode_block of the RDKV methods (default 128)")
     e.add_argument("--cap-share", type=float, help="stream task: the cap, a share of the full cache's bf16 bytes (default 0.1)")
-    e.add_argument("--stream-methods", type=_csv(str), help="stream task: comma list of full, rdkv, rdkv-cap, rdkv+profile-cap, "
+    e.add_argument("--stream-methods", type=_csv(str), help="stream task: comma list of full, rdkv, rdkv-cap, rdkv+profile, rdkv+profile-cap, "
                    "streamingllm-cap, snapkv-cap, random-cap, kivi2 (default: all)")
     e.set_defaults(func=_eval)
 

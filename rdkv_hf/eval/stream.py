@@ -23,7 +23,7 @@ query attends to the same full-precision tail and packed segments, and a block i
 same queries (tested in ``tests/test_stream.py``). It is 30-50 times faster on a CPU.
 
 Methods (:data:`STREAM_METHODS`): the full cache; RDKV with compressed decoding, without and with
-the cap; RDKV + profile under the cap; the eviction peers on the same cache under the same cap
+the cap; RDKV + profile (the model's shipped profile's head budgets), without and with the cap; the eviction peers on the same cache under the same cap
 (StreamingLLM sinks + recent window, SnapKV scores re-pruned every block as kvpress's DecodingPress,
 random per-head eviction); uniform KIVI-2 quantized on append (no eviction, so no cap: its own
 bytes). The cap is ``cap_share`` of the full cache's bf16 bytes at the end of the stream.
@@ -53,6 +53,7 @@ STREAM_METHODS: dict[str, tuple[dict, bool] | None] = {
     "full": None,
     "rdkv": (dict(mode="rdkv"), False),
     "rdkv-cap": (dict(mode="rdkv"), True),
+    "rdkv+profile": (dict(mode="rdkv+profile"), False),
     "rdkv+profile-cap": (dict(mode="rdkv+profile"), True),
     "streamingllm-cap": (dict(mode="streamingllm", budget=16.0), True),
     "snapkv-cap": (dict(mode="snapkv", budget=16.0), True),
@@ -61,7 +62,8 @@ STREAM_METHODS: dict[str, tuple[dict, bool] | None] = {
 }
 LABELS = {
     "full": "full cache", "rdkv": "RDKV, decode blocks", "rdkv-cap": "RDKV, decode blocks + cap",
-    "rdkv+profile-cap": "RDKV + profile, decode blocks + cap", "streamingllm-cap": "StreamingLLM (sinks + window) + cap",
+    "rdkv+profile": "RDKV + profile, decode blocks", "rdkv+profile-cap": "RDKV + profile, decode blocks + cap",
+    "streamingllm-cap": "StreamingLLM (sinks + window) + cap",
     "snapkv-cap": "SnapKV re-pruned every block (DecodingPress-style) + cap", "random-cap": "random per-head eviction + cap",
     "kivi2": "uniform KIVI-2 on append",
 }
@@ -258,8 +260,8 @@ def evaluate_stream(model, tokenizer, settings: StreamSettings, out_dir, profile
     todo = [c for c in cells if key(*c) not in done]
     samples = {}
     for m, s in tqdm(todo, desc="stream", disable=not progress):
-        if m == "rdkv+profile-cap" and profile is None:
-            continue
+        if STREAM_METHODS[m] and STREAM_METHODS[m][0]["mode"] == "rdkv+profile" and profile is None:
+            continue  # no shipped profile for this model
         if s not in samples:
             samples[s] = stream_sample(tokenizer, settings, s)
         ids, code, text_end = samples[s]
