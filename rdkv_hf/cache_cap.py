@@ -10,40 +10,33 @@ the sum of the protected parts is a ``ValueError`` that names that minimum.
 **Re-allocation.** After a layer packs (a prompt, a decode block), if what it holds plus its tail and
 sums at their largest would pass its share, it re-allocates the older decoded blocks to fit, less
 ``HEADROOM`` of its share so that it runs every few blocks. The forward segments (the prompt,
-follow-ups) keep what they were packed with while the blocks can make room; only when they cannot
-is everything but the tail and the newest block ("the old part") re-allocated together. A prompt is
-what every generated token was conditioned on and holds the attention sinks: re-allocated with the
-blocks under SmolLM2's 10% cap, the stream's 64-token prompt kept 16-20 of its 64 K channels a
-head (a channel's scales weigh most on few tokens), and the code was not recalled even with its
-tokens kept (``benchmarks/results/long_generation/recall.md``). Either way:
+follow-ups) keep what they were packed with while the blocks can make room: the prompt holds the
+attention sinks and what every generated token was conditioned on (re-allocated with the blocks, it
+lost most of its K channels and the stream's recall with them: ``prompt kept`` in
+``benchmarks/results/long_generation/recall.md``). Only when the blocks cannot make room is
+everything but the tail and the newest block ("the old part") re-allocated together. Either way:
 
 * each (batch row, KV head) gets bits in proportion to its planner budget and the tokens it has
   seen, scaled by one factor for the layer so that the old part fits;
-* within a row, RDKV's Lagrangian spends them on the V tokens of all old segments at once (by the
-  weights kept when each was packed: a head keeps ``w_tok`` and ``w_ch``, in bfloat16), then on
-  each segment's K channels; no unit gains bits. Eviction modes keep the highest-weight tokens at 16
+* within a row, RDKV's Lagrangian spends them on the V tokens of all old segments at once, by the
+  weights kept when each was packed (``w_tok`` and ``w_ch`` of each head, in bfloat16), then on each
+  segment's K channels; no unit gains bits. Eviction modes keep the highest-weight tokens at 16
   bits (StreamingLLM's weights are recency, the random mode's random);
-* RDKV keeps each segment's token weights over their mean (``Planner.cap_weights``,
-  :func:`~rdkv_hf.allocate.relative_weights`). A block's attention weights are shares of what its
-  own window queries looked at, so their scale follows those queries, not the later ones the
-  re-allocation keeps tokens for: compared raw, the blocks those queries did not look back at lost
-  their most distinctive tokens first (the stream's code, ``relative`` in
-  ``benchmarks/results/long_generation/recall.md``). Those weights are then shared across the
-  layer's KV heads (half a token's own, half the most any KV head of the layer gives it,
-  ``CAP_HEAD_SHARE`` in ``planners/rdkv.py``, :func:`~rdkv_hf.allocate.shared_across_heads`): a
-  fact no nearby query needed ranks high in some heads and middling in others, and the head that
-  evicts it may be the one a later question reads it with (``shared across KV heads`` in
-  ``recall.md``);
-* the decoded blocks of the old part are merged into one segment, the forward segments (prompt,
-  follow-ups) re-packed each on its own, left as they were when nothing in them changed, dropped
-  when no row keeps a token.
+* RDKV ranks by ``Planner.cap_weights``: each segment's token weights over their mean (a block's
+  weights are shares of what its own window queries looked at; compared raw, the blocks those
+  queries did not look back at lose their most distinctive tokens first), half shared across the
+  layer's KV heads (``CAP_HEAD_SHARE`` in ``planners/rdkv.py``: the head that evicts a fact may be the
+  one a later question reads it with). Measured in ``recall.md`` (``relative``, ``shared across KV
+  heads``);
+* the decoded blocks of the old part are merged into one segment, the forward segments re-packed
+  each on its own, left as they were when nothing in them changed, dropped when no row keeps a token.
 
 Re-packing reads the packed data back (``PackedHead.dequantize``) and packs it again: a V token or
 a K channel that keeps its width and its tokens comes back bit for bit (its values lie on the grid
 its minimum and scale span, and they span the same grid again); a K channel whose range changes
 (a token at its minimum or maximum evicted, blocks merged) is quantized again on the new range,
-which adds at most half a step of that range to its values: merging 8 blocks of SmolLM2 at 2.5 bits
-adds 3-23% (mean 11%) relative error to K, none to V (``benchmarks/results/long_generation/repack.md``).
+which adds at most half a step of that range to its values; V comes back exact (what merging
+decoded blocks costs K on SmolLM2: ``benchmarks/results/long_generation/repack.md``).
 """
 
 from __future__ import annotations
