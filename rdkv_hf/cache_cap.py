@@ -35,8 +35,8 @@ Re-packing reads the packed data back (``PackedHead.dequantize``) and packs it a
 a K channel that keeps its width and its tokens comes back bit for bit (its values lie on the grid
 its minimum and scale span, and they span the same grid again); a K channel whose range changes
 (a token at its minimum or maximum evicted, blocks merged) is quantized again on the new range,
-which adds at most half a step of that range to its values; merging alone leaves V exact (what it
-decoded blocks costs K on SmolLM2: ``benchmarks/results/long_generation/repack.md``).
+which adds at most half a step of that range to its values; merging alone leaves V exact (what
+merging decoded blocks costs K on SmolLM2: ``benchmarks/results/long_generation/repack.md``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ the RDKV methods as any prompt), everything after them goes through the decode p
 forced. The answer starts, as RULER's do, with its first words given ("The secret code of the
 blue door is ", ``prompts.RECALL_ANSWER``) and the code is generated greedily after them, so that
 the recall measures what the cache kept rather than a small model's instruction following (without
-them SmolLM2 answers "The five-digit number is 12345678" with the full cache too). Each cell records
+them SmolLM2 answers a question in six "The five-digit number is 123456789" with the full cache
+too). Each cell records
 
 * ``ppl``: the perplexity of the last ``ppl_tokens`` streamed tokens of text (before the question);
 * ``recall``: whether the answer holds the code (given ``depth`` into the stream, asked at its end);
@@ -23,9 +24,9 @@ query attends to the same full-precision tail and packed segments, and a block i
 same queries (tested in ``tests/test_stream.py``). It is 30-50 times faster on a CPU.
 
 Methods (:data:`STREAM_METHODS`): the full cache; RDKV with compressed decoding, without and with
-the cap; RDKV + profile (the model's shipped profile's head budgets), without and with the cap; the eviction peers on the same cache under the same cap
-(StreamingLLM sinks + recent window, SnapKV scores re-pruned every block as kvpress's DecodingPress,
-random per-head eviction); uniform KIVI-2 quantized on append (no eviction, so no cap: its own
+the cap; RDKV + profile (the model's shipped profile's head budgets), without and with the cap;
+the eviction peers on the same cache under the same cap (StreamingLLM sinks + recent window, SnapKV
+scores re-pruned every block as kvpress's DecodingPress, random per-head eviction); uniform KIVI-2 quantized on append (no eviction, so no cap: its own
 bytes). The cap is ``cap_share`` of the full cache's bf16 bytes at the end of the stream.
 """
 
