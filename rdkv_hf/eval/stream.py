@@ -26,8 +26,8 @@ same queries (tested in ``tests/test_stream.py``). It is 30-50 times faster on a
 Methods (:data:`STREAM_METHODS`): the full cache; RDKV with compressed decoding, without and with
 the cap; RDKV + profile (the model's shipped profile's head budgets), without and with the cap;
 the eviction peers on the same cache under the same cap (StreamingLLM sinks + recent window, SnapKV
-scores re-pruned every block as kvpress's DecodingPress, random per-head eviction); uniform KIVI-2 quantized on append (no eviction, so no cap: its own
-bytes). The cap is ``cap_share`` of the full cache's bf16 bytes at the end of the stream.
+scores re-pruned every block as kvpress's DecodingPress, random per-head eviction); uniform KIVI-2
+quantized on append (no eviction, so no cap: its own bytes). The cap is ``cap_share`` of the full cache's bf16 bytes at the end of the stream.
 """
 
 from __future__ import annotations
@@ -298,22 +298,27 @@ def stream_table(records: list[dict], settings: StreamSettings) -> str:
         rs = by.get(m)
         if not rs:
             continue
-        ppl = sum(r["ppl"] for r in rs) / len(rs)
-        recall = sum(r["recall"] for r in rs) / len(rs)
-        pct = sum(r["pct_bf16"] for r in rs) / len(rs)
+        ppl, recall, pct = _mean(rs, "ppl"), _mean(rs, "recall"), _mean(rs, "pct_bf16")
         cap = rs[0].get("cap")
         vs_cap = f"{max(r['max_nbytes'] / r['cap'] for r in rs):.3f}" if cap else "—"
         paired = [full[r.get("seed")] for r in rs if r.get("seed") in full]
-        full_ppl = sum(r["ppl"] for r in paired) / len(paired) if len(paired) == len(rs) else None
-        full_recall = sum(r["recall"] for r in paired) / len(paired) if full_ppl else None
+        full_ppl, full_recall = (_mean(paired, "ppl"), _mean(paired, "recall")) if len(paired) == len(rs) else (None, None)
         d_ppl = f"{100 * (ppl / full_ppl - 1):+.1f}%" if full_ppl else "—"
         d_rec = f"{100 * recall / full_recall:.0f}%" if full_recall else "—"
         # records written before the answer's first words were given have neither
-        nll = f"{sum(r['digit_nll'] for r in rs) / len(rs):.2f}" if all("digit_nll" in r for r in rs) else "—"
-        plain = f"{100 * sum(r['recall_plain'] for r in rs) / len(rs):.0f}%" if all("recall_plain" in r for r in rs) else "—"
+        nll, plain = _mean(rs, "digit_nll"), _mean(rs, "recall_plain")
+        nll = "—" if nll is None else f"{nll:.2f}"
+        plain = "—" if plain is None else f"{100 * plain:.0f}%"
         lines.append(f"| {LABELS[m]} | {len(rs)} | {pct:.1f}% | {vs_cap} | {ppl:.2f} | {d_ppl} | {100 * recall:.0f}% | {d_rec} | {nll} "
                      f"| {plain} |")
     return "\n".join(lines) + "\n"
+
+
+def _mean(records: list[dict], key: str) -> float | None:
+    """The mean of `key` over `records`; None if a record lacks it."""
+    if not all(key in r for r in records):
+        return None
+    return sum(r[key] for r in records) / len(records)
 
 
 __all__ = ["STREAM_METHODS", "StreamSettings", "chunk_sizes", "evaluate_stream", "run_cell", "stream_sample", "stream_table"]
