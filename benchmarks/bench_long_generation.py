@@ -415,18 +415,20 @@ def recall_trace(args) -> None:
 
 # name -> (decode_novelty, the prompt re-allocated with the blocks (the cap before 2026-12), the code's tokens given
 # the top weight, the cap's weights relative to their segment's mean, the share of them taken from the layer's KV
-# heads' max (None: the library's CAP_HEAD_SHARE; both RDKVPlanner.cap_weights, 2026-12-01)); None: the full cache
+# heads' max (None: the library's CAP_HEAD_SHARE; both RDKVPlanner.cap_weights, 2026-12-01), the share taken from the
+# mean over layers (None: the library's CAP_LAYER_SHARE; RDKVPlanner.cap_layer_share, 2026-12-02)); None: the full cache
 ABLATIONS = {
     "full cache": None,
-    "attention only, prompt re-allocated": (0.0, True, False, False, False),
-    "attention only, prompt kept": (0.0, False, False, False, False),
-    "novelty 4, prompt re-allocated": (4.0, True, False, False, False),
-    "novelty 4, prompt kept": (4.0, False, False, False, False),
-    "oracle weights, prompt re-allocated": (0.0, True, True, False, False),
-    "oracle weights, prompt kept": (0.0, False, True, False, False),
-    "novelty 4, prompt kept, relative weights": (4.0, False, False, True, 0.0),
-    "novelty 4, prompt kept, relative weights half shared across KV heads (library)": (4.0, False, False, True, None),
-    "novelty 4, prompt kept, relative weights fully shared across KV heads": (4.0, False, False, True, 1.0),
+    "attention only, prompt re-allocated": (0.0, True, False, False, False, 0.0),
+    "attention only, prompt kept": (0.0, False, False, False, False, 0.0),
+    "novelty 4, prompt re-allocated": (4.0, True, False, False, False, 0.0),
+    "novelty 4, prompt kept": (4.0, False, False, False, False, 0.0),
+    "oracle weights, prompt re-allocated": (0.0, True, True, False, False, 0.0),
+    "oracle weights, prompt kept": (0.0, False, True, False, False, 0.0),
+    "novelty 4, prompt kept, relative weights": (4.0, False, False, True, 0.0, 0.0),
+    "novelty 4, prompt kept, relative weights half shared across KV heads": (4.0, False, False, True, None, 0.0),
+    "novelty 4, prompt kept, relative weights fully shared across KV heads": (4.0, False, False, True, 1.0, 0.0),
+    "novelty 4, prompt kept, relative weights half shared across KV heads, half across layers (library)": (4.0, False, False, True, None, None),
 }
 
 
@@ -455,7 +457,7 @@ def recall_ablation(args) -> None:
     path = args.out / "recall.jsonl"
     done = {(r["run"], r["seed"]) for r in _read(path)}
     compress_tail, reallocate = RDKVLayer.compress_tail, cache_cap.reallocate
-    cap_weights = RDKVPlanner.cap_weights
+    cap_weights, cap_layer_share = RDKVPlanner.cap_weights, RDKVPlanner.cap_layer_share
     marked: dict = {}
 
     def oracle(layer, n_new, w_tok, w_ch, real, keep_last=0, decoded=False):
@@ -472,7 +474,7 @@ def recall_ablation(args) -> None:
         if args.runs and run not in args.runs:
             continue
         method = "full" if spec is None else "rdkv-cap"
-        novelty, with_prompt, boost, relative, share = spec or (None, False, False, True, None)
+        novelty, with_prompt, boost, relative, share, layer_share = spec or (None, False, False, True, None, None)
         settings = stream.StreamSettings("smollm2-135m", methods=("rdkv-cap",), samples=1, cap_share=args.cap_share,
                                          decode_block=args.decode_block, budget=args.budget,
                                          stream_tokens=args.stream_tokens, extra=dict(decode_novelty=novelty))
@@ -490,11 +492,13 @@ def recall_ablation(args) -> None:
                 RDKVPlanner.cap_weights = Planner.cap_weights
             elif share is not None:
                 RDKVPlanner.cap_weights = lambda self, w_tok, real, positions, share=share: shared_across_heads(relative_weights(w_tok, real), share)
+            if layer_share is not None:
+                RDKVPlanner.cap_layer_share = layer_share
             try:
                 r = stream.run_cell(model, ids, code, text_end, method, settings, None, tok)
             finally:
                 RDKVLayer.compress_tail, cache_cap.reallocate = compress_tail, reallocate
-                RDKVPlanner.cap_weights = cap_weights
+                RDKVPlanner.cap_weights, RDKVPlanner.cap_layer_share = cap_weights, cap_layer_share
             # "recall" / "answer": generated right after the question (rows before 2026-12-01: after an extra
             # newline, stream.ANSWER_VERSION); "recall_given": after the answer's first words
             rec = dict(run=run, seed=seed, code=code, ppl=r["ppl"], recall=r["recall_plain"], answer=r["answer_plain"],

@@ -259,7 +259,7 @@ class RDKVLayer(CacheLayerMixin):
         if self.config.max_cache_bytes is not None:  # re-allocation under the cap needs the weights
             positions = torch.arange(start, end, device=w_tok.device) + (self.seen - n_tail)
             cache_cap.attach_weights(heads, v_bits.reshape(B * H, n), self.planner.cap_weights(w_tok, real, positions),
-                                     w_ch.reshape(B * H, D))
+                                     w_ch.reshape(B * H, D), positions if self.planner.cap_layer_share else None)
         self.segments.append(Segment(heads, B, H, real.sum(1).cpu(), buffers, decoded=decoded))
         # Copy what stays: a slice would keep the whole full-precision tensor alive.
         self.keys = torch.cat([self.keys[:, :, :start], self.keys[:, :, end:]], dim=-2)
@@ -416,6 +416,7 @@ class RDKVCache(DynamicCache):
         text_config = model_config.get_text_config(decoder=True)
         for i in layers:
             self.layers[i] = RDKVLayer.replacing(self.layers[i], i, planner, text_config, latent)
+        self._first_rdkv = min(layers, default=None)  # where a forward starts to update the compressed layers
 
     @property
     def rdkv_config(self) -> RDKVConfig:
@@ -428,6 +429,10 @@ class RDKVCache(DynamicCache):
                 f"this RDKVCache was built for a model with {len(self.layers)} layers, but layer {layer_idx} writes to "
                 "it; build the cache for the model you run: RDKVCache(model)"
             )
+        share = self.planner.cap_layer_share
+        if share and layer_idx == self._first_rdkv and self.planner.config.max_cache_bytes is not None:
+            # every layer has packed what the last forward packed: share its weights across them
+            cache_cap.share_across_layers([self.layers[i] for i in self.rdkv_layers], share)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property

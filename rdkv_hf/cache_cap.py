@@ -27,7 +27,10 @@ everything but the tail and the newest block ("the old part") re-allocated toget
   queries did not look back at lose their most distinctive tokens first), half shared across the
   layer's KV heads (``CAP_HEAD_SHARE`` in ``planners/rdkv.py``: the head that evicts a fact may be the
   one a later question reads it with). Measured in ``recall.md`` (``relative``, ``shared across KV
-  heads``);
+  heads``). Once every layer has packed the same tokens, half of each token's weight follows the
+  mean over layers of the most any KV head of the layer gave it (:func:`share_across_layers`,
+  ``CAP_LAYER_SHARE``: a fact a later question needs may rank low in one layer's window and high in
+  another's). Measured in ``recall.md`` (``half across layers``);
 * the decoded blocks of the old part are merged into one segment, the forward segments re-packed
   each on its own, left as they were when nothing in them changed, dropped when no row keeps a token.
 
@@ -61,20 +64,68 @@ _HEAD_ROW_BYTES = 6 * 8  # a row of a segment's head table (int64)
 _GROUP_ROW_BYTES = 7 * 8  # a row of its group table
 
 
-def attach_weights(heads, v_bits: torch.Tensor, w_tok: torch.Tensor, w_ch: torch.Tensor) -> None:
+def attach_weights(heads, v_bits: torch.Tensor, w_tok: torch.Tensor, w_ch: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> None:
     """Give each packed head the weights its widths came from, in its token order.
 
     Args:
         heads: ``R`` :class:`~rdkv_hf.storage.PackedHead` of one segment; v_bits: ``[R, T]`` their
             tokens' widths as packed; w_tok: ``[B, kv_heads, T]`` (``B * kv_heads = R``) the weights
-            to keep; w_ch: ``[R, D]`` channel weights.
+            to keep; w_ch: ``[R, D]`` channel weights; positions: ``[T]`` the tokens' sequence
+            positions, kept (``w_pos``) until :func:`share_across_layers` has run, or None.
     """
     R, T = v_bits.shape
     order = pack_order(v_bits)
     w = w_tok.reshape(R, T).float().gather(1, order).to(WEIGHT_DTYPE)
     wc = w_ch.float().to(WEIGHT_DTYPE)
+    pos = None if positions is None else positions.to(order.device, torch.int32)[order]
     for r, h in enumerate(heads):
         h.w_tok, h.w_ch = w[r, : h.n].clone(), wc[r].clone()
+        if pos is not None:
+            h.w_pos = pos[r, : h.n].clone()
+
+
+def share_across_layers(layers, share: float) -> None:
+    """Mix into the weights of every head that still has ``w_pos`` the mean over layers of the most
+    any KV head of the layer gave the same token: ``(1 - share) * own + share * mean``. Then drop ``w_pos``.
+
+    A layer ranks a decoded block's tokens by what its own window queries read; a fact that is read
+    only thousands of tokens later (a code, a name) may stand out in some layers and sit among the
+    least read in others, and a layer that evicts it may be one the later question reads it through
+    (:data:`rdkv_hf.planners.rdkv.CAP_LAYER_SHARE`). Runs once every layer has packed the
+    same tokens (``RDKVCache.update`` at the first compressed layer of the next forward); a layer
+    holding none of a token (it evicted it in every head) gives it 0. Under tensor parallelism the
+    mean is over the KV heads this rank holds.
+
+    Args:
+        layers: the cache's :class:`~rdkv_hf.cache.RDKVLayer` s; share: in [0, 1].
+    """
+    pending = []
+    for i, layer in enumerate(layers):
+        for s in reversed(layer.segments):  # only the newest can be pending: the last forward packed them
+            if not any(h.w_pos is not None for h in s.heads):
+                break
+            pending.append((i, s))
+    if not pending:
+        return
+    heads = [(i, r // s.kv_heads, h) for i, s in pending for r, h in enumerate(s.heads) if h.w_pos is not None and h.n]
+    if heads:
+        lo = min(int(h.w_pos.min()) for _, _, h in heads)
+        span = max(int(h.w_pos.max()) for _, _, h in heads) + 1 - lo
+        B = max(s.batch for _, s in pending)
+        most = {i: torch.zeros(B, span) for i, _ in pending}  # [B, span] per layer: the most any KV head gave
+        for i, b, h in heads:
+            most[i][b].scatter_reduce_(0, h.w_pos.long().cpu() - lo, h.w_tok.float().cpu(), "amax")
+        vote = sum(most.values()) / len(most)
+    done = set()
+    for _, b, h in heads:
+        if id(h) not in done:  # beams share heads
+            done.add(id(h))
+            v = vote[b, h.w_pos.long().cpu() - lo]
+            h.w_tok = ((1 - share) * h.w_tok.float() + share * v.to(h.w_tok.device)).to(WEIGHT_DTYPE)
+    for _, s in pending:
+        for h in s.heads:
+            h.w_pos = None
 
 
 def packed_nbytes(segments) -> int:
@@ -90,7 +141,7 @@ def packed_nbytes(segments) -> int:
         for h in s.heads:
             if id(h) not in seen:
                 seen.add(id(h))
-                n += h.nbytes + sum(t.numel() * t.element_size() for t in (h.w_tok, h.w_ch) if t is not None)
+                n += h.nbytes + sum(t.numel() * t.element_size() for t in (h.w_tok, h.w_ch, h.w_pos) if t is not None)
     return n + sum(tables.values())
 
 
@@ -128,7 +179,9 @@ def block_bound(planner, layer_idx: int, B: int, H: int, D: int, Dv: int) -> int
     block = planner.config.decode_block
     code_bits = float((k * D + v * Dv).sum()) * block * B
     rows = B * H
-    return math.ceil(code_bits / 8) + _table_bound(rows, _group_widths(planner)) + rows * (block + D) * WEIGHT_DTYPE.itemsize
+    positions = rows * block * 4 if planner.cap_layer_share else 0  # w_pos until the layers share weights
+    return (math.ceil(code_bits / 8) + _table_bound(rows, _group_widths(planner)) + rows * (block + D) * WEIGHT_DTYPE.itemsize
+            + positions)
 
 
 def fixed_bound(cfg, B: int, H: int, D: int, Dv: int, elem: int) -> int:

@@ -75,6 +75,9 @@ class PackedHead:
     # (rdkv_hf.cache_cap): bfloat16 [n] per kept token in the head's token order, [head_dim] per channel.
     w_tok: torch.Tensor | None = field(default=None, kw_only=True)
     w_ch: torch.Tensor | None = field(default=None, kw_only=True)
+    # Until the other layers have packed the same tokens: int32 [n] each kept token's sequence
+    # position, to share the weights across layers (rdkv_hf.cache_cap.share_across_layers).
+    w_pos: torch.Tensor | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
         if self.v_dim is None:

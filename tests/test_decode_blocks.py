@@ -205,6 +205,66 @@ def test_a_token_one_kv_head_keeps_is_kept_by_the_others():
     torch.testing.assert_close(shared_across_heads(w, 1.0)[0, 1], w[0].amax(0))
 
 
+def test_a_token_one_layer_keeps_is_kept_by_the_others():
+    """share_across_layers mixes into each head's cap weights the mean over layers of the most any
+    KV head of the layer gave the token; a layer that evicted a token in every head gives it 0. Each
+    head's weights stay in its own token order, a head shared by two rows (beams) is mixed once, and
+    the positions are dropped."""
+    import types
+
+    from rdkv_hf.cache_cap import WEIGHT_DTYPE, share_across_layers
+
+    def head(pos, w):
+        return types.SimpleNamespace(n=len(pos), w_pos=torch.tensor(pos, dtype=torch.int32),
+                                     w_tok=torch.tensor(w, dtype=WEIGHT_DTYPE))
+
+    # layer 0, two KV heads (tokens in pack order): token 12 read by head 0 only
+    a0, a1 = head([12, 10, 11, 13], [8.0, 1.0, 1.0, 1.0]), head([10, 11, 12, 13], [1.0, 2.0, 1.0, 1.0])
+    # layer 1 evicted token 12 in both heads; one head object serves two batch rows (beams)
+    b0 = head([10, 11, 13], [1.0, 1.0, 2.0])
+    layers = [types.SimpleNamespace(segments=[types.SimpleNamespace(heads=[a0, a1], kv_heads=2, batch=1)]),
+              types.SimpleNamespace(segments=[types.SimpleNamespace(heads=[b0, b0], kv_heads=1, batch=2)])]
+    share = 0.5
+    share_across_layers(layers, share)
+    # the mean over the two layers of each layer's most: token 10 (1+1)/2, 11 (2+1)/2, 12 (8+0)/2, 13 (1+2)/2
+    vote = {10: 1.0, 11: 1.5, 12: 4.0, 13: 1.5}
+    for h, own, pos in ((a0, [8.0, 1.0, 1.0, 1.0], [12, 10, 11, 13]), (a1, [1.0, 2.0, 1.0, 1.0], [10, 11, 12, 13]),
+                        (b0, [1.0, 1.0, 2.0], [10, 11, 13])):
+        expected = torch.tensor([(1 - share) * w + share * vote[p] for w, p in zip(own, pos)]).to(WEIGHT_DTYPE)
+        assert torch.equal(h.w_tok, expected), (pos, h.w_tok, expected)
+        assert h.w_pos is None
+    assert a1.w_tok[2] > a1.w_tok[0]  # head 1 of layer 0 now ranks token 12 above token 10
+    share_across_layers(layers, share)  # nothing pending: nothing changes
+    assert torch.equal(b0.w_tok, torch.tensor([1.0, 1.25, 1.75]).to(WEIGHT_DTYPE))
+
+
+def test_the_layers_share_the_caps_weights_once_every_layer_has_packed(one_thread, monkeypatch):
+    """With RDKVPlanner.cap_layer_share set, a packed block's heads keep their positions only until
+    the next forward (every layer has packed it by then); the positions are counted in nbytes and
+    the cap holds. With the share at 0, no head keeps positions."""
+    from rdkv_hf.planners.rdkv import RDKVPlanner
+
+    model = _model("llama", num_hidden_layers=3)
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    cfg = dict(budget=3.0, decode_block=8)
+    cap = int(_minimum(model, ids, **cfg) * 1.3)
+    for share in (0.5, 0.0):
+        monkeypatch.setattr(RDKVPlanner, "cap_layer_share", share)
+        rdkv_hf.patch(model, **cfg, max_cache_bytes=cap)
+        cache = RDKVCache(model)
+        out = model(ids, **cache_kwargs(cache))
+        pending_seen = 0
+        for _ in range(120):
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+            assert cache.nbytes <= cap
+            for i in cache.rdkv_layers:
+                segments = cache.layers[i].segments
+                pending = [s for s in segments if any(h.w_pos is not None for h in s.heads)]
+                assert len(pending) <= 1 and (not pending or pending[0] is segments[-1])
+                pending_seen += len(pending)
+        assert (pending_seen > 0) == bool(share)
+
+
 def _minimum(model, ids, **cfg):
     """The smallest cap for `cfg` at the batch of `ids`."""
     rdkv_hf.patch(model, **cfg, max_cache_bytes=10**9)

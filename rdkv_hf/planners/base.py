@@ -43,6 +43,7 @@ class Planner:
     evicts_only: ClassVar[bool] = False  # keeps tokens at 16 bits or evicts them (the eviction baselines)
     holds_cap: ClassVar[bool] = True  # can re-allocate under `max_cache_bytes` (evicts or lowers widths)
     uses_novelty: ClassVar[bool] = False  # adds `decode_novelty`'s key prior to a decoded block's weights
+    cap_layer_share: ClassVar[float] = 0.0  # mixes the layers' cap weights (rdkv_hf.cache_cap.share_across_layers)
     fixed_widths: ClassVar[tuple[int, ...]] = ()  # the evaluation runs it at these widths, not over budgets
     rank: ClassVar[int] = 100  # its place in the evaluation's tables
 

@@ -13,6 +13,11 @@ from .base import Planner, rows
 # head-share1.0/): neither ahead on recall or perplexity beyond one sample's noise; 0.5 lets each
 # head keep some of its own ranking.
 CAP_HEAD_SHARE = 0.5
+# How much a packed token's cap weight follows the mean over layers of each layer's most
+# (rdkv_hf.cache_cap.share_across_layers). 0 and 0.5 measured on the stream's six samples
+# (benchmarks/results/long_generation/: recall.md, "half across layers"; samples6-layers/ against
+# samples6-given/): 0.5 recalls the code in more samples and lowers perplexity in each.
+CAP_LAYER_SHARE = 0.5
 
 
 class RDKVPlanner(Planner):
@@ -20,6 +25,7 @@ class RDKVPlanner(Planner):
     label = "RDKV"
     rank = 10
     uses_novelty = True
+    cap_layer_share = CAP_LAYER_SHARE
 
     def head_budgets(self, layer_idx: int, B: int, H: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_avg, v_avg)`` bits per element of each of the ``B * H`` rows (K and V split by
