@@ -108,20 +108,21 @@ def share_across_layers(layers, share: float) -> None:
             pending.append((i, s))
     if not pending:
         return
-    heads = [(i, r // s.kv_heads, h) for i, s in pending for r, h in enumerate(s.heads) if h.w_pos is not None and h.n]
+    heads = [(i, r // s.kv_heads, h, h.w_pos.long().cpu()) for i, s in pending for r, h in enumerate(s.heads)
+             if h.w_pos is not None and h.n]
     if heads:
-        lo = min(int(h.w_pos.min()) for _, _, h in heads)
-        span = max(int(h.w_pos.max()) for _, _, h in heads) + 1 - lo
+        lo = min(int(pos.min()) for *_, pos in heads)
+        span = max(int(pos.max()) for *_, pos in heads) + 1 - lo
         B = max(s.batch for _, s in pending)
         most = {i: torch.zeros(B, span) for i, _ in pending}  # [B, span] per layer: the most any KV head gave
-        for i, b, h in heads:
-            most[i][b].scatter_reduce_(0, h.w_pos.long().cpu() - lo, h.w_tok.float().cpu(), "amax")
+        for i, b, h, pos in heads:
+            most[i][b].scatter_reduce_(0, pos - lo, h.w_tok.float().cpu(), "amax")
         vote = sum(most.values()) / len(most)
     done = set()
-    for _, b, h in heads:
+    for _, b, h, pos in heads:
         if id(h) not in done:  # beams share heads
             done.add(id(h))
-            v = vote[b, h.w_pos.long().cpu() - lo]
+            v = vote[b, pos - lo]
             h.w_tok = ((1 - share) * h.w_tok.float() + share * v.to(h.w_tok.device)).to(WEIGHT_DTYPE)
     for _, s in pending:
         for h in s.heads:
