@@ -106,10 +106,13 @@ def _reset(layer) -> None:
 
 
 def _grow(layer) -> None:
-    """Zero sums for the tokens this forward appended to the tail."""
+    """Zero sums for the tokens this forward appended to the tail. The token sums are allocated
+    for the longest tail between forwards (``keep + decode_block``) at once, so that a decode step
+    does not copy them; the slots past the tail stay zero until its tokens arrive."""
     n = layer.keys.shape[-2]
-    extra = n - layer.block_mass.shape[-1]
-    if extra > 0:
+    have = layer.block_mass.shape[-1]
+    if n > have:
+        extra = max(n, keep_tokens(layer.config) + layer.config.decode_block) - have
         layer.block_mass = torch.cat([layer.block_mass, layer.block_mass.new_zeros(*layer.block_mass.shape[:2], extra)], -1)
         layer.block_seen = torch.cat([layer.block_seen, layer.block_seen.new_zeros(layer.block_seen.shape[0], extra)], -1)
 
@@ -158,7 +161,7 @@ def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: 
         if mask is None and lse is not None:
             # Causal, the common decode step: a window's queries come after its block (the tail keeps
             # at least `block_window` tokens), so each sees the whole block and is a real query.
-            mass = torch.exp(logits - lse[:, :, j0 : j0 + W].float().reshape(B, Hkv, g * W, 1)).sum(2)
+            mass = (logits - lse[:, :, j0 : j0 + W].float().reshape(B, Hkv, g * W, 1)).exp_().sum(2)
             seen, qsq, nq = W, qw.square().sum(2), W
         else:
             logits = logits.reshape(B, Hkv, g, W, block)
@@ -179,10 +182,11 @@ def _accumulate(layer, query: torch.Tensor, mask, scaling: float, lse, softcap: 
             layer.block_nq = torch.cat([layer.block_nq, layer.block_nq.new_zeros(B, 1)], 1)
         # In place: the state is this layer's own (a fork clones it, a batch reorder selects a copy).
         _writable(layer)
-        layer.block_mass[:, :, lo:hi] += mass
-        layer.block_seen[:, lo:hi] += seen
-        layer.block_qsq[:, :, k] += qsq
-        layer.block_nq[:, k] += nq
+        # `.add_` on the views, not `x[i] += y` (which copies the sum back through `__setitem__`).
+        layer.block_mass[:, :, lo:hi].add_(mass)
+        layer.block_seen[:, lo:hi].add_(seen)
+        layer.block_qsq[:, :, k].add_(qsq)
+        layer.block_nq[:, k].add_(nq)
 
 
 def _writable(layer) -> None:
