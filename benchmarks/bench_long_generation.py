@@ -429,6 +429,7 @@ ABLATIONS = {
     "novelty 4, prompt kept, relative weights half shared across KV heads": (4.0, False, False, True, None, 0.0),
     "novelty 4, prompt kept, relative weights fully shared across KV heads": (4.0, False, False, True, 1.0, 0.0),
     "novelty 4, prompt kept, relative weights half shared across KV heads, half across layers (library)": (4.0, False, False, True, None, None),
+    "novelty 4, prompt kept, relative weights half shared across KV heads, a quarter across layers": (4.0, False, False, True, None, 0.25),
 }
 
 
