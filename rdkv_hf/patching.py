@@ -113,6 +113,8 @@ def _check_backend(backend: str, model) -> None:
             raise ValueError("backend='triton' needs the triton package: pip install triton (or backend='auto')")
         if "cuda" not in devices and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"backend='triton' runs on CUDA devices; the model is on {sorted(devices)}: use backend='auto'")
+    if backend == "auto" and "cpu" in devices:
+        cpu_decode.load()  # its first build (once per machine, announced) runs here, not inside the first decode step
     if backend == "cpu" and not cpu_decode.available():
         raise ValueError(f"backend='cpu' needs the C++ decode kernel, which is unavailable here ({cpu_decode.unavailable_reason()}); "
                          "use backend='auto' or 'torch'")

@@ -181,6 +181,48 @@ def test_cpu_launcher_validates_inputs():
         cpu_decode.segment_partials(buffers, torch.randn(3, 1, 16), out=(torch.empty(3, 1), torch.empty(3, 2), torch.empty(3, 1, 16)))
 
 
+
+def test_cpu_kernel_first_build_and_failure_are_announced(monkeypatch, tmp_path, caplog):
+    """The one-time build says so before it runs; a failed build says that decoding falls back to the
+    torch path (a slower path, never a silent one)."""
+    monkeypatch.setenv("RDKV_HF_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "c++")
+    monkeypatch.setattr(cpu_decode, "_lib", None)
+    monkeypatch.setattr(cpu_decode, "_error", None)
+    built = []
+
+    def failing_build(source, out, compiler):
+        built.append(out)
+        raise RuntimeError("c++ failed: no such header")
+
+    monkeypatch.setattr(cpu_decode, "_build", failing_build)
+    with caplog.at_level("WARNING", logger=cpu_decode.__name__):
+        assert not cpu_decode.available()
+    assert built and built[0].parent == tmp_path / "kernels"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("building the C++ decode kernel" in m and str(built[0]) in m for m in warnings)
+    assert any("unavailable (RuntimeError: c++ failed: no such header)" in m and "torch path" in m for m in warnings)
+    assert "no such header" in cpu_decode.unavailable_reason()
+
+
+def test_patch_builds_the_cpu_kernel_before_the_first_decode(monkeypatch):
+    from conftest import tiny_model
+
+    import rdkv_hf
+
+    calls = []
+    monkeypatch.setattr(cpu_decode, "load", lambda: calls.append(1))
+    model = tiny_model("llama")
+    rdkv_hf.patch(model, budget=2.5)
+    try:
+        assert calls, "patch(backend='auto') on a CPU model should build (or load) the C++ kernel"
+    finally:
+        rdkv_hf.unpatch(model)
+    calls.clear()
+    rdkv_hf.patch(model, budget=2.5, backend="torch")
+    rdkv_hf.unpatch(model)
+    assert not calls  # the torch path needs no kernel
+
 def test_segment_words_equal_quant_pack_exactly():
     """Every packed group of a segment is quant.pack of quant.quantize of its rows."""
     g = torch.Generator().manual_seed(3)

@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -83,9 +84,11 @@ def load() -> ctypes.CDLL | None:
         source = SOURCE.read_text()
         key = hashlib.sha256("\0".join([source, compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
         path = _cache_dir() / f"cpu_decode-{key}.so"
-        if not path.exists():
-            logger.info("building the RDKV CPU decode kernel into %s", path)
+        if not path.exists():  # once per machine and source: about 10 s on a 2-core VM
+            logger.warning("building the C++ decode kernel for this CPU (once; about 10 s) into %s", path)
+            start = time.perf_counter()
             _build(source, path, compiler)
+            logger.info("C++ decode kernel built in %.1f s", time.perf_counter() - start)
         lib = ctypes.CDLL(str(path))
         fn = lib.rdkv_segment_partials
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -94,7 +97,8 @@ def load() -> ctypes.CDLL | None:
         _lib = lib
     except Exception as err:  # noqa: BLE001 (any failure means: use another backend)
         _error = f"{type(err).__name__}: {err}"
-        logger.info("RDKV CPU decode kernel unavailable (%s)", _error)
+        logger.warning("the C++ decode kernel is unavailable (%s); decoding on the CPU takes the torch "
+                       "path, the same attention about 3x slower at 32K tokens (install g++ to build it)", _error)
     return _lib
 
 
