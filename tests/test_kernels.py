@@ -181,7 +181,6 @@ def test_cpu_launcher_validates_inputs():
         cpu_decode.segment_partials(buffers, torch.randn(3, 1, 16), out=(torch.empty(3, 1), torch.empty(3, 2), torch.empty(3, 1, 16)))
 
 
-
 def test_cpu_kernel_first_build_and_failure_are_announced(monkeypatch, tmp_path, caplog):
     """The one-time build says so before it runs; a failed build says that decoding falls back to the
     torch path (a slower path, never a silent one)."""
@@ -222,6 +221,7 @@ def test_patch_builds_the_cpu_kernel_before_the_first_decode(monkeypatch):
     rdkv_hf.patch(model, budget=2.5, backend="torch")
     rdkv_hf.unpatch(model)
     assert not calls  # the torch path needs no kernel
+
 
 def test_segment_words_equal_quant_pack_exactly():
     """Every packed group of a segment is quant.pack of quant.quantize of its rows."""
