@@ -14,9 +14,10 @@ from .base import Planner, rows
 # head keep some of its own ranking.
 CAP_HEAD_SHARE = 0.5
 # How much a packed token's cap weight follows the mean over layers of each layer's most
-# (rdkv_hf.cache_cap.share_across_layers). 0 and 0.5 measured on the stream's six samples
-# (benchmarks/results/long_generation/: recall.md, "half across layers"; samples6-layers/ against
-# samples6-given/): 0.5 recalls the code in more samples and lowers perplexity in each.
+# (rdkv_hf.cache_cap.share_across_layers). 0, 0.25 and 0.5 measured on the stream's six samples
+# (benchmarks/results/long_generation/: recall.md, "half across layers" and "a quarter across
+# layers"; samples6-layers/ against samples6-given/ for 0): under the cap RDKV recalls the code in
+# 3, 4 and 5 of them, and 0.5 has the lowest perplexity of the three.
 CAP_LAYER_SHARE = 0.5
 
 
