@@ -7,8 +7,9 @@ import os
 
 import pytest
 import torch
-from conftest import TOL, run_triton_tests_in_interpreter
+from conftest import TOL, run_triton_tests_in_interpreter, tiny_model
 
+import rdkv_hf
 from rdkv_hf import quant
 from rdkv_hf.attention import attend, head_partials_reference
 from rdkv_hf.cache import Segment
@@ -205,10 +206,6 @@ def test_cpu_kernel_first_build_and_failure_are_announced(monkeypatch, tmp_path,
 
 
 def test_patch_builds_the_cpu_kernel_before_the_first_decode(monkeypatch):
-    from conftest import tiny_model
-
-    import rdkv_hf
-
     calls = []
     monkeypatch.setattr(cpu_decode, "load", lambda: calls.append(1))
     model = tiny_model("llama")
